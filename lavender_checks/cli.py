@@ -1,0 +1,42 @@
+"""The `lavender-checks` command. Each subcommand lives in its own module, imported lazily
+so that `score` never pays for importing torch."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help). Each module defines add_arguments(parser) and main(args) -> int.
+SUBCOMMANDS = {
+    "run": ("lavender_checks.pipeline", "generate (or reuse) predictions for base and Lavender, score, gate and write a report"),
+    "score": ("lavender_checks.rescore", "score a VLMEvalKit prediction file exactly as VLMEvalKit does"),
+    "bench": ("lavender_checks.bench", "speed benchmark on the full-size architecture with random weights (CUDA)"),
+    "make-mini-data": ("lavender_checks.minidata", "rebuild the synthetic mini benchmarks in fixtures/lmudata-mini"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lavender-checks", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.set_defaults(_module=module_name)
+        # Arguments are declared by the module itself; importing it here is cheap because
+        # modules keep heavy imports (torch, transformers) inside their functions.
+        importlib.import_module(module_name).add_arguments(sp)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.main(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; finished predictions are kept and a rerun resumes from them", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""`lavender-checks score`: score a VLMEvalKit prediction file exactly as VLMEvalKit does.
+
+    lavender-checks score ChartQA_TEST outputs/llama/T20261101-120000/llama_ChartQA_TEST.xlsx
+    lavender-checks score MME preds.xlsx --json --samples mme_samples.jsonl
+
+No model is loaded and no LLM judge is called (VLMEvalKit falls back to exact matching
+without one). Cached ``_result.pkl`` / ``_auxmatch.xlsx`` files next to the prediction
+file are ignored: they can hold stale scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+# pandas and the scorers are imported inside main(): building the CLI parser stays cheap.
+
+EXIT_ERROR = 1
+EXIT_UNKNOWN_BENCHMARK = 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("benchmark", metavar="BENCHMARK",
+                        help="VLMEvalKit dataset name, e.g. DocVQA_VAL, ChartQA_TEST, MMBench_DEV_EN, MME")
+    parser.add_argument("predictions_file", metavar="PREDICTIONS_FILE", type=Path,
+                        help="VLMEvalKit prediction file <model>_<dataset>.xlsx (or .tsv/.csv/.json/.jsonl)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object metric -> value (VLMEvalKit key names; MMBench in percent)")
+    parser.add_argument("--samples", metavar="OUT.jsonl", type=Path,
+                        help="write one JSON line per prediction row (index, score, extracted answer, ...)")
+    parser.add_argument("--meta", metavar="TSV", type=Path,
+                        help="the benchmark TSV: check that every predicted index belongs to it "
+                             "(MMBench then takes the ground truth from it, as VLMEvalKit does)")
+
+
+def _read_meta(path: Path):
+    """The benchmark TSV as VLMEvalKit reads it (tab-separated, default NA handling),
+    without the large ``image`` column."""
+    import pandas as pd
+
+    if not path.is_file():
+        raise FileNotFoundError(f"benchmark TSV not found: {path}")
+    try:
+        return pd.read_csv(path, sep="\t", usecols=lambda column: column != "image")
+    except Exception as err:
+        raise ValueError(f"{path}: cannot read it as a TSV: {type(err).__name__}: {err}") from err
+
+
+def _plain(value):
+    """A samples cell as a JSON value (numpy scalars to Python, NaN to null)."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if value is not None and not isinstance(value, (str, int, float, bool)):
+        import pandas as pd
+
+        return None if pd.isna(value) else str(value)
+    return value
+
+
+def _write_samples(samples, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(samples.columns)
+    temporary = path.with_name(f".{path.name}.partial")
+    with temporary.open("w", encoding="utf-8") as fh:
+        for row in samples.itertuples(index=False, name=None):
+            record = {column: _plain(value) for column, value in zip(columns, row)}
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    temporary.replace(path)
+
+
+def _print_table(benchmark: str, source: Path, rows: int, metrics: dict[str, float]) -> None:
+    width = max(len("metric"), *(len(key) for key in metrics))
+    print(f"{benchmark}: {source} ({rows} prediction rows)")
+    print(f"{'metric':<{width}}  value")
+    for key, value in metrics.items():
+        print(f"{key:<{width}}  {value!r}")
+
+
+def main(args: argparse.Namespace) -> int:
+    from .benchmarks import UnknownBenchmark, get_benchmark
+    from .benchmarks.vlmeval_common import ScoringInputError
+    from .vlmeval_io import PredictionFileError, read_prediction_file
+
+    try:
+        benchmark = get_benchmark(args.benchmark)
+    except UnknownBenchmark as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_UNKNOWN_BENCHMARK
+
+    source = Path(args.predictions_file)
+    try:
+        frame = read_prediction_file(source)
+        meta = _read_meta(Path(args.meta)) if args.meta else None
+        result = benchmark.score(frame, meta)
+    except (FileNotFoundError, PredictionFileError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except (ScoringInputError, ValueError) as err:
+        print(f"error: {source}: {err}", file=sys.stderr)
+        return EXIT_ERROR
+
+    if args.samples:
+        _write_samples(result.samples, Path(args.samples))
+    if args.json:
+        print(json.dumps(result.metrics))
+    else:
+        _print_table(benchmark.name, source, len(frame), result.metrics)
+    return 0
