@@ -1,0 +1,186 @@
+"""Predictions of one model variant on one benchmark, through the prediction store.
+
+Rows whose prediction is already stored for the same request (same chat text and token
+budget) are reused; the rest are generated batch by batch, each finished batch appended to
+the store before the next one starts, so an interrupted run (Ctrl-C, a kill, a crash) keeps
+what it finished and a rerun resumes from it.
+
+Batches are cut from the whole frame in its row order, not from the rows still missing, so a
+resumed run batches the remaining rows exactly as an uninterrupted run would have (batched
+greedy decoding can depend on which rows share a batch).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .benchmarks import Benchmark, get_benchmark
+from .predictions import Index, PredictionStore, StoreKey, request_sha
+from .profiles import Profile
+from .prompts import build_prompt, chat_text
+
+log = logging.getLogger(__name__)
+
+BASE_VARIANT = "base"
+
+
+@dataclass
+class PredictionRun:
+    """What ``predict_run`` did: the predictions for every row, and where they came from."""
+
+    predictions: dict[Index, str]
+    reused: int  # stored predictions of the same request
+    recomputed: int  # stored, but made from another request (prompt or token budget changed)
+    generated: int  # generated in this run (includes ``recomputed``)
+    store_dir: Path
+
+
+def predict(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, profile: Profile,
+            variant: str, store: PredictionStore, *, lmu_root: str | Path, batch_size: int = 8,
+            writer: str = "main", progress: bool = True) -> dict[Index, str]:
+    """Predictions for every row of ``frame`` (index -> prediction), reusing the store."""
+    return predict_run(pair, benchmark, frame, profile, variant, store, lmu_root=lmu_root,
+                       batch_size=batch_size, writer=writer, progress=progress).predictions
+
+
+def predict_run(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, profile: Profile,
+                variant: str, store: PredictionStore, *, lmu_root: str | Path,
+                batch_size: int = 8, writer: str = "main", progress: bool = True) -> PredictionRun:
+    from .data import load_image
+    from .generation import GenerationRequest
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    bench = get_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
+    prompting = profile.for_benchmark(bench.name)
+    if not profile.add_special_tokens or profile.do_sample:
+        # generation.py calls the processor as VLMEvalKit does (tokenizer BOS added) and
+        # decodes greedily; a profile asking otherwise cannot be honoured.
+        raise ValueError(
+            f"{profile.path}: profile {profile.name!r} asks for add_special_tokens="
+            f"{profile.add_special_tokens}, do_sample={profile.do_sample}; generation supports "
+            "only add_special_tokens=true (VLMEvalKit's call) with greedy decoding"
+        )
+    lmu_root = Path(lmu_root)
+
+    # Prompts need no pixels; leaving out the base64 column keeps these row copies small.
+    rows = frame.drop(columns=["image"], errors="ignore").to_dict("records")
+    indices = [_index_of(row, bench.name, position) for position, row in enumerate(rows)]
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"{bench.name}: the frame repeats an index; each row needs its own")
+    texts = {index: chat_text(pair.processor, build_prompt(bench, row, profile))
+             for index, row in zip(indices, rows)}
+    wanted = {index: request_sha(text, prompting.max_new_tokens) for index, text in texts.items()}
+
+    key = StoreKey(
+        base_fingerprint=pair.base_fingerprint,
+        adapter_fingerprint=None if variant == BASE_VARIANT else pair.adapter_fingerprint,
+        benchmark=bench.name,
+        tsv_md5=_tsv_md5(frame, bench, lmu_root),
+        profile_name=profile.name,
+        profile_fingerprint=profile.fingerprint,
+    )
+    prediction_log = store.log(key, writer=writer)
+    stored = prediction_log.existing()
+    reusable = prediction_log.matching(wanted)
+    predictions: dict[Index, str] = {index: reusable[index].prediction
+                                     for index in indices if index in reusable}
+    recomputed = sum(1 for index in indices if index in stored and index not in reusable)
+    if recomputed:
+        log.warning("%s/%s: %d stored predictions were made from another prompt or token budget "
+                    "and are generated again", bench.name, variant, recomputed)
+
+    batches = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
+    todo = [[index for index in batch if index not in predictions] for batch in batches]
+    todo = [batch for batch in todo if batch]
+    missing = sum(len(batch) for batch in todo)
+    log.info("%s/%s: %d of %d predictions stored, %d to generate (store %s)", bench.name, variant,
+             len(predictions), len(indices), missing, prediction_log.directory)
+
+    bar = _progress_bar(missing, f"{bench.name} {variant}", progress)
+    try:
+        for batch in todo:
+            # Images are opened per batch: a full benchmark's images do not fit in memory.
+            requests = [
+                GenerationRequest(
+                    key=index,
+                    text=texts[index],
+                    images=[load_image(frame, index, bench, lmu_root)],
+                    max_new_tokens=prompting.max_new_tokens,
+                )
+                for index in batch
+            ]
+
+            def keep(finished: Iterable[tuple[Index, str]] | Mapping[Index, str]) -> None:
+                # generation.py reports [(key, prediction), ...]; a mapping is taken too.
+                finished = list(finished.items() if isinstance(finished, Mapping) else finished)
+                strangers = [index for index, _ in finished if index not in wanted]
+                if strangers:
+                    raise RuntimeError(f"{bench.name}/{variant}: generation returned keys that "
+                                       f"were not asked for: {strangers[:5]}")
+                prediction_log.append((index, prediction, wanted[index])
+                                      for index, prediction in finished)
+                predictions.update(finished)
+                if bar is not None:
+                    bar.update(len(finished))
+
+            generated = pair.generate(requests, variant, batch_size=batch_size, on_batch=keep,
+                                      progress=False)
+            unseen = [(k, v) for k, v in generated.items() if k not in predictions]
+            if unseen:  # a generator that reports no batches: store its results here
+                keep(unseen)
+            lost = [index for index in batch if index not in predictions]
+            if lost:
+                raise RuntimeError(f"{bench.name}/{variant}: no prediction came back for {lost}")
+    except KeyboardInterrupt:
+        log.warning("%s/%s: interrupted; %d of %d predictions are stored and a rerun resumes "
+                    "from them", bench.name, variant, len(predictions), len(indices))
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+    return PredictionRun(
+        predictions={index: predictions[index] for index in indices},
+        reused=len(reusable.keys() & set(indices)),
+        recomputed=recomputed,
+        generated=missing,
+        store_dir=prediction_log.directory,
+    )
+
+
+def _index_of(row: Mapping[str, Any], benchmark: str, position: int) -> Index:
+    if "index" not in row:
+        raise KeyError(f"{benchmark}: frame row {position} has no 'index' column")
+    value = row["index"]
+    if isinstance(value, str):
+        return value
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{benchmark}: frame row {position}, column 'index': {value!r} is not "
+                         "an int or a str") from None
+
+
+def _tsv_md5(frame: pd.DataFrame, bench: Benchmark, lmu_root: Path) -> str:
+    """The md5 ``data.load_benchmark_frame`` recorded, else that of the TSV in ``lmu_root``."""
+    md5 = frame.attrs.get("tsv_md5")
+    if md5:
+        return str(md5)
+    from .data import file_md5
+
+    return file_md5(lmu_root / bench.spec.tsv)
+
+
+def _progress_bar(total: int, label: str, enabled: bool):
+    if not enabled or total == 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=label, unit="row")
