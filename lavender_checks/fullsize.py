@@ -1,0 +1,172 @@
+"""Llama-3.2-11B-Vision-Instruct's architecture with random weights, and a random Lavender-like
+LoRA over it: real compute and memory for speed and memory tests, no weights to download.
+
+The processor uses the real 560-pixel tiles and the tiny tokenizer; the config's special
+token ids (BOS, EOS, pad, image) are set to that tokenizer's ids while the vocabulary stays
+at 128256 rows, so the embedding and ``lm_head`` cost what they cost in the real model.
+Random weights never choose EOS on their own: a generation runs to ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lavender_checks.tiny import build_tiny_processor, special_token_ids
+
+if TYPE_CHECKING:
+    import torch
+
+    from lavender_checks.model import ModelPair
+
+# Llama-3.2-11B-Vision-Instruct's config.json, as the fields transformers reads.
+VISION = dict(
+    hidden_size=1280,
+    num_hidden_layers=32,
+    num_global_layers=8,
+    attention_heads=16,
+    intermediate_size=5120,
+    image_size=560,
+    patch_size=14,
+    max_num_tiles=4,
+    vision_output_dim=7680,
+    intermediate_layers_indices=[3, 7, 15, 23, 30],
+    norm_eps=1e-5,
+    supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]],
+)
+TEXT = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=40,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38],
+    rope_parameters={
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    rms_norm_eps=1e-5,
+    max_position_embeddings=131072,
+    bos_token_id=128000,
+    eos_token_id=[128001, 128008, 128009],
+    pad_token_id=128004,
+    tie_word_embeddings=False,
+)
+IMAGE_TOKEN_INDEX = 128256
+TILE_SIZE = 560
+
+
+def fullsize_config(token_ids: dict | None = None):
+    """``MllamaConfig`` of Llama-3.2-11B-Vision-Instruct; ``token_ids`` overrides the special ids
+    (keys as ``tiny.special_token_ids`` returns them)."""
+    from transformers import MllamaConfig
+
+    text = dict(TEXT)
+    image_token_index = IMAGE_TOKEN_INDEX
+    if token_ids is not None:
+        text.update(
+            bos_token_id=token_ids["bos_token_id"],
+            eos_token_id=token_ids["eos_token_id"],
+            pad_token_id=token_ids["pad_token_id"],
+        )
+        image_token_index = token_ids["image_token_index"]
+    return MllamaConfig(vision_config=dict(VISION), text_config=text, image_token_index=image_token_index)
+
+
+def fullsize_processor():
+    """``MllamaProcessor`` with 560-pixel tiles (as the real one) and the tiny tokenizer."""
+    return build_tiny_processor(TILE_SIZE)
+
+
+def build_random_fullsize(device, dtype=None, seed: int = 0, processor=None):
+    """The full-size model with random weights, built directly on ``device`` in ``dtype``.
+
+    With ``processor`` the config's special token ids are the processor tokenizer's.
+    Parameters are created on the device (no CPU copy) and initialised there.
+    """
+    import torch
+    from transformers import GenerationConfig, MllamaForConditionalGeneration
+
+    dtype = dtype if dtype is not None else torch.bfloat16
+    device = torch.device(device)
+    ids = special_token_ids(processor.tokenizer) if processor is not None else None
+    config = fullsize_config(ids)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = MllamaForConditionalGeneration._from_config(config, dtype=dtype)
+    model.eval()
+    text = config.text_config
+    # As the real generation_config.json (sampling defaults included; generation switches to greedy).
+    model.generation_config = GenerationConfig(
+        bos_token_id=text.bos_token_id,
+        eos_token_id=text.eos_token_id,
+        pad_token_id=text.pad_token_id,
+        do_sample=True,
+        temperature=0.6,
+        top_p=0.9,
+    )
+    return model
+
+
+def random_lavender_adapter(model, r: int = 8, alpha: int = 32, targets=("q_proj", "v_proj"), seed: int = 0, b_std: float = 0.02):
+    """Wrap ``model`` in a peft LoRA over every ``targets`` module (vision tower included),
+    with random, non-zero B (peft initialises B to zero)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if ".lora_B." in name:
+                    param.normal_(std=b_std)
+    return peft_model.eval()
+
+
+def fullsize_pair(device=None, dtype=None, seed: int = 0, with_adapter: bool = True) -> "ModelPair":
+    """A ``ModelPair`` of the random full-size model (and a random LoRA), ready to generate."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from lavender_checks.model import PEFT_PREFIX, ModelPair, count_by_tower, resolve_device
+
+    device = resolve_device(device)
+    dtype = dtype if dtype is not None else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    processor = fullsize_processor()
+    processor.tokenizer.padding_side = "left"
+    model = build_random_fullsize(device, dtype, seed, processor)
+    pair = ModelPair(
+        model=model,
+        processor=processor,
+        device=device,
+        dtype=dtype,
+        base_path=None,
+        base_fingerprint=f"random-fullsize-seed{seed}",
+    )
+    if with_adapter:
+        pair.model = random_lavender_adapter(model, seed=seed + 1)
+        pair.adapter_fingerprint = f"random-lora-r8-a32-q_proj-v_proj-seed{seed + 1}"
+        pair.adapter_key_layout = "current"
+        lora = [n.removeprefix(PEFT_PREFIX) for n, m in pair.model.named_modules() if isinstance(m, BaseTunerLayer)]
+        pair.lora_modules_applied = len(lora)
+        pair.lora_modules_by_tower = count_by_tower(lora)
+    for param in pair.model.parameters():
+        param.requires_grad_(False)
+    return pair
+
+
+__all__ = [
+    "build_random_fullsize",
+    "fullsize_config",
+    "fullsize_pair",
+    "fullsize_processor",
+    "random_lavender_adapter",
+]

@@ -1,0 +1,645 @@
+"""Loading the base model and the Lavender adapter from one copy of the weights, and proving
+that the adapter really loaded.
+
+``load_pair(base, adapter)`` returns a ``ModelPair``: one ``MllamaForConditionalGeneration``
+wrapped by peft, so that the base variant is the same model inside ``disable_adapter()``.
+Nothing from a model folder is ever executed: no ``trust_remote_code``, and weights are read
+from safetensors only unless ``allow_pickle=True``.
+
+Why the checks are this strict: peft only *warns* about adapter keys that match no module
+("Found missing adapter keys") and drops unexpected keys silently, and transformers 4.52
+moved the Mllama towers (``language_model.model.*`` -> ``model.language_model.*``,
+``vision_model.*`` -> ``model.vision_model.*``), so an adapter saved before that can load as
+a partial no-op. With transformers 5.24 + peft 0.21.2 such an adapter loads its text-tower
+weights and silently drops every vision-tower weight. Here every tensor of the adapter file
+must end up, bit for bit, in the model, every LoRA module must have its weights from the
+file, and the adapter must change the logits of a fixed input; otherwise ``ModelLoadError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # heavy imports stay inside functions
+    import torch
+
+    from lavender_checks.generation import GenerationRequest
+
+ADAPTER_NAME = "default"
+PAD_TOKEN = "<|finetune_right_pad_id|>"
+PEFT_PREFIX = "base_model.model."
+
+# transformers >= 4.52 (and 5.x) module paths, from the pre-4.52 ones. Adapters for Mllama
+# trained before that carry the old paths in their keys.
+OLD_TO_CURRENT_LAYOUT = {
+    r"^language_model\.model\.": "model.language_model.",
+    r"^language_model\.lm_head": "lm_head",
+    r"^vision_model\.": "model.vision_model.",
+    r"^multi_modal_projector\.": "model.multi_modal_projector.",
+}
+
+# Files besides the weights that decide what the model computes or sees; part of the base
+# fingerprint when present (all small).
+FINGERPRINTED_BASE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+class ModelLoadError(RuntimeError):
+    """A model or adapter folder that cannot be used as it is; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------
+# The pair
+
+
+@dataclass
+class ModelPair:
+    """One base model in memory, with or without the adapter wrapped around it.
+
+    ``model`` is a ``peft.PeftModel`` when an adapter is loaded, else the plain
+    ``MllamaForConditionalGeneration``. Generation lives in ``lavender_checks.generation``;
+    ``ModelPair.generate`` forwards to ``generation.generate(self, ...)``.
+    """
+
+    model: Any
+    processor: Any
+    device: "torch.device"
+    dtype: "torch.dtype"
+    base_path: Path | None  # None for a model built in memory (fullsize.fullsize_pair)
+    base_fingerprint: str
+    adapter_path: Path | None = None
+    adapter_fingerprint: str | None = None
+    lora_modules_applied: int = 0
+    lora_modules_by_tower: dict[str, int] = field(default_factory=dict)
+    adapter_key_layout: str | None = None  # "current" or "transformers<4.52 (remapped)"
+    adapter_logit_change: float | None = None  # max |logit difference| on the fixed input
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.adapter_fingerprint is not None
+
+    @property
+    def base_model(self):
+        """The ``MllamaForConditionalGeneration`` (inside the peft wrapper when there is one)."""
+        return self.model.get_base_model() if self.has_adapter else self.model
+
+    @contextmanager
+    def variant(self, name: str):
+        """Yield the model that computes ``name`` ("base" or "lavender")."""
+        if name == "base":
+            with self.model.disable_adapter() if self.has_adapter else nullcontext():
+                yield self.model
+        elif name == "lavender":
+            if not self.has_adapter:
+                raise ValueError("variant 'lavender' needs an adapter; this pair was loaded without one")
+            yield self.model
+        else:
+            raise ValueError(f"unknown variant {name!r}; expected 'base' or 'lavender'")
+
+    def generate(
+        self,
+        requests: "list[GenerationRequest]",
+        variant: str,
+        *,
+        batch_size: int = 8,
+        on_batch=None,
+        progress: bool = True,
+    ) -> dict[str, str]:
+        """Greedy predictions keyed by request key; see ``lavender_checks.generation.generate``."""
+        from lavender_checks.generation import generate
+
+        return generate(self, requests, variant, batch_size=batch_size, on_batch=on_batch, progress=progress)
+
+    def describe(self) -> dict:
+        """What a report needs to say which model produced the predictions."""
+        import peft
+        import torch
+        import transformers
+
+        return {
+            "base_path": str(self.base_path) if self.base_path else None,
+            "base_fingerprint": self.base_fingerprint,
+            "adapter_path": str(self.adapter_path) if self.adapter_path else None,
+            "adapter_fingerprint": self.adapter_fingerprint,
+            "adapter_key_layout": self.adapter_key_layout,
+            "lora_modules_applied": self.lora_modules_applied,
+            "lora_modules_by_tower": dict(self.lora_modules_by_tower),
+            "adapter_logit_change": self.adapter_logit_change,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "base_parameters": sum(p.numel() for n, p in self.base_model.named_parameters() if "lora_" not in n),
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "peft": peft.__version__,
+            },
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def load_pair(
+    base_path: str | Path,
+    adapter_path: str | Path | None = None,
+    *,
+    device: "str | torch.device | None" = None,
+    dtype: "str | torch.dtype | None" = None,
+    allow_pickle: bool = False,
+    check_logits: bool = True,
+) -> ModelPair:
+    """Load the base model (and the adapter) from Hugging Face folders; see the module doc.
+
+    device: None picks CUDA when available, else CPU. dtype: None means bfloat16 on CUDA and
+    float32 on CPU. check_logits: run the fixed-input check that the adapter changes logits.
+    """
+    device = resolve_device(device)
+    dtype = _resolve_dtype(dtype, device)
+    base_path = Path(base_path)
+    weights = _check_base_folder(base_path, allow_pickle)
+    base_fingerprint = _fingerprint_base(base_path, weights)
+    model = _load_base_model(base_path, weights, device, dtype)
+    processor = _load_processor(base_path)
+
+    pair = ModelPair(
+        model=model,
+        processor=processor,
+        device=device,
+        dtype=dtype,
+        base_path=base_path,
+        base_fingerprint=base_fingerprint,
+    )
+    if adapter_path is not None:
+        _attach_adapter(pair, Path(adapter_path), allow_pickle, check_logits)
+    pair.model.eval()
+    for param in pair.model.parameters():
+        param.requires_grad_(False)
+    return pair
+
+
+def resolve_device(device: "str | torch.device | None") -> "torch.device":
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "without CUDA"
+        raise ModelLoadError(
+            f"device {str(device)!r} was requested but CUDA is not available "
+            f"(torch {torch.__version__}, built {built}); use device='cpu' or run on a CUDA machine"
+        )
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _resolve_dtype(dtype, device) -> "torch.dtype":
+    import torch
+
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'bfloat16' or 'float32'")
+        return resolved
+    return dtype
+
+
+@dataclass(frozen=True)
+class _Weights:
+    files: tuple[Path, ...]
+    safetensors: bool
+
+
+def _check_base_folder(base: Path, allow_pickle: bool) -> _Weights:
+    if not base.exists():
+        raise ModelLoadError(f"base model folder {base} does not exist")
+    if not base.is_dir():
+        raise ModelLoadError(f"base model path {base} is not a folder (a Hugging Face model folder is expected)")
+    config_path = base / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{base} has no config.json: not a Hugging Face model folder")
+    config = _read_json(config_path)
+    model_type = config.get("model_type")
+    if model_type != "mllama":
+        raise ModelLoadError(
+            f"{config_path}: model_type is {model_type!r}, expected 'mllama' "
+            "(MllamaForConditionalGeneration, e.g. Llama-3.2-11B-Vision-Instruct)"
+        )
+    weights = _find_weight_files(base, allow_pickle)
+    if weights.safetensors:
+        for path in weights.files:
+            read_safetensors_header(path)
+    return weights
+
+
+def _find_weight_files(folder: Path, allow_pickle: bool) -> _Weights:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"{index}: no 'weight_map' with entries")
+        files = tuple(folder / name for name in sorted(set(weight_map.values())))
+        missing = [p.name for p in files if not p.is_file()]
+        if missing:
+            raise ModelLoadError(f"{index} names shard(s) that are missing from {folder}: {missing[:5]}")
+        return _Weights(files, True)
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return _Weights((single,), True)
+    pickles = sorted(folder.glob("pytorch_model*.bin"))
+    if pickles:
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"{folder} has only pickle weights ({pickles[0].name}); loading pickle files can execute "
+                "code, so only safetensors are read. Convert the weights to safetensors, or pass "
+                "allow_pickle=True if you trust the files."
+            )
+        return _Weights(tuple(pickles), False)
+    raise ModelLoadError(f"{folder} has no model weights (model.safetensors or model.safetensors.index.json)")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path}: cannot read JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def read_safetensors_header(path: Path) -> bytes:
+    """Return the raw JSON header of a safetensors file after checking that it is whole.
+
+    Checks what the format allows without reading the tensors: the header length, the JSON,
+    and that the tensors' byte ranges exactly fill the rest of the file (a truncated or
+    padded file fails). Raises ModelLoadError naming the file.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise ValueError(f"file is {size} bytes, too short for a header")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(size - 8, _MAX_SAFETENSORS_HEADER):
+                raise ValueError(f"header length {header_len} does not fit a {size}-byte file")
+            raw = handle.read(header_len)
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        data_len = size - 8 - header_len
+        end = 0
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, stop = info["data_offsets"]
+            if not 0 <= start <= stop <= data_len:
+                raise ValueError(f"tensor {name!r} lies outside the file (bytes {start}..{stop} of {data_len})")
+            end = max(end, stop)
+        if end != data_len:
+            raise ValueError(f"tensor data ends at byte {end} but the file holds {data_len} data bytes")
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path}: corrupted safetensors file ({exc})") from exc
+    return raw
+
+
+def _fingerprint_base(base: Path, weights: _Weights) -> str:
+    """sha256 over the config/tokenizer files and each weight file's name, size and header.
+
+    Cheap (no tensor bytes are read) yet changes with any change of shapes, dtypes, tensor
+    names or file sizes; a bit flip inside tensor data would go unnoticed.
+    """
+    digest = hashlib.sha256()
+    for name in FINGERPRINTED_BASE_FILES:
+        path = base / name
+        if path.is_file():
+            digest.update(f"file:{name}\n".encode())
+            digest.update(path.read_bytes())
+    for path in weights.files:
+        digest.update(f"weights:{path.name}:{path.stat().st_size}\n".encode())
+        if weights.safetensors:
+            digest.update(read_safetensors_header(path))
+    return digest.hexdigest()
+
+
+def _load_base_model(base: Path, weights: _Weights, device, dtype):
+    from transformers import MllamaForConditionalGeneration
+
+    kwargs: dict[str, Any] = dict(
+        dtype=dtype,
+        use_safetensors=weights.safetensors,
+        trust_remote_code=False,
+        local_files_only=True,
+    )
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": str(device)}  # materialise straight on the card
+    try:
+        model = MllamaForConditionalGeneration.from_pretrained(base, **kwargs)
+    except Exception as exc:  # transformers raises many types here; all mean "cannot load"
+        raise ModelLoadError(f"{base}: cannot load MllamaForConditionalGeneration: {type(exc).__name__}: {exc}") from exc
+    if device.type != "cuda":
+        model = model.to(device)
+    return model
+
+
+def _load_processor(base: Path):
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(base, trust_remote_code=False, local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{base}: cannot load the processor: {type(exc).__name__}: {exc}") from exc
+    if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
+        raise ModelLoadError(f"{base}: the processor ({type(processor).__name__}) is not an image+text processor")
+    # Batched generation pads on the left so every row's last prompt token is at the end,
+    # with Llama 3's <|finetune_right_pad_id|> (the real tokenizer already declares it).
+    processor.tokenizer.padding_side = "left"
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = PAD_TOKEN
+    return processor
+
+
+# ---------------------------------------------------------------------------------------
+# The adapter
+
+
+def _attach_adapter(pair: ModelPair, folder: Path, allow_pickle: bool, check_logits: bool) -> None:
+    weights_file = _check_adapter_folder(folder, allow_pickle)
+    pair.adapter_fingerprint = _fingerprint_adapter(folder, weights_file)
+    tensors = _load_adapter_tensors(weights_file)
+    module_names = {name for name, _ in pair.model.named_modules()}
+    mapping, layout = _key_mapping_for(tensors, module_names, folder)
+
+    peft_model = _peft_from_pretrained(pair.model, folder, mapping, weights_file.suffix == ".safetensors")
+    loaded = _verify_loaded(peft_model, tensors, mapping, folder)
+    pair.model = peft_model
+    pair.adapter_path = folder
+    pair.adapter_key_layout = layout
+    pair.lora_modules_applied = len(loaded)
+    pair.lora_modules_by_tower = count_by_tower(loaded)
+    if check_logits:
+        change = adapter_logit_change(pair)
+        if not change > 0.0:
+            raise ModelLoadError(
+                f"{folder}: the adapter loads but does not change the logits on a fixed input "
+                f"(max |difference| = {change}); its lora_B weights may be all zero"
+            )
+        pair.adapter_logit_change = change
+
+
+def _check_adapter_folder(folder: Path, allow_pickle: bool) -> Path:
+    if not folder.exists():
+        raise ModelLoadError(f"adapter folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ModelLoadError(f"adapter path {folder} is not a folder (a peft adapter folder is expected)")
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{folder} has no adapter_config.json: not a peft adapter folder")
+    config = _read_json(config_path)
+    if config.get("peft_type") != "LORA":
+        raise ModelLoadError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
+    safetensors_file = folder / "adapter_model.safetensors"
+    pickle_file = folder / "adapter_model.bin"
+    if safetensors_file.is_file():
+        read_safetensors_header(safetensors_file)
+        return safetensors_file
+    if pickle_file.is_file():
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"{folder} has only a pickle adapter ({pickle_file.name}); loading pickle files can execute "
+                "code, so only safetensors are read. Convert it, or pass allow_pickle=True if you trust it."
+            )
+        return pickle_file
+    raise ModelLoadError(f"{folder} has no adapter weights (adapter_model.safetensors)")
+
+
+def _fingerprint_adapter(folder: Path, weights_file: Path) -> str:
+    digest = hashlib.sha256()
+    digest.update(b"adapter_config.json\n")
+    digest.update((folder / "adapter_config.json").read_bytes())
+    digest.update(f"{weights_file.name}\n".encode())
+    with weights_file.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_adapter_tensors(weights_file: Path) -> dict:
+    import torch
+
+    try:
+        if weights_file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(weights_file)
+        else:
+            tensors = torch.load(weights_file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{weights_file}: cannot read adapter weights: {type(exc).__name__}: {exc}") from exc
+    bad = [key for key in tensors if not key.startswith("base_model.")]
+    if bad:
+        raise ModelLoadError(f"{weights_file}: keys without peft's 'base_model.' prefix, e.g. {bad[:3]}")
+    return tensors
+
+
+def _module_of(key: str) -> str:
+    """Module path of an adapter key, without peft's prefix: '...q_proj.lora_A.weight' -> '...q_proj'."""
+    path = key.removeprefix(PEFT_PREFIX).removeprefix("base_model.")
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("lora_"):
+            return ".".join(parts[:i])
+    return ".".join(parts[:-1])  # e.g. modules_to_save: '<module>.weight'
+
+
+def _apply_mapping(path: str, mapping: dict[str, str]) -> str:
+    for pattern, replacement in mapping.items():
+        new, count = re.subn(pattern, replacement, path)
+        if count:
+            return new
+    return path
+
+
+def _key_mapping_for(tensors: dict, module_names: set[str], folder: Path) -> tuple[dict[str, str], str]:
+    """Choose the key mapping that makes every adapter key name a module of this model.
+
+    Returns ({}, "current") when the keys already match, the old-to-current layout mapping
+    when that makes them match, and raises ModelLoadError listing keys otherwise.
+    """
+    modules = {_module_of(key) for key in tensors}
+    unmatched = sorted(m for m in modules if m not in module_names)
+    if not unmatched:
+        return {}, "current"
+    remapped = sorted(m for m in modules if _apply_mapping(m, OLD_TO_CURRENT_LAYOUT) not in module_names)
+    if not remapped:
+        return dict(OLD_TO_CURRENT_LAYOUT), "transformers<4.52 (remapped)"
+    examples = [k for k in sorted(tensors) if _module_of(k) in set(remapped)][:5]
+    raise ModelLoadError(
+        f"{folder}: {len(remapped)} of {len(modules)} adapter modules match no module of the base model "
+        f"(also after mapping transformers<4.52 paths to the current layout), e.g. {examples}. "
+        "The adapter was made for a different model, or its keys were renamed."
+    )
+
+
+def _peft_from_pretrained(model, folder: Path, mapping: dict[str, str], safetensors: bool):
+    from peft import PeftModel
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            # An explicit mapping ({} included) stops peft from guessing one of its own.
+            peft_model = PeftModel.from_pretrained(
+                model,
+                folder,
+                adapter_name=ADAPTER_NAME,
+                is_trainable=False,
+                key_mapping=mapping,
+                use_safetensors=safetensors,
+            )
+        except RuntimeError as exc:
+            text = str(exc)
+            if "size mismatch" in text:
+                lines = [line.strip() for line in text.splitlines() if "size mismatch" in line][:3]
+                raise ModelLoadError(
+                    f"{folder}: the adapter was made for a base model of another shape (different widths "
+                    f"or layers); peft could not copy its tensors: {' | '.join(lines)}"
+                ) from exc
+            raise ModelLoadError(f"{folder}: peft could not load the adapter: {text[:800]}") from exc
+        except ValueError as exc:
+            raise ModelLoadError(
+                f"{folder}: peft could not apply the adapter ({exc}). If its target_modules name "
+                "transformers<4.52 paths (language_model.model.*, vision_model.*), they no longer exist."
+            ) from exc
+    for warning in caught:
+        text = str(warning.message)
+        if "missing adapter keys" in text or "unexpected" in text.lower():
+            raise ModelLoadError(f"{folder}: peft reported a partial load: {text[:800]}")
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return peft_model
+
+
+def _verify_loaded(peft_model, tensors: dict, mapping: dict[str, str], folder: Path) -> list[str]:
+    """Every file tensor must be in the model bit for bit, and every LoRA module from the file.
+
+    Returns the names of the LoRA modules that carry the adapter.
+    """
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    state = peft_model.state_dict()
+    absent, different = [], []
+    for key, tensor in tensors.items():
+        path = _apply_mapping(key.removeprefix(PEFT_PREFIX), mapping)
+        model_key = _model_state_key(path, state)
+        if model_key is None:
+            absent.append(key)
+            continue
+        param = state[model_key]
+        if param.shape != tensor.shape or not torch.equal(param.detach().cpu(), tensor.to(param.dtype)):
+            different.append(key)
+    if absent or different:
+        raise ModelLoadError(
+            f"{folder}: adapter tensors did not load: {len(absent)} match no model parameter "
+            f"(e.g. {absent[:3]}), {len(different)} differ from the file after loading (e.g. {different[:3]})"
+        )
+
+    file_modules = {_apply_mapping(_module_of(key), mapping) for key in tensors}
+    lora_modules = [
+        name.removeprefix(PEFT_PREFIX)
+        for name, module in peft_model.named_modules()
+        if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in getattr(module, "lora_A", {})
+    ]
+    without_weights = sorted(set(lora_modules) - file_modules)
+    if without_weights:
+        raise ModelLoadError(
+            f"{folder}: {len(without_weights)} LoRA modules got no weights from the file "
+            f"(e.g. {without_weights[:3]}); the adapter's target_modules reach modules its weights do not cover"
+        )
+    return sorted(lora_modules)
+
+
+def _model_state_key(path: str, state: dict) -> str | None:
+    """Model state-dict key of an adapter key path (peft inserts the adapter name)."""
+    parts = path.split(".")
+    candidates = []
+    for i, part in enumerate(parts):
+        if part.startswith("lora_"):
+            candidates.append(".".join(parts[: i + 1] + [ADAPTER_NAME] + parts[i + 1 :]))
+            break
+    else:  # modules_to_save: '<module>.<param>' -> '<module>.modules_to_save.<adapter>.<param>'
+        candidates.append(".".join(parts[:-1] + ["modules_to_save", ADAPTER_NAME, parts[-1]]))
+    for candidate in candidates:
+        key = PEFT_PREFIX + candidate
+        if key in state:
+            return key
+    return None
+
+
+def count_by_tower(modules: list[str]) -> dict[str, int]:
+    """LoRA module names (without peft's prefix) counted per tower."""
+    counts = {"vision": 0, "text_self_attention": 0, "text_cross_attention": 0, "other": 0}
+    for name in modules:
+        if ".vision_model." in f".{name}":
+            counts["vision"] += 1
+        elif ".cross_attn." in name:
+            counts["text_cross_attention"] += 1
+        elif ".language_model." in f".{name}":
+            counts["text_self_attention"] += 1
+        else:
+            counts["other"] += 1
+    return counts
+
+
+def fixed_probe_inputs(processor, device):
+    """A fixed image + prompt, processed as generation processes prompts."""
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, 48, dtype=np.float32)
+    pixels = np.stack([np.add.outer(ramp, ramp) / 2, np.add.outer(ramp, 255 - ramp) / 2, np.full((48, 48), 128.0)], -1)
+    image = Image.fromarray(pixels.astype(np.uint8), "RGB")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown in the image?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[[image]], text=[text], return_tensors="pt")
+    return inputs.to(device)
+
+
+def adapter_logit_change(pair: ModelPair) -> float:
+    """Max |logit difference| between the adapter and the base on the fixed probe input."""
+    import torch
+
+    inputs = fixed_probe_inputs(pair.processor, pair.device)
+    with torch.inference_mode():
+        with pair.variant("base") as model:
+            base = model(**inputs).logits.float()
+        with pair.variant("lavender") as model:
+            adapted = model(**inputs).logits.float()
+    return float((adapted - base).abs().max())
