@@ -51,6 +51,7 @@ class Profile:
     vlmevalkit_revision_date: str | None
     do_sample: bool
     add_special_tokens: bool  # passed to the processor; True reproduces VLMEvalKit's double BOS
+    clean_up_tokenization_spaces: bool  # transformers 4.x decode clean-up (" ." -> "."), see prompts
     benchmarks: dict[str, BenchmarkPrompting]
     fingerprint: str  # sha256 of the canonical content (everything but name and description)
 
@@ -73,7 +74,8 @@ class Profile:
             "fingerprint": self.fingerprint,
             "vlmevalkit_revision": self.vlmevalkit_revision,
             "vlmevalkit_revision_date": self.vlmevalkit_revision_date,
-            "decoding": {"do_sample": self.do_sample, "add_special_tokens": self.add_special_tokens},
+            "decoding": {"do_sample": self.do_sample, "add_special_tokens": self.add_special_tokens,
+                         "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces},
             "benchmarks": {
                 name: {
                     "source": p.source,
@@ -148,7 +150,8 @@ def _parse(raw: dict, path: Path) -> Profile:
             "(sampled predictions cannot be compared or reused)"
         )
     add_special_tokens = _get(decoding, "add_special_tokens", bool, path, "decoding")
-    unknown = set(decoding) - {"do_sample", "add_special_tokens"}
+    clean_up = _get(decoding, "clean_up_tokenization_spaces", bool, path, "decoding")
+    unknown = set(decoding) - {"do_sample", "add_special_tokens", "clean_up_tokenization_spaces"}
     if unknown:
         raise ProfileError(f"{path}: unknown key(s) in [decoding]: {', '.join(sorted(unknown))}")
 
@@ -171,6 +174,7 @@ def _parse(raw: dict, path: Path) -> Profile:
         vlmevalkit_revision_date=revision_date,
         do_sample=do_sample,
         add_special_tokens=add_special_tokens,
+        clean_up_tokenization_spaces=clean_up,
         benchmarks=benchmarks,
         fingerprint=_fingerprint(raw),
     )

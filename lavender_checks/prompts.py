@@ -68,6 +68,26 @@ def postprocess(decoded: str) -> str:
     return decoded.replace(EOT, "")
 
 
+# transformers 4.x's PreTrainedTokenizerBase.clean_up_tokenization, in its order.
+_CLEAN_UP_REPLACEMENTS = (
+    (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+    (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
+)
+
+
+def clean_up_tokenization(text: str) -> str:
+    """transformers 4.x's decode clean-up, applied when the profile asks for it.
+
+    Deliberate: Llama 3.2's tokenizer config sets ``clean_up_tokenization_spaces=true``;
+    transformers 4.x honoured it on decode, 5.x ignores it for BPE tokenizers. Applying it
+    after ``<|eot_id|>`` removal gives the same string, since the clean-up never spans the
+    special token at the end of a row.
+    """
+    for old, new in _CLEAN_UP_REPLACEMENTS:
+        text = text.replace(old, new)
+    return text
+
+
 def _cell_text(value: Any) -> str:
     if isinstance(value, float) and math.isnan(value):
         return "nan"

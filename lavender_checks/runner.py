@@ -23,7 +23,7 @@ import pandas as pd
 from .benchmarks import Benchmark, get_benchmark
 from .predictions import Index, PredictionStore, StoreKey, request_sha
 from .profiles import Profile
-from .prompts import build_prompt, chat_text
+from .prompts import build_prompt, chat_text, clean_up_tokenization
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,8 @@ def predict_run(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, prof
             def keep(finished: Iterable[tuple[Index, str]] | Mapping[Index, str]) -> None:
                 # generation.py reports [(key, prediction), ...]; a mapping is taken too.
                 finished = list(finished.items() if isinstance(finished, Mapping) else finished)
+                if profile.clean_up_tokenization_spaces:
+                    finished = [(index, clean_up_tokenization(text)) for index, text in finished]
                 strangers = [index for index, _ in finished if index not in wanted]
                 if strangers:
                     raise RuntimeError(f"{bench.name}/{variant}: generation returned keys that "

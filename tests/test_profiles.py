@@ -150,5 +150,6 @@ def test_describe_is_plain_data():
     assert described["fingerprint"] == profile.fingerprint
     assert described["benchmarks"]["MME"] == {"source": "dataset", "template": None,
                                               "image_first": True, "max_new_tokens": 128}
-    assert described["decoding"] == {"do_sample": False, "add_special_tokens": True}
+    assert described["decoding"] == {"do_sample": False, "add_special_tokens": True,
+                                     "clean_up_tokenization_spaces": True}
     assert isinstance(profile.for_benchmark("MME"), BenchmarkPrompting)

@@ -152,3 +152,26 @@ def test_prompt_and_chat_text_snapshot(bench_name, profile_name, tiny_processor,
         "prompt": prompt.text,
         "chat_text": text,
     }
+
+
+def test_clean_up_tokenization_matches_transformers_4_rules():
+    from lavender_checks.prompts import clean_up_tokenization
+
+    assert clean_up_tokenization("Yes .") == "Yes."
+    assert clean_up_tokenization("It is n't , is it ?") == "It isn't, is it?"
+    assert clean_up_tokenization("I 'm sure they 're right ' ok") == "I'm sure they're right'ok"
+    assert clean_up_tokenization(" leading and trailing ") == " leading and trailing "
+    # transformers still ships the rule set (used by remote code): it is the oracle here.
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    for text in ["A .", "1 , 2 ! 3 ?", "we 've it 's", "x ' y", "no change", "  . ,"]:
+        assert clean_up_tokenization(text) == PreTrainedTokenizerBase.clean_up_tokenization(None, text)
+
+
+def test_both_profiles_ask_for_the_transformers_4_decode_clean_up():
+    from lavender_checks.profiles import load_profile
+
+    for name in ("seed-report", "vlmevalkit"):
+        profile = load_profile(name)
+        assert profile.clean_up_tokenization_spaces is True
+        assert profile.describe()["decoding"]["clean_up_tokenization_spaces"] is True
