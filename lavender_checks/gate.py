@@ -412,6 +412,7 @@ def _measure_benchmark(
     reference: Reference,
     n_resamples: int,
     seed: int,
+    missing_reason: str | None = None,
 ) -> dict[tuple[str, str], _Measured]:
     settings = dict(n_resamples=n_resamples, confidence=reference.gate.confidence, seed=seed)
     out: dict[tuple[str, str], _Measured] = {}
@@ -421,7 +422,7 @@ def _measure_benchmark(
         for quantity, result in results.items():
             m = out[(row.id, quantity)] = _Measured()
             if result is None:
-                m.reason = f"no {quantity} result for {benchmark} (not computed in this run)"
+                m.reason = f"no {quantity} result for {benchmark} ({missing_reason or 'not computed in this run'})"
                 continue
             absent = [k for k in row.parts if k not in result.metrics]
             if absent:
@@ -505,12 +506,15 @@ def judge(
     mode: str = "reproduce",
     n_resamples: int | None = None,
     seed: int | None = None,
+    missing_reasons: Mapping[str, str] | None = None,
 ) -> list[Verdict]:
     """Verdicts for every reference row: base, Lavender and gain, in the reference's order.
 
     ``results`` maps a benchmark name to ``{"base": ScoreResult | None, "lavender":
     ScoreResult | None}``; a benchmark or variant that is absent or None gives "missing"
-    verdicts. ``n_resamples`` and ``seed`` override the reference's gate settings (tests).
+    verdicts, whose reason is ``missing_reasons[benchmark]`` when given (e.g. "its TSV is
+    absent: /data/MME.tsv"). ``n_resamples`` and ``seed`` override the reference's gate
+    settings (tests).
     Base and Lavender that cover different units cannot be paired: their gain is "missing"
     with the reason, and each is judged on its own interval.
     """
@@ -530,7 +534,8 @@ def judge(
             if result is not None and result.benchmark != benchmark:
                 raise ValueError(f"results[{benchmark!r}][{label!r}] is a {result.benchmark} result")
         rows = [row for row in reference.rows if row.benchmark == benchmark]
-        measured.update(_measure_benchmark(benchmark, rows, base, lavender, reference, n_resamples, seed))
+        measured.update(_measure_benchmark(benchmark, rows, base, lavender, reference, n_resamples, seed,
+                                           (missing_reasons or {}).get(benchmark)))
     for row in reference.rows:
         spec = benchmark_spec(row.benchmark)
         for quantity in QUANTITIES:

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Mapping
@@ -204,7 +205,8 @@ class PredictionLog:
         if (self.directory / KEY_FILE).is_file():
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.directory / f".{KEY_FILE}.{os.getpid()}.tmp"
+        # process and thread in the name: two writers starting the same folder never share it
+        tmp = self.directory / f".{KEY_FILE}.{os.getpid()}.{threading.get_ident()}.tmp"
         tmp.write_text(json.dumps(self.key.to_json(), indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, self.directory / KEY_FILE)
         _fsync_dir(self.directory)

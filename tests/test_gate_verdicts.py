@@ -280,3 +280,15 @@ def test_bad_calls_are_refused(seed_ref):
         judge(seed_ref, {"DocVQA_VAL": {"base": chartqa_result(SEED_CORRECT["base"]), "lavender": None}})
     with pytest.raises(ValueError, match="unknown key"):
         judge(seed_ref, {"ChartQA_TEST": {"lora": None}})
+
+
+def test_missing_benchmark_verdicts_carry_the_reason_given():
+    from lavender_checks.gate import judge, load_reference
+
+    reference = load_reference()
+    verdicts = judge(reference, {}, missing_reasons={"MME": "its TSV is absent: /data/MME.tsv"})
+    mme = [v for v in verdicts if v.benchmark == "MME"]
+    assert mme and all(v.status == "missing" for v in mme)
+    assert all("/data/MME.tsv" in v.message() for v in mme)
+    docvqa = [v for v in verdicts if v.benchmark == "DocVQA_VAL"]
+    assert all("not computed in this run" in v.message() for v in docvqa)

@@ -1,0 +1,52 @@
+"""The gate: one case per reference row and quantity, e.g. ``test_gain[ChartQA_TEST-test_human]``.
+
+The cases come from the reference file the run uses (``--reference``; by default
+fixtures/reported/tiny-mini.toml for the built-in tiny pair, seed-report.toml for real
+weights), restricted to the benchmarks of the run (``--benchmark``).
+
+A verdict without a measured number ("missing") skips its case, with the reason, when this
+suite generated the predictions: the run could not compute it here (a TSV absent from
+LMUData, a subset without that category), which says nothing about the model. With
+``--from-vlmeval`` it fails instead: the folder was named as the evidence of a VLMEvalKit run,
+and a gate over it must not turn green on files that are not there.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lavender_checks import pipeline
+from lavender_checks.gate import load_reference
+
+QUANTITY_OF_TEST = {"test_base": "base", "test_lavender": "lavender", "test_gain": "gain"}
+
+
+def pytest_generate_tests(metafunc):
+    quantity = QUANTITY_OF_TEST.get(metafunc.function.__name__)
+    if quantity is None:
+        return
+    config = pipeline.config_from_options(metafunc.config.getoption)
+    reference = load_reference(config.reference_path())
+    rows = [row for row in reference.rows if row.benchmark in config.benchmarks]
+    metafunc.parametrize("row_id", [row.id for row in rows], ids=[row.id for row in rows])
+
+
+def _judge(outcome: pipeline.GateOutcome, config: pipeline.RunConfig, row_id: str, quantity: str):
+    verdict = outcome.verdict(row_id, quantity)
+    if verdict.status == "missing":
+        if config.from_vlmeval is not None:
+            pytest.fail(verdict.message(), pytrace=False)
+        pytest.skip(verdict.message())
+    assert verdict.status == "pass", verdict.message()
+
+
+def test_base(gate_outcome, gate_config, row_id):
+    _judge(gate_outcome, gate_config, row_id, "base")
+
+
+def test_lavender(gate_outcome, gate_config, row_id):
+    _judge(gate_outcome, gate_config, row_id, "lavender")
+
+
+def test_gain(gate_outcome, gate_config, row_id):
+    _judge(gate_outcome, gate_config, row_id, "gain")
