@@ -76,6 +76,7 @@ class RunConfig:
     batch_size: int = DEFAULT_BATCH_SIZE
     store: Path | None = None  # None: the prediction store's default folder
     device: str | None = None  # None: CPU for the tiny pair, else CUDA when there is one
+    dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA (model.load_pair)
     from_vlmeval: Path | None = None  # a VLMEvalKit work dir: score its files, load no model
     base_name: str = DEFAULT_BASE_NAME  # VLMEvalKit model names inside from_vlmeval
     lavender_name: str = DEFAULT_LAVENDER_NAME
@@ -178,6 +179,8 @@ class RunConfig:
             parts.append(f"shard{self.shard[0]}of{self.shard[1]}")
         if self.device_kind != self.default_device_kind:
             parts.append(self.device_kind)  # other hardware, other greedy tokens
+        if self.dtype is not None:
+            parts.append(self.dtype)
         return re.sub(r"[^A-Za-z0-9_.+-]", "_", "-".join(parts))
 
     def describe(self) -> dict[str, Any]:
@@ -244,6 +247,8 @@ RUN_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--device", dict(metavar="DEVICE", default=None,
                       help="torch device for the model (default: cpu for the built-in tiny pair, "
                            "else cuda when available)")),
+    ("--dtype", dict(choices=("float32", "bfloat16", "float16"), default=None,
+                     help="weights and compute dtype (default: float32 on CPU, bfloat16 on CUDA)")),
 )
 
 # Where reports go; not part of what a run computes, so not a RunConfig field.
@@ -325,11 +330,12 @@ def load_model_pair(config: RunConfig):
         from .tiny import ensure_tiny_checkpoints
 
         checkpoints = ensure_tiny_checkpoints()
-        return load_pair(checkpoints.base, checkpoints.adapter, device=config.device or "cpu")
+        return load_pair(checkpoints.base, checkpoints.adapter, device=config.device or "cpu",
+                         dtype=config.dtype)
     for flag, path in (("--base-model", config.base_model), ("--lora", config.lora)):
         if not path.is_dir():
             raise RunInputError(f"{flag} {path}: no such folder")
-    return load_pair(config.base_model, config.lora, device=config.device)
+    return load_pair(config.base_model, config.lora, device=config.device, dtype=config.dtype)
 
 
 @dataclass

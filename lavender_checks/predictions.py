@@ -69,13 +69,17 @@ class StoreKey:
     tsv_md5: str
     profile_name: str
     profile_fingerprint: str
+    # Where the numbers were computed, e.g. "cuda-bfloat16": greedy tokens depend on the
+    # hardware and dtype, so predictions made on one are never reused for another.
+    compute: str = ""
 
     def relative_dir(self) -> Path:
         model = _short(self.base_fingerprint)
         if self.adapter_fingerprint is not None:
             model += "+" + _short(self.adapter_fingerprint)
-        return (Path(f"{_safe(self.benchmark)}-{_short(self.tsv_md5, 8)}") / model
-                / f"{_safe(self.profile_name)}-{_short(self.profile_fingerprint)}")
+        directory = (Path(f"{_safe(self.benchmark)}-{_short(self.tsv_md5, 8)}") / model
+                     / f"{_safe(self.profile_name)}-{_short(self.profile_fingerprint)}")
+        return directory / _safe(self.compute) if self.compute else directory
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -85,6 +85,7 @@ def predict_run(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, prof
         tsv_md5=_tsv_md5(frame, bench, lmu_root),
         profile_name=profile.name,
         profile_fingerprint=profile.fingerprint,
+        compute=_compute_of(pair),
     )
     prediction_log = store.log(key, writer=writer)
     stored = prediction_log.existing()
@@ -155,6 +156,14 @@ def predict_run(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, prof
         generated=missing,
         store_dir=prediction_log.directory,
     )
+
+
+def _compute_of(pair: Any) -> str:
+    """"cuda-bfloat16", "cpu-float32", ...: what the pair computes on ("" when unknown)."""
+    device, dtype = getattr(pair, "device", None), getattr(pair, "dtype", None)
+    if device is None or dtype is None:
+        return ""
+    return f"{getattr(device, 'type', device)}-{str(dtype).removeprefix('torch.')}"
 
 
 def _index_of(row: Mapping[str, Any], benchmark: str, position: int) -> Index:

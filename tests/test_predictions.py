@@ -354,3 +354,17 @@ def test_keys_that_were_not_asked_for_are_refused(tmp_path, mme_frame):
 
     with pytest.raises(RuntimeError, match="not asked for: \\[999999\\]"):
         run(Stranger(), mme_frame, PredictionStore(tmp_path))
+
+
+def test_predictions_of_other_hardware_or_dtype_live_apart(tmp_path):
+    from lavender_checks.predictions import PredictionStore, StoreKey
+
+    common = dict(base_fingerprint="b" * 64, adapter_fingerprint=None, benchmark="MME",
+                  tsv_md5="0" * 32, profile_name="seed-report", profile_fingerprint="f" * 64)
+    store = PredictionStore(tmp_path)
+    cpu = store.log(StoreKey(**common, compute="cpu-float32"))
+    cuda = store.log(StoreKey(**common, compute="cuda-bfloat16"))
+    cpu.append([(1, "Yes", "sha")])
+    assert cpu.directory != cuda.directory
+    assert cuda.existing() == {}
+    assert cpu.existing()[1].prediction == "Yes"
