@@ -9,10 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..text import NonStringAnswerError, chartqa_answers, relaxed_accuracy
+from ..text import chartqa_answers, relaxed_accuracy
 from .base import Benchmark, ScoreResult
-from .vlmeval_common import (ScoringInputError, check_meta, integer_indices, require_columns,
-                             require_rows, row_label, rules, vlmeval_str, vqa_aggregate)
+from .vlmeval_common import rules, vqa_aggregate, vqa_inputs
 
 
 class ChartQA(Benchmark):
@@ -26,23 +25,11 @@ class ChartQA(Benchmark):
 
     def score(self, predictions: pd.DataFrame, meta: pd.DataFrame | None = None) -> ScoreResult:
         name = self.name
-        require_columns(predictions, ("index", "answer", "prediction", "split"), name)
-        require_rows(predictions, name)
-        indices = integer_indices(predictions, name)
-        check_meta(indices, meta, name)
-
-        answer_cells = [vlmeval_str(x) for x in predictions["answer"].tolist()]
-        prediction_cells = [vlmeval_str(x) for x in predictions["prediction"].tolist()]
-        n = len(indices)
-        scores = np.empty(n, dtype=np.float64)
-        for position in range(n):
-            try:
-                answers = chartqa_answers(answer_cells[position])
-            except NonStringAnswerError as err:
-                raise ScoringInputError(
-                    f"{name}: {row_label(position, indices[position])} column 'answer': {err}"
-                ) from None
-            scores[position] = relaxed_accuracy(answers, prediction_cells[position])
+        indices, answer_cells, answer_lists, prediction_cells = vqa_inputs(
+            predictions, name, ("index", "answer", "prediction", "split"), meta, chartqa_answers)
+        scores = np.array([relaxed_accuracy(answers, prediction)
+                           for answers, prediction in zip(answer_lists, prediction_cells)],
+                          dtype=np.float64)
 
         split_order = rules(name).get("split_order", ())
         metrics, forms, strata = vqa_aggregate(name, predictions, scores, split_order)

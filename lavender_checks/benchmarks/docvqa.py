@@ -9,10 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..text import NonStringAnswerError, anls_distance, anls_from_distance, docvqa_answers
+from ..text import anls_distance, anls_from_distance, docvqa_answers
 from .base import Benchmark, ScoreResult
-from .vlmeval_common import (ScoringInputError, check_meta, integer_indices, require_columns,
-                             require_rows, row_label, vlmeval_str, vqa_aggregate)
+from .vlmeval_common import vqa_aggregate, vqa_inputs
 
 ANLS_THRESHOLD = 0.5  # VLMEvalKit's hit_calculate default
 
@@ -25,27 +24,12 @@ class DocVQA(Benchmark):
 
     def score(self, predictions: pd.DataFrame, meta: pd.DataFrame | None = None) -> ScoreResult:
         name = self.name
-        require_columns(predictions, ("index", "answer", "prediction"), name)
-        require_rows(predictions, name)
-        indices = integer_indices(predictions, name)
-        check_meta(indices, meta, name)
-
-        answer_cells = [vlmeval_str(x) for x in predictions["answer"].tolist()]
-        prediction_cells = [vlmeval_str(x) for x in predictions["prediction"].tolist()]
-        n = len(indices)
-        scores = np.empty(n, dtype=np.float64)
-        distances = np.empty(n, dtype=np.float64)
-        for position in range(n):
-            try:
-                answers = docvqa_answers(answer_cells[position])
-            except NonStringAnswerError as err:
-                raise ScoringInputError(
-                    f"{name}: {row_label(position, indices[position])} column 'answer': {err}"
-                ) from None
-            prediction = prediction_cells[position]
-            best = min(anls_distance(answer, prediction) for answer in answers)
-            scores[position] = anls_from_distance(best, ANLS_THRESHOLD)
-            distances[position] = best
+        indices, answer_cells, answer_lists, prediction_cells = vqa_inputs(
+            predictions, name, ("index", "answer", "prediction"), meta, docvqa_answers)
+        distances = np.array([min(anls_distance(answer, prediction) for answer in answers)
+                              for answers, prediction in zip(answer_lists, prediction_cells)],
+                             dtype=np.float64)
+        scores = np.array([anls_from_distance(d, ANLS_THRESHOLD) for d in distances], dtype=np.float64)
 
         metrics, forms, strata = vqa_aggregate(name, predictions, scores)
         samples = pd.DataFrame({

@@ -163,6 +163,33 @@ def string_column(frame: pd.DataFrame, column: str, benchmark: str) -> list[str]
     return out
 
 
+def vqa_inputs(predictions: pd.DataFrame, benchmark: str, columns: Sequence[str], meta,
+               parse_answers) -> tuple[np.ndarray, list[str], list[list], list[str]]:
+    """The checked inputs of a VQA scorer: indices, answer cells, each row's answer list and
+    the prediction cells (both cells as VLMEvalKit's ``str()`` sees them).
+
+    ``parse_answers`` turns an answer cell into its list (DocVQA's or ChartQA's rule); a cell
+    VLMEvalKit's scorer would crash on is refused with the row and column named.
+    """
+    from ..text import NonStringAnswerError
+
+    require_columns(predictions, columns, benchmark)
+    require_rows(predictions, benchmark)
+    indices = integer_indices(predictions, benchmark)
+    check_meta(indices, meta, benchmark)
+    answer_cells = [vlmeval_str(x) for x in predictions["answer"].tolist()]
+    prediction_cells = [vlmeval_str(x) for x in predictions["prediction"].tolist()]
+    answers = []
+    for position, cell in enumerate(answer_cells):
+        try:
+            answers.append(parse_answers(cell))
+        except NonStringAnswerError as err:
+            raise ScoringInputError(
+                f"{benchmark}: {row_label(position, indices[position])} column 'answer': {err}"
+            ) from None
+    return indices, answer_cells, answers, prediction_cells
+
+
 def vqa_aggregate(benchmark: str, frame: pd.DataFrame, scores: np.ndarray,
                   split_order: Sequence[str] = ()) -> tuple[dict[str, float], dict[str, list[Ratio]], list[str]]:
     """VLMEvalKit's ImageVQADataset aggregation (sections 3.5 and 4.6).
