@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import struct
 import warnings
@@ -64,6 +65,15 @@ FINGERPRINTED_BASE_FILES = (
 
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
+# Generation engines ``ModelPair.generate`` can use. "generate": batched ``model.generate``
+# (generation.py), the default. "fast": the fast greedy engine (fastgen.py), opt-in; it falls
+# back to "generate" for what it cannot take.
+DEFAULT_ENGINE = "generate"
+FAST_ENGINE = "fast"
+ENGINES = (DEFAULT_ENGINE, FAST_ENGINE)
+
+log = logging.getLogger(__name__)
+
 
 class ModelLoadError(RuntimeError):
     """A model or adapter folder that cannot be used as it is; the message says why."""
@@ -78,8 +88,9 @@ class ModelPair:
     """One base model in memory, with or without the adapter wrapped around it.
 
     ``model`` is a ``peft.PeftModel`` when an adapter is loaded, else the plain
-    ``MllamaForConditionalGeneration``. Generation lives in ``lavender_checks.generation``;
-    ``ModelPair.generate`` forwards to ``generation.generate(self, ...)``.
+    ``MllamaForConditionalGeneration``. Generation lives in ``lavender_checks.generation``
+    (the default engine) and ``lavender_checks.fastgen`` (``engine="fast"``);
+    ``ModelPair.generate`` dispatches to one of them.
     """
 
     model: Any
@@ -94,6 +105,12 @@ class ModelPair:
     lora_modules_by_tower: dict[str, int] = field(default_factory=dict)
     adapter_key_layout: str | None = None  # "current" or "transformers<4.52 (remapped)"
     adapter_logit_change: float | None = None  # max |logit difference| on the fixed input
+    # Why the fast engine was not used, each reason once, in the order they came up.
+    engine_fallbacks: list[str] = field(default_factory=list)
+    # The fast engine, built on first use, and the greedy generation config it was built for.
+    _fast: Any = field(default=None, init=False, repr=False, compare=False)
+    _fast_for: str | None = field(default=None, init=False, repr=False, compare=False)
+    _fast_refusal: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def has_adapter(self) -> bool:
@@ -125,11 +142,64 @@ class ModelPair:
         batch_size: int = 8,
         on_batch=None,
         progress: bool = True,
+        engine: str = DEFAULT_ENGINE,
     ) -> dict[str, str]:
-        """Greedy predictions keyed by request key; see ``lavender_checks.generation.generate``."""
+        """Greedy predictions keyed by request key; see ``lavender_checks.generation.generate``.
+
+        engine: "generate" (default) runs ``generation.generate``. "fast" runs the pair's
+        ``fastgen.FastGenerator`` (built once, on first use), where a request's image may also
+        be a zero-argument loader; when the engine cannot take the call (the generation config
+        asks for logits processing it does not reproduce, or a request has other than one
+        image) the call goes to ``generation.generate`` instead, the reason logged and kept in
+        ``engine_fallbacks``. On CPU both engines give the same greedy tokens (tests/test_fastgen.py).
+        """
         from lavender_checks.generation import generate
 
+        if engine not in ENGINES:
+            raise ValueError(f"unknown generation engine {engine!r}; engines: {', '.join(ENGINES)}")
+        if engine == FAST_ENGINE:
+            fast, refusal = self._fast_engine_for(requests)
+            if fast is not None:
+                return fast.generate(requests, variant, batch_size=batch_size, on_batch=on_batch,
+                                     progress=progress)
+            self._note_fallback(refusal, len(requests))
+            return _generate_opening_loaders(self, requests, variant, batch_size=batch_size,
+                                             on_batch=on_batch, progress=progress)
         return generate(self, requests, variant, batch_size=batch_size, on_batch=on_batch, progress=progress)
+
+    @property
+    def fast_engine(self):
+        """The fast engine built so far (None before the first ``engine="fast"`` call, or when
+        it could not be built); its ``last_stats`` describe the last call."""
+        return self._fast
+
+    def _fast_engine_for(self, requests) -> tuple[Any, str | None]:
+        """(the fast engine, None) when it can run ``requests``, else (None, why not)."""
+        from lavender_checks.fastgen import UnsupportedGenerationSetting, fast_generator_for_pair
+        from lavender_checks.generation import _greedy_settings
+
+        # Keyed by the greedy config as generation.generate would use it now: a config
+        # changed after the engine was built must not be ignored.
+        wanted = json.dumps(_greedy_settings(self).generation_config.to_dict(), sort_keys=True, default=str)
+        if self._fast_for != wanted:
+            self._fast, self._fast_refusal, self._fast_for = None, None, wanted
+            try:
+                self._fast = fast_generator_for_pair(self)
+            except UnsupportedGenerationSetting as exc:
+                self._fast_refusal = str(exc)
+        if self._fast is None:
+            return None, self._fast_refusal
+        for request in requests:
+            if len(request.images) != 1:
+                return None, (f"request {request.key!r} has {len(request.images)} images; the fast "
+                              "engine takes exactly one image per request")
+        return self._fast, None
+
+    def _note_fallback(self, reason: str, count: int) -> None:
+        log.warning("fast engine not used for %d request(s), generating them with "
+                    "generation.generate: %s", count, reason)
+        if reason not in self.engine_fallbacks:
+            self.engine_fallbacks.append(reason)
 
     def describe(self) -> dict:
         """What a report needs to say which model produced the predictions."""
@@ -155,6 +225,30 @@ class ModelPair:
                 "peft": peft.__version__,
             },
         }
+
+
+def _generate_opening_loaders(pair: ModelPair, requests, variant: str, *, batch_size: int,
+                              on_batch, progress: bool) -> dict[str, str]:
+    """``generation.generate`` for requests meant for the fast engine: images given as
+    zero-argument loaders are opened here, ``batch_size`` requests at a time, so a runner's
+    chunk of images is never in memory all at once."""
+    from lavender_checks.generation import GenerationRequest, generate
+
+    if not any(callable(image) for request in requests for image in request.images):
+        return generate(pair, requests, variant, batch_size=batch_size, on_batch=on_batch, progress=progress)
+    keys = [request.key for request in requests]
+    if len(set(keys)) != len(keys):
+        raise ValueError("requests repeat a key; each request needs its own")
+    results: dict[str, str] = {}
+    for start in range(0, len(requests), batch_size):
+        opened = [
+            GenerationRequest(key=r.key, text=r.text, max_new_tokens=r.max_new_tokens,
+                              images=[image() if callable(image) else image for image in r.images])
+            for r in requests[start:start + batch_size]
+        ]
+        results.update(generate(pair, opened, variant, batch_size=batch_size, on_batch=on_batch,
+                                progress=progress))
+    return {key: results[key] for key in keys}
 
 
 # ---------------------------------------------------------------------------------------

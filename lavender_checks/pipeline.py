@@ -16,6 +16,11 @@ so all of them hold the same results.
 
 ``lavender-checks run`` (``add_arguments``, ``main``) and the pytest options of ``conftest.py``
 are declared once, in ``RUN_OPTIONS``.
+
+``--engine fast`` generates with the fast greedy engine (``fastgen.py``) instead of batched
+``model.generate``. The engine decides how fast predictions come, not what they are (on CPU
+both give the same tokens), so it is not part of the run label, the snapshot names or the
+prediction store's key; the run metadata records it.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from typing import Any
 
 from . import FIXTURES, REPORTS, __version__
 from .benchmarks import ScoreResult, benchmark_names, get_benchmark
+from .model import DEFAULT_ENGINE, ENGINES, FAST_ENGINE
 
 VARIANTS = ("base", "lavender")
 GATE_MODES = ("reproduce", "no-regression")
@@ -81,6 +87,9 @@ class RunConfig:
     base_name: str = DEFAULT_BASE_NAME  # VLMEvalKit model names inside from_vlmeval
     lavender_name: str = DEFAULT_LAVENDER_NAME
     shard: tuple[int, int] | None = None  # (i, n): generate and score shard i of n only
+    # How predictions are generated; not what they are, so not part of label().
+    engine: str = DEFAULT_ENGINE
+    chunk_rows: int | None = None  # rows per fast-engine call; None: runner.DEFAULT_CHUNK_ROWS
 
     def __post_init__(self) -> None:
         for name in ("base_model", "lora", "lmu_data", "reference", "store", "from_vlmeval"):
@@ -119,6 +128,14 @@ class RunConfig:
             index, count = self.shard
             if not (count >= 1 and 0 <= index < count):
                 raise RunInputError(f"shard {index} of {count} does not exist (0 <= i < n)")
+        if self.engine not in ENGINES:
+            raise RunInputError(f"unknown engine {self.engine!r}; engines: {', '.join(ENGINES)}")
+        if self.chunk_rows is not None:
+            if self.engine != FAST_ENGINE:
+                raise RunInputError("--chunk-rows sets how many rows the fast engine is handed at a "
+                                    "time: it needs --engine fast")
+            if self.chunk_rows < 1:
+                raise RunInputError(f"--chunk-rows must be at least 1, got {self.chunk_rows}")
         for name in ("base_name", "lavender_name"):
             if not getattr(self, name):
                 raise RunInputError(f"--{name.replace('_', '-')} must not be empty")
@@ -249,6 +266,13 @@ RUN_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
                            "else cuda when available)")),
     ("--dtype", dict(choices=("float32", "bfloat16", "float16"), default=None,
                      help="weights and compute dtype (default: float32 on CPU, bfloat16 on CUDA)")),
+    ("--engine", dict(choices=ENGINES, default=DEFAULT_ENGINE,
+                      help=f"generation engine: {DEFAULT_ENGINE} (batched model.generate, the default) "
+                           f"or {FAST_ENGINE} (rows leave the batch as they finish, vision once per "
+                           "image, CUDA graphs; docs/speed.md)")),
+    ("--chunk-rows", dict(type=int, metavar="N", default=None,
+                          help="with --engine fast: rows handed to the engine at a time, grouped by "
+                               "image (default 512); an interrupted run keeps every finished row")),
 )
 
 # Where reports go; not part of what a run computes, so not a RunConfig field.
@@ -396,7 +420,7 @@ def _collect_generated(config: RunConfig, pair: Any, load_pair: Callable[[], Any
     def predict(name: str, frame, variant: str):
         return predict_run(the_pair(), get_benchmark(name), frame, profile, variant, store,
                            lmu_root=root, batch_size=config.batch_size, writer=writer,
-                           progress=progress)
+                           progress=progress, engine=config.engine, chunk_rows=config.chunk_rows)
 
     def generate_shard(index: int, count: int) -> None:
         for name, item in data.items():
@@ -433,6 +457,7 @@ def _collect_generated(config: RunConfig, pair: Any, load_pair: Callable[[], Any
         **_common_metadata(config, started),
         "models": the_model.describe(),
         "fingerprints": {"base": the_model.base_fingerprint, "adapter": the_model.adapter_fingerprint},
+        "engine": _describe_engine(config, the_model),
         "profile": profile.describe(),
         "lmu_data": str(root),
         "data": {name: _describe_data(item) for name, item in data.items()},
@@ -446,6 +471,17 @@ def _collect_generated(config: RunConfig, pair: Any, load_pair: Callable[[], Any
     }
     return RunResults(config=config, results=results, missing=missing, predictions=predictions,
                       metadata=metadata)
+
+
+def _describe_engine(config: RunConfig, pair: Any) -> dict[str, Any]:
+    """The engine asked for and, for the fast one, its chunk size and every reason it handed
+    requests to the default engine instead."""
+    if config.engine != FAST_ENGINE:
+        return {"name": config.engine}
+    from .runner import DEFAULT_CHUNK_ROWS
+
+    return {"name": config.engine, "chunk_rows": config.chunk_rows or DEFAULT_CHUNK_ROWS,
+            "fallbacks": list(getattr(pair, "engine_fallbacks", []))}
 
 
 @contextlib.contextmanager

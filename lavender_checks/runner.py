@@ -8,12 +8,24 @@ what it finished and a rerun resumes from it.
 Batches are cut from the whole frame in its row order, not from the rows still missing, so a
 resumed run batches the remaining rows exactly as an uninterrupted run would have (batched
 greedy decoding can depend on which rows share a batch).
+
+With ``engine="fast"`` (``fastgen.py``, through ``ModelPair.generate``) the frame is handed
+over in chunks of up to ``chunk_rows`` rows instead, cut after grouping the rows by
+``data.image_key`` and never inside a group: the engine computes vision features once per
+distinct image it is given, so the rotations of an MMBench question (whose circular copies
+come after all main rows in file order) and the questions of one DocVQA page must share a
+chunk. Images go as zero-argument loaders, opened on the engine's threads while the model
+computes. The engine reports rows as they finish, and each is appended to the store at once:
+an interrupted run loses at most the rows in flight. Which engine made a stored prediction is not part of the
+store key (both give the same greedy tokens on CPU), so either engine resumes the other's
+store.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +33,7 @@ from typing import Any
 import pandas as pd
 
 from .benchmarks import Benchmark, get_benchmark
+from .model import DEFAULT_ENGINE, ENGINES, FAST_ENGINE
 from .predictions import Index, PredictionStore, StoreKey, request_sha
 from .profiles import Profile
 from .prompts import build_prompt, chat_text, clean_up_tokenization
@@ -28,6 +41,9 @@ from .prompts import build_prompt, chat_text, clean_up_tokenization
 log = logging.getLogger(__name__)
 
 BASE_VARIANT = "base"
+# Rows handed to the fast engine at a time: the unit of image sharing and of resumption
+# (the chunk size `lavender-checks bench` measured, docs/speed.md).
+DEFAULT_CHUNK_ROWS = 512
 
 
 @dataclass
@@ -43,20 +59,35 @@ class PredictionRun:
 
 def predict(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, profile: Profile,
             variant: str, store: PredictionStore, *, lmu_root: str | Path, batch_size: int = 8,
-            writer: str = "main", progress: bool = True) -> dict[Index, str]:
+            writer: str = "main", progress: bool = True, engine: str = DEFAULT_ENGINE,
+            chunk_rows: int | None = None) -> dict[Index, str]:
     """Predictions for every row of ``frame`` (index -> prediction), reusing the store."""
     return predict_run(pair, benchmark, frame, profile, variant, store, lmu_root=lmu_root,
-                       batch_size=batch_size, writer=writer, progress=progress).predictions
+                       batch_size=batch_size, writer=writer, progress=progress, engine=engine,
+                       chunk_rows=chunk_rows).predictions
 
 
 def predict_run(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, profile: Profile,
                 variant: str, store: PredictionStore, *, lmu_root: str | Path,
-                batch_size: int = 8, writer: str = "main", progress: bool = True) -> PredictionRun:
+                batch_size: int = 8, writer: str = "main", progress: bool = True,
+                engine: str = DEFAULT_ENGINE, chunk_rows: int | None = None) -> PredictionRun:
+    """Predictions for every row of ``frame``, reusing the store (module docstring).
+
+    engine: "generate" (default): batches of ``batch_size`` rows in frame order, images opened
+    per batch, ``pair.generate`` called as before engines existed. "fast": chunks of
+    ``chunk_rows`` rows (default ``DEFAULT_CHUNK_ROWS``) grouped by image, images as loaders,
+    ``pair.generate(..., engine="fast")``.
+    """
     from .data import load_image
     from .generation import GenerationRequest
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown generation engine {engine!r}; engines: {', '.join(ENGINES)}")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+    fast = engine == FAST_ENGINE
     bench = get_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
     prompting = profile.for_benchmark(bench.name)
     if not profile.add_special_tokens or profile.do_sample:
@@ -97,7 +128,10 @@ def predict_run(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, prof
         log.warning("%s/%s: %d stored predictions were made from another prompt or token budget "
                     "and are generated again", bench.name, variant, recomputed)
 
-    batches = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
+    if fast:
+        batches = _image_chunks(frame, indices, chunk_rows or DEFAULT_CHUNK_ROWS)
+    else:
+        batches = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
     todo = [[index for index in batch if index not in predictions] for batch in batches]
     todo = [batch for batch in todo if batch]
     missing = sum(len(batch) for batch in todo)
@@ -107,12 +141,14 @@ def predict_run(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, prof
     bar = _progress_bar(missing, f"{bench.name} {variant}", progress)
     try:
         for batch in todo:
-            # Images are opened per batch: a full benchmark's images do not fit in memory.
+            # Images are opened per batch (a full benchmark's images do not fit in memory);
+            # the fast engine opens them itself, from a loader bound to its row.
             requests = [
                 GenerationRequest(
                     key=index,
                     text=texts[index],
-                    images=[load_image(frame, index, bench, lmu_root)],
+                    images=[functools.partial(load_image, frame, index, bench, lmu_root) if fast
+                            else load_image(frame, index, bench, lmu_root)],
                     max_new_tokens=prompting.max_new_tokens,
                 )
                 for index in batch
@@ -133,8 +169,10 @@ def predict_run(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, prof
                 if bar is not None:
                     bar.update(len(finished))
 
+            # The default engine's call is the one a pair without engines takes.
+            engine_option = {"engine": engine} if fast else {}
             generated = pair.generate(requests, variant, batch_size=batch_size, on_batch=keep,
-                                      progress=False)
+                                      progress=False, **engine_option)
             unseen = [(k, v) for k, v in generated.items() if k not in predictions]
             if unseen:  # a generator that reports no batches: store its results here
                 keep(unseen)
@@ -156,6 +194,29 @@ def predict_run(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, prof
         generated=missing,
         store_dir=prediction_log.directory,
     )
+
+
+def _image_chunks(frame: pd.DataFrame, indices: Sequence[Index], chunk_rows: int) -> list[list[Index]]:
+    """``indices`` grouped by image (``data.image_key``) and packed into chunks of at most
+    ``chunk_rows`` rows, for the fast engine.
+
+    Groups come in the order of their first row in the frame, rows within a group in frame
+    order. A chunk is never cut inside a group, so every row of an image is in the chunk
+    that computes its vision features; a group larger than ``chunk_rows`` is a chunk of its
+    own. The chunks depend on the whole frame only, so a resumed run cuts the same ones.
+    """
+    from .data import image_key
+
+    groups: dict[str, list[Index]] = {}
+    for index in indices:
+        groups.setdefault(image_key(frame, index), []).append(index)
+    chunks: list[list[Index]] = []
+    for group in groups.values():
+        if chunks and len(chunks[-1]) + len(group) <= chunk_rows:
+            chunks[-1].extend(group)
+        else:
+            chunks.append(list(group))
+    return chunks
 
 
 def _compute_of(pair: Any) -> str:
