@@ -3,7 +3,8 @@
 Options: the same as ``lavender-checks run`` (``lavender_checks.pipeline.RUN_OPTIONS``):
 ``--base-model``, ``--lora``, ``--lmu-data``, ``--benchmark``, ``--profile``, ``--reference``,
 ``--gate``, ``--limit``, ``--fraction``, ``--batch-size``, ``--from-vlmeval``, ``--base-name``,
-``--lavender-name``, ``--store``, ``--device`` and ``--reports``. With none, the built-in tiny
+``--lavender-name``, ``--store``, ``--device``, ``--dtype``, ``--engine``, ``--chunk-rows`` and
+``--reports``. With none, the built-in tiny
 pair runs on the mini benchmarks and is gated against its own numbers
 (fixtures/reported/tiny-mini.toml).
 
