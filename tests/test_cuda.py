@@ -1,4 +1,4 @@
-"""On a CUDA machine: the tiny pair in bfloat16, and the full-size architecture with random
+"""On a CUDA machine: the tiny pair in float32 and bfloat16, and the full-size architecture with random
 weights and a random LoRA. Run with ``pytest -m cuda`` (``-m fullsize`` for the big one);
 add ``-s`` to see the printed timings and peak memory."""
 
@@ -20,27 +20,37 @@ pytestmark = [
 BF16_TIE_TOLERANCE = 0.1
 
 
-@pytest.fixture(scope="module")
-def cuda_tiny_pair(tiny_checkpoints):
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def cuda_tiny_pair(request, tiny_checkpoints):
     from lavender_checks.model import load_pair
 
-    return load_pair(tiny_checkpoints.base, tiny_checkpoints.adapter, device="cuda")
+    return load_pair(tiny_checkpoints.base, tiny_checkpoints.adapter, device="cuda", dtype=request.param)
 
 
-def test_tiny_pair_on_cuda_is_bf16_and_batch_invariant(cuda_tiny_pair):
+def test_tiny_pair_on_cuda_is_batch_invariant(cuda_tiny_pair):
+    """float32 on CUDA: as strict as on CPU. bfloat16 (the dtype real weights run in): the
+    tiny random model's logits tie often at bf16's resolution, so only rows whose one-sample
+    path has no near-tie are compared, and the share of such rows is printed, not required."""
     pair = cuda_tiny_pair
-    assert pair.device.type == "cuda" and pair.dtype == torch.bfloat16
+    assert pair.device.type == "cuda"
     assert next(pair.base_model.parameters()).device.type == "cuda"
     assert pair.lora_modules_applied == 14 and pair.adapter_logit_change > 0
+    strict = pair.dtype == torch.float32
     requests = make_requests(pair.processor, 16, seed=5, max_new_tokens=(12,))
     for variant in ("base", "lavender"):
         batched = pair.generate(requests, variant, batch_size=8, progress=False)
         single = pair.generate(requests, variant, batch_size=1, progress=False)
+        assert set(batched) == set(single) == {r.key for r in requests}
         references = {r.key: vlmevalkit_single(pair, r, variant) for r in requests}
-        assert_matches_reference(single, references, tie_tolerance=0.0, min_decisive=0.75)  # batch 1 either way
-        assert_matches_reference(batched, references, tie_tolerance=BF16_TIE_TOLERANCE, min_decisive=0.5)
+        if strict:
+            assert_matches_reference(single, references, tie_tolerance=0.0, min_decisive=0.75)
+            assert_matches_reference(batched, references, tie_tolerance=1e-3, min_decisive=0.75)
+        else:
+            assert_matches_reference(batched, references, tie_tolerance=BF16_TIE_TOLERANCE, min_decisive=0.0)
+        decisive = sum(ref.min_margin > BF16_TIE_TOLERANCE for ref in references.values())
         same = sum(batched[k] == single[k] for k in batched)
-        print(f"\ntiny bf16 {variant}: {same}/{len(batched)} batched predictions identical to batch-1 ones")
+        print(f"\ntiny {str(pair.dtype).removeprefix('torch.')} {variant}: {same}/{len(batched)} batched "
+              f"predictions identical to batch-1 ones; {decisive} paths free of near-ties")
 
 
 @pytest.mark.fullsize
