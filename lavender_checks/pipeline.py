@@ -466,6 +466,8 @@ def _collect_generated(config: RunConfig, pair: Any, load_pair: Callable[[], Any
         "store": str(store.root),
         "writer": writer,
         "shard": list(shard) if shard is not None else None,
+        # which physical GPU this process saw (conftest pins one per xdist worker)
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "timing": {"generation_s": round(generation_seconds, 3), "scoring_s": round(scoring_seconds, 3),
                    "total_s": round(time.time() - started, 3)},
     }
