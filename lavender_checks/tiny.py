@@ -13,19 +13,27 @@ Two constraints make a tiny ``MllamaForConditionalGeneration`` work at all:
 ``vision_output_dim`` must equal ``hidden_size * (len(intermediate_layers_indices) + 1)``
 because the projector reads the last hidden state concatenated with each intermediate one.
 
-A random model at the usual initialisation scale gives near-uniform logits (argmax decided
-by noise) and never emits EOS. Here:
+A random model answers with text no scorer can read and never emits EOS, so every score
+of the built-in run would be 0 and the default gate would check nothing. The tiny model
+therefore answers like a (poor) benchmark model: one short answer token, then
+``<|eot_id|>`` (``_shape_answers``):
 
-* the weights are scaled up, so greedy choices have clear margins;
-* the gates of the cross-attention and vision layers are opened, so the image and the
-  vision-tower LoRA reach the logits (they are zero at initialisation);
-* ``lm_head`` rows of special tokens other than ``<|eot_id|>`` and of tokens that decode to
-  lone bytes or control characters are zero, so outputs are printable text;
-* the ``<|eot_id|>`` row points along the mean final hidden state, and the generation config
-  carries transformers' ``exponential_decay_length_penalty`` (EOS logit boosted from the
-  10th new token on). Alone, the EOS row gave either an immediate EOS or a loop to the
-  token budget; with the penalty every greedy generation ends within a few tens of tokens
-  (measured on 340 generations: median 14-18 new tokens, maximum 26).
+* ``Yes`` / ``No`` to yes/no questions, an option letter to multiple-choice prompts, a
+  number or a word (``ANSWERS["short"]``) to the document and chart templates;
+* which answer depends mainly on the question's words (a hash of its content words) and,
+  for options, on a fixed random preference among option texts, so that a question tends
+  to get the same option in every rotation (MMBench's circular evaluation can score it);
+* the LoRA adapter changes a share of the answers (about 10 to 60 percent of the rows of
+  a mini benchmark), so base and Lavender differ by gains and losses.
+
+This is built from a few hand-made parts (uniform-attention heads that read marker words,
+a content hash and option lines) and an ``lm_head`` fitted in closed form on synthetic
+calibration prompts, all deterministic. The gates of the cross-attention and vision layers
+are opened (they are zero at initialisation) so that the image and the vision-tower LoRA
+reach the hidden states. ``lm_head`` rows of special tokens other than ``<|eot_id|>`` and of
+tokens that decode to lone bytes or control characters are zero, so outputs are printable.
+The generation config keeps transformers' ``exponential_decay_length_penalty`` as a safety
+net: should a prompt get no answer, the EOS logit grows from the 10th new token on.
 
 Without torchvision the processor uses ``MllamaImageProcessorPil``; ``AutoProcessor``
 chooses the backend when loading.
@@ -33,6 +41,7 @@ chooses the backend when loading.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -40,13 +49,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lavender_checks import REPO_ROOT
 
 # Bump when anything the builder writes changes; the cache folder name depends on it.
-TINY_FORMAT_VERSION = 2
+TINY_FORMAT_VERSION = 6
 DEFAULT_ROOT = REPO_ROOT / ".cache" / "tiny"
 SEED = 20241127
+ADAPTER_SEED = SEED + 1  # the adapter of the tiny pair (the answers are calibrated with it too)
 
 # ---------------------------------------------------------------------------------------
 # Tokenizer
@@ -154,20 +165,73 @@ LLAMA32_VISION_CHAT_TEMPLATE = """{{- bos_token }}
 {%- endif %}
 """
 
-# The text the tiny BPE is trained on: the benchmark prompt wording, common English, digits,
-# option letters and yes/no, so prompts tokenize into a realistic number of tokens.
-TOKENIZER_CORPUS = (
+# Prompt wording the tiny model is trained and calibrated on (VLMEvalKit's llama_vision
+# templates for DocVQA and ChartQA, its MMBench option block and MME's yes/no suffix). They
+# only shape a synthetic model: the suite's own prompts come from the run profile.
+DOCUMENT_PROMPT = (
     "Read the text in the image carefully and answer the question with the text as seen exactly "
     "in the image. For yes/no questions, just respond Yes or No. If the answer is numeric, just "
     "respond with the number and nothing else. If the answer has multiple words, just respond with "
-    "the words and absolutely nothing else. Never respond in a sentence or a phrase.\n Question: ",
+    "the words and absolutely nothing else. Never respond in a sentence or a phrase.\n Question: "
+)
+CHART_PROMPT = (
     "You are provided a chart image and will be asked a question. You have to think through your "
     "answer and provide a step-by-step solution. Once you have the solution, write the final answer "
     'in at most a few words at the end with the phrase "FINAL ANSWER:". The question is: '
-    "<cot_start>Let's think step by step.",
+)
+CHART_PROMPT_END = "<cot_start>Let's think step by step."
+OPTIONS_INSTRUCTION = "Please select the correct answer from the options above. \n"
+YES_NO_SUFFIX = " Please answer yes or no."
+
+# Words whose share of a prompt the first layer measures (see _add_prompt_head), single
+# tokens: the markers of each kind of prompt, of the instruction after an option list, and
+# the option letters (where each option's line begins).
+PROMPT_MARKERS = {
+    "yes_no": (" yes", " no"),
+    "option": ("Options",),
+    "options_end": (" select", " options"),
+    "short": (" respond", " chart", " step", " solution", "FINAL"),
+    "option_a": ("A",),
+    "option_b": ("B",),
+    "option_c": ("C",),
+    "option_d": ("D",),
+}
+OPTION_LETTERS = ("option_a", "option_b", "option_c", "option_d")  # the groups of the letters, in order
+
+# What the tiny model answers, by the kind of prompt: single tokens of the tiny BPE (the
+# builder checks). The kind of the prompt decides the kind of answer; its words decide which
+# answer of that kind wins. The short answers are numbers and words that occur among the
+# answers of the mini benchmarks (fixtures/lmudata-mini), so that a few rows score there.
+ANSWERS = {
+    "yes_no": ("Yes", "No"),
+    "option": ("A", "B", "C", "D"),
+    "short": ("4", "8", "12", "16", "20", "25", "40", "45", "50", "60", "West", "Blue", "Mon", "Brown"),
+}
+
+# Words kept out of the content hash of the prompt head (_add_prompt_head): the prompt
+# templates and the words any question is made of, so the hash follows what a question is
+# about. Listed spaced and at line starts, the two forms a word takes as a token.
+_HASH_STOP_WORDS = (
+    "the of and to in is it that for on with as was are be this by at from or an a have not "
+    "which what who where when how many much there their does do did can will would should "
+    "picture image photo shown show Is Are Does Do What Which Who Where When How Please "
+    "answer question Question Hint Options yes no user assistant system"
+).split()
+HASH_STOP_TEXT = (
+    DOCUMENT_PROMPT + CHART_PROMPT + CHART_PROMPT_END + OPTIONS_INSTRUCTION + YES_NO_SUFFIX
+    + "Question: Options:\nHint: " + " ".join(_HASH_STOP_WORDS) + "\n" + "\n".join(_HASH_STOP_WORDS)
+)
+
+# The text the tiny BPE is trained on: the benchmark prompt wording, common English, digits,
+# option letters and yes/no, so prompts tokenize into a realistic number of tokens. The
+# answers stand alone on their lines (several times) so that each becomes one token without
+# a leading space, as an answer starts.
+TOKENIZER_CORPUS = (
+    DOCUMENT_PROMPT,
+    CHART_PROMPT + CHART_PROMPT_END,
     "Hint: The picture is a photo.\nQuestion: What is shown?\nOptions:\nA. cat\nB. dog\nC. bird\n"
-    "D. fish\nPlease select the correct answer from the options above. \n",
-    "Is there a dog in this image? Please answer yes or no. Is this photo taken indoors? "
+    "D. fish\n" + OPTIONS_INSTRUCTION,
+    "Is there a dog in this image?" + YES_NO_SUFFIX + " Is this photo taken indoors? "
     "Are there two people in the image? Is the word in the logo 'OPEN'? Yes No yes no",
     "What is the total amount? What is the date mentioned in the letter? Who is the sender? "
     "What is the title of the document? Which year has the highest value? How many bars are there? "
@@ -192,6 +256,7 @@ TOKENIZER_CORPUS = (
     "Step 1: Look at the chart. Step 2: Find the value. Step 3: Compare the values. "
     "So the answer is 12. Therefore, the final answer is 25%. I cannot determine the answer. "
     "Sorry, I can't help with images of people yet.",
+    "\n".join(answer for kind in ANSWERS.values() for answer in kind for _ in range(4)),
 )
 
 # ---------------------------------------------------------------------------------------
@@ -232,13 +297,40 @@ TEXT = dict(
 # The differently shaped tiny model that `adapter_other_base/` is made for.
 OTHER_TEXT_HIDDEN = 48
 
-WEIGHT_STD = 0.25  # linear layers and embeddings (0.02 gives near-uniform logits)
+WEIGHT_STD = 0.12  # linear layers and embeddings
 GATE_VALUE = 1.0  # cross-attention and vision gates (0 at init would hide the image)
-EOT_LOGIT_SCALE = 8.0  # length of the <|eot_id|> row of lm_head along the mean hidden direction
-EOT_LENGTH_PENALTY = (10, 1.15)  # (start, factor): EOS logit * 1.15**n after 10 new tokens
+
+# The answer circuit (see _shape_answers). Hidden states are RMS-normed to length
+# sqrt(hidden_size) = 8 wherever a layer reads them.
+ANSWER_EMBEDDING_NORM = 24.0  # answer tokens' embeddings: this far along one shared direction
+MARKER_EMBEDDING_NORM = 24.0  # marker words' embeddings: this far along their group's direction
+HASH_EMBEDDING_NORM = 2.0  # content words' embeddings: this long in the hash plane
+OPTION_LETTER_SCORE = 4.0  # option letters' embeddings: this far along the option-score direction
+MARKER_GAIN = 200.0  # what the prompt head writes per unit of marker share it reads
+HASH_GAIN = 50.0  # what the prompt head writes per unit of content hash it reads
+OPTION_LINE_GATE = 5.0  # gate of the option-line neurons per unit of (normed) marker share
+OPTION_LINE_GAIN = 20.0  # what an option-line neuron writes per unit of its output
+OPTION_HEAD_LAYER = 2  # the self-attention layer whose uniform heads sum the option lines
+OPTION_GAIN = 200.0  # what those heads write per unit of option score they read
+# The rebuilt (uniform) heads are query heads 0 and 1 of text layers 0 and OPTION_HEAD_LAYER
+# and the key/value head they share. The adapter leaves their queries and the first layer's
+# marker values (the kind of prompt) alone and shifts the option scores only a little, so
+# both variants answer in the prompt's kind; it changes the content hash and the rest.
+PROMPT_HEAD_LAYERS = (0, OPTION_HEAD_LAYER)
+OPTION_ADAPTER_SHARE = 0.05  # the share the adapter keeps of its change to the option scores
+PROMPT_HEAD_QUERY_HEADS = 2
+FIT_LOGIT = 40.0  # an answer's logit where it fits the prompt (fitted to 1, else 0), times this
+CHOICE_LOGIT = 4.0  # an answer's logit per standard deviation of its choice readout
+STOP_LOGIT = 40.0  # <|eot_id|> logit right after an answer (fitted to 1, 0 before it), times this
+RIDGE = 10.0  # ridge penalty of the readout fit (in squared hidden units)
+CALIBRATION_PER_KIND = 64  # calibration prompts per kind of prompt
+CALIBRATION_BATCH = 32  # calibration prompts per forward pass
+# Safety net for a prompt unlike any calibration one: the EOS logit grows by 1.15**n after
+# 10 new tokens, so every greedy generation still ends within tens of tokens.
+EOT_LENGTH_PENALTY = (10, 1.15)
 
 LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-LORA_B_STD = 0.5
+LORA_B_STD = 0.4  # the tiny adapter's B (A: peft's initialisation)
 
 
 @dataclass(frozen=True)
@@ -312,11 +404,12 @@ def _build_all(folder: Path) -> None:
     processor.save_pretrained(paths.base)
     for name in ("config.json", "generation_config.json"):
         _drop_writer_version(paths.base / name)
+    _record_weights_digest(paths.base)
 
-    save_random_lora(model, paths.adapter, seed=SEED + 1)
+    save_random_lora(model, paths.adapter, seed=ADAPTER_SEED)
     write_old_layout_adapter(paths.adapter, paths.adapter_old_layout)
 
-    other = build_tiny_model(processor.tokenizer, text_hidden_size=OTHER_TEXT_HIDDEN)
+    other = build_tiny_model(processor.tokenizer, text_hidden_size=OTHER_TEXT_HIDDEN, answers=False)
     save_random_lora(other, paths.adapter_other_base, seed=SEED + 2)
 
 
@@ -421,8 +514,12 @@ def tiny_config(tokenizer, text_hidden_size: int | None = None):
     return config
 
 
-def build_tiny_model(tokenizer, text_hidden_size: int | None = None):
-    """A tiny ``MllamaForConditionalGeneration`` with deterministic, not-too-degenerate weights."""
+def build_tiny_model(tokenizer, text_hidden_size: int | None = None, *, answers: bool = True):
+    """A tiny ``MllamaForConditionalGeneration`` with deterministic, not-too-degenerate weights.
+
+    answers: shape the model to give short scorable answers (``_shape_answers``); off for a
+    model that only lends its shapes (the differently shaped base of ``adapter_other_base``).
+    """
     import torch
     from transformers import GenerationConfig, MllamaForConditionalGeneration
 
@@ -432,7 +529,8 @@ def build_tiny_model(tokenizer, text_hidden_size: int | None = None):
         model = MllamaForConditionalGeneration(config).eval()
         _open_gates(model)
     ids = special_token_ids(tokenizer)
-    _shape_lm_head(model, tokenizer, ids)
+    if answers:
+        _shape_answers(model, build_tiny_processor(TILE_SIZE, tokenizer))
     # Mirrors the real generation_config.json (sampling defaults included): generation code
     # must switch to greedy itself.
     model.generation_config = GenerationConfig(
@@ -459,24 +557,244 @@ def _open_gates(model) -> None:
                 param.fill_(GATE_VALUE)
 
 
-def _shape_lm_head(model, tokenizer, ids) -> None:
-    """Silence the special tokens and aim <|eot_id|> at the mean final hidden state.
+# ---------------------------------------------------------------------------------------
+# Answers
 
-    Rows of special tokens other than <|eot_id|> are zeroed (logit 0 while ordinary tokens
-    reach clearly positive maxima), so greedy output is ordinary text ending in <|eot_id|>.
+
+def answer_token_ids(tokenizer) -> dict[str, list[int]]:
+    """The token id of every answer in ``ANSWERS``, by kind; each answer must be one token."""
+    return _single_token_ids(tokenizer, ANSWERS, "answer")
+
+
+def _single_token_ids(tokenizer, words_by_group: dict[str, tuple[str, ...]], role: str) -> dict[str, list[int]]:
+    ids: dict[str, list[int]] = {}
+    for group, words in words_by_group.items():
+        ids[group] = []
+        for word in words:
+            tokens = tokenizer(word, add_special_tokens=False)["input_ids"]
+            if len(tokens) != 1:
+                raise RuntimeError(f"tiny tokenizer: {role} {word!r} ({group}) is {len(tokens)} tokens, "
+                                   "not one; add it to TOKENIZER_CORPUS")
+            ids[group].append(tokens[0])
+    return ids
+
+
+@dataclass
+class _Directions:
+    """Orthonormal directions of the text residual stream that the answer circuit uses."""
+
+    answer: Any  # shared by the answer tokens' embeddings
+    marker_read: Any  # (marker groups, hidden): carried by the marker tokens' embeddings
+    marker_write: Any  # where the prompt head writes each group's share
+    hash_read: Any  # (2, hidden): the hash plane of the content tokens' embeddings
+    hash_write: Any  # where the prompt head writes the content hash
+    line_write: Any  # (4, hidden): where layer 0's MLP writes each option line's word scores
+    option_write: Any  # (4, hidden): where layer 2's head writes each option's preference
+
+
+def _shape_answers(model, processor) -> None:
+    """Make greedy decoding answer in one scorable token that depends on the input, then stop.
+
+    A random model gives text no scorer can read and never emits EOS. After the random
+    initialisation a few parts of the model are rebuilt by hand and ``lm_head`` is fitted
+    on calibration prompts:
+
+    1. the answer tokens' embeddings get a long shared component, so the final hidden state
+       right after an answer token looks alike whatever came before;
+    2. the first layer's prompt head (``_add_prompt_head``) gives every position the share
+       of each group of marker words among the tokens so far (the kind of prompt; where the
+       option lines begin) and a hash of the content words so far;
+    3. the first layer's MLP and the third layer's attention (``_add_option_preference``)
+       give every position, per option letter, the scores of the words on that option's
+       line: a fixed random preference among option texts, wherever an option stands;
+    4. calibration prompts of each kind (``calibration_prompts``) run through the model with
+       and without the tiny adapter; one ridge regression on the final hidden states of both
+       reads out whether each answer fits the prompt (1 before the answer to a prompt of its
+       kind, 0 elsewhere), whether an answer was just given (1 right after it, 0 before),
+       the content hash and the four option scores;
+    5. each answer's ``lm_head`` row is FIT_LOGIT times its fit readout plus CHOICE_LOGIT
+       times its choice readout: for an option letter its option's score, so the model picks
+       its favourite option text in every rotation of a question (an option the prompt does
+       not list has no line and scores nothing, while a listed one gets its letter's score);
+       for the other answers a direction in the plane of the content hash (the answers of a
+       kind spread evenly around it), so the question's words decide, and template and
+       function words do not;
+    6. the ``<|eot_id|>`` row is STOP_LOGIT times the after-an-answer readout: the
+       generation ends right after its answer;
+    7. rows of special tokens other than ``<|eot_id|>`` and of tokens that decode to lone
+       bytes or control characters are zero (printable output, no other EOS id).
+
+    The adapter leaves the rebuilt heads' attention and markers alone and shifts the option
+    scores only a little (``_limit_adapter_on_prompt_heads``): both variants answer in the prompt's
+    kind, and the adapter changes answers through the content hash, the option scores and
+    the rest of the hidden state. Everything
+    is closed-form linear algebra on a fixed set of inputs: deterministic.
     """
+    import math
+
     import torch
 
-    head = model.lm_head.weight
-    n_regular = ids["bos_token_id"]  # the specials follow the trained vocabulary
+    tokenizer = processor.tokenizer
+    answer_ids = answer_token_ids(tokenizer)
+    kinds = list(ANSWERS)
+    n_regular = tokenizer.convert_tokens_to_ids(BOS_TOKEN)  # the specials follow the trained vocabulary
     eot = tokenizer.convert_tokens_to_ids(EOT_TOKEN)
-    hidden = _mean_final_hidden(model, tokenizer)
+    embed = model.get_input_embeddings().weight
+    head = model.lm_head.weight
+    hidden_size = head.shape[1]
+    generator = torch.Generator().manual_seed(SEED + 3)
+    groups = len(PROMPT_MARKERS)
+    basis = torch.linalg.qr(torch.randn(hidden_size, 1 + 2 * groups + 4 + 8, generator=generator)).Q.T
+    directions = _Directions(*basis.split([1, groups, groups, 2, 2, 4, 4]))
+    directions.answer = directions.answer[0]
+
     with torch.no_grad():
+        embed[[token for kind in kinds for token in answer_ids[kind]]] += ANSWER_EMBEDDING_NORM * directions.answer
+        _add_prompt_head(model, tokenizer, directions, generator)
+        _add_option_preference(model, directions)
+
+        prompts = calibration_prompts(processor)
+        appended = [answer_ids[kind][int(torch.randint(len(answer_ids[kind]), (1,), generator=generator))]
+                    for kind, _, _ in prompts]
+        before, after, features = _calibration_states(model, processor, prompts, appended)
+        # Fitted on the adapted model's states too, so that the readouts hold for both variants.
+        with random_lora(model, ADAPTER_SEED) as adapted:
+            adapted_before, adapted_after, adapted_features = _calibration_states(adapted, processor, prompts, appended)
+
+        answers = [(kind, token) for kind in kinds for token in answer_ids[kind]]
+        fits = torch.tensor([[float(answer_kind == kind) for answer_kind, _ in answers] for kind, _, _ in prompts])
+        # Not centred: zero is no content (hash) and no preference (options), whatever the template.
+        scale = features.std(0)
+        no_stop = torch.zeros(len(prompts), 1)
+        before_targets = torch.cat([fits, no_stop, features / scale], dim=1)
+        adapted_targets = torch.cat([fits, no_stop, adapted_features / scale], dim=1)
+        after_targets = torch.zeros_like(before_targets)
+        after_targets[:, len(answers)] = 1.0
+        states = torch.cat([before, adapted_before, after, adapted_after])
+        targets = torch.cat([before_targets, adapted_targets, after_targets, after_targets])
+        gram = states.T @ states + RIDGE * torch.eye(hidden_size, dtype=states.dtype)
+        readouts = torch.linalg.solve(gram, states.T @ targets).T
+        fit_dirs, stop_dir = readouts[: len(answers)], readouts[len(answers)]
+        hash_dirs, option_dirs = readouts[len(answers) + 1 :].split([2, 4])
+
         head[n_regular:] = 0.0
         for token_id in range(n_regular):
             if not _printable(tokenizer.decode([token_id])):
                 head[token_id] = 0.0
-        head[eot] = EOT_LOGIT_SCALE * hidden / hidden.norm()
+        for (kind, token_id), fit_dir in zip(answers, fit_dirs):
+            position = answer_ids[kind].index(token_id)
+            if kind == "option":
+                choice = option_dirs[position]
+            else:
+                angle = 2 * math.pi * position / len(answer_ids[kind])
+                choice = math.cos(angle) * hash_dirs[0] + math.sin(angle) * hash_dirs[1]
+            head[token_id] = FIT_LOGIT * fit_dir + CHOICE_LOGIT * choice
+        head[eot] = STOP_LOGIT * stop_dir
+
+
+def _add_prompt_head(model, tokenizer, directions: _Directions, generator) -> None:
+    """Turn the first layer's attention heads 0 and 1 into a reader of the prompt's words.
+
+    Their queries are zero, so they attend uniformly to every token so far, and their shared
+    values read a few directions of the (normed) token embeddings, which head 0 writes back
+    along directions of its own:
+
+    * one direction per group of ``PROMPT_MARKERS``, carried (long) by that group's tokens
+      and by no other embedding: each position gets the share of each group's words among
+      the tokens so far, which tells the kind of prompt and the option lines begun so far;
+    * the hash plane: every content token's embedding holds a vector of length
+      HASH_EMBEDDING_NORM at a random angle in it; the tokens of ``HASH_STOP_TEXT``
+      (templates, function words), punctuation and special tokens have none. The mean is a
+      hash of the content words, centred on zero whatever the prompt's template.
+
+    A random model keeps these only in a tangle that does not generalise from calibration
+    prompts to others; bag-of-words features do.
+    """
+    import math
+
+    import torch
+
+    marker_ids = _single_token_ids(tokenizer, PROMPT_MARKERS, "prompt marker")
+    embed = model.get_input_embeddings().weight
+    attention = model.model.language_model.layers[0].self_attn
+    read = torch.cat([directions.marker_read, directions.hash_read])
+    write = torch.cat([MARKER_GAIN * directions.marker_write, HASH_GAIN * directions.hash_write])
+    stop = set(_hash_stop_ids(tokenizer, embed.shape[0]))
+    content = [t for t in range(embed.shape[0]) if t not in stop]
+    embed -= (embed @ read.T) @ read
+    angles = 2 * math.pi * torch.rand(len(content), generator=generator)
+    embed[content] += HASH_EMBEDDING_NORM * (torch.cos(angles)[:, None] * directions.hash_read[0]
+                                             + torch.sin(angles)[:, None] * directions.hash_read[1])
+    for group, read_direction in zip(PROMPT_MARKERS, directions.marker_read):
+        embed[marker_ids[group]] += MARKER_EMBEDDING_NORM * read_direction
+    # An option letter scores its own line (see _add_option_preference): an option the
+    # prompt lists tends to beat one it does not.
+    letters = [t for group in OPTION_LETTERS for t in marker_ids[group]]
+    embed[letters] += OPTION_LETTER_SCORE * directions.hash_read[0]
+    _uniform_head(attention, read, write)
+
+
+def _uniform_head(attention, read, write) -> None:
+    """Make query heads 0 and 1 of ``attention`` attend uniformly (zero queries) to values
+    that read ``read`` (rows) of the normed input; head 0 writes them along ``write`` (rows)."""
+    head_dim = attention.head_dim
+    query_rows = slice(0, PROMPT_HEAD_QUERY_HEADS * head_dim)
+    attention.q_proj.weight[query_rows] = 0.0
+    attention.v_proj.weight[:head_dim] = 0.0
+    attention.v_proj.weight[: len(read)] = read
+    attention.o_proj.weight[:, query_rows] = 0.0
+    attention.o_proj.weight[:, : len(read)] = write.T
+
+
+def _add_option_preference(model, directions: _Directions) -> None:
+    """Give every position, per option letter A-D, the mean over the tokens so far of the
+    scores of the words on that option's line: the model's preference among options, the
+    same wherever an option stands.
+
+    Options come in letter order, so a token lies on the line of letter L when the prompt
+    head shows L among the tokens so far, and neither the next letter nor the instruction
+    after the options (``options_end``). Four neurons of the first layer's MLP gate on that
+    (SiLU of OPTION_LINE_GATE times the share of L, less twice the shares of the next letter
+    and of the instruction) and multiply it with the token's own score (its embedding along
+    the first hash direction; OPTION_LETTER_SCORE for the letter itself); they write it
+    along ``line_write``. The third layer's heads 0 and 1, uniform like the prompt head,
+    average those and write them along ``option_write``. The parts of the model that run
+    before write nothing along the directions this reads.
+    """
+    import torch
+
+    letters = OPTION_LETTERS
+    layers = model.model.language_model.layers
+    mlp = layers[0].mlp
+    groups = list(PROMPT_MARKERS)
+    end = directions.marker_write[groups.index("options_end")]
+    for line, letter in enumerate(letters):
+        gate = directions.marker_write[groups.index(letter)] - 2 * end
+        if line + 1 < len(letters):
+            gate -= 2 * directions.marker_write[groups.index(letters[line + 1])]
+        mlp.gate_proj.weight[line] = OPTION_LINE_GATE * gate
+        mlp.up_proj.weight[line] = directions.hash_read[0]
+        mlp.down_proj.weight[:, line] = OPTION_LINE_GAIN * directions.line_write[line]
+    _uniform_head(layers[OPTION_HEAD_LAYER].self_attn, directions.line_write, OPTION_GAIN * directions.option_write)
+    # What else runs before the option head writes nothing along what the circuit reads.
+    used = torch.cat([directions.marker_write, directions.hash_read, directions.line_write])
+    head_columns = PROMPT_HEAD_QUERY_HEADS * layers[0].self_attn.head_dim
+    for weight, first in ((layers[0].self_attn.o_proj.weight, head_columns), (mlp.down_proj.weight, len(letters)),
+                          (layers[1].cross_attn.o_proj.weight, 0), (layers[1].mlp.down_proj.weight, 0)):
+        weight[:, first:] -= used.T @ (used @ weight[:, first:])
+
+
+def _hash_stop_ids(tokenizer, vocabulary_rows: int) -> list[int]:
+    """Tokens that must not enter the content hash: special and added tokens, tokens
+    without a letter or digit, the tokens of HASH_STOP_TEXT, the answers and the markers
+    (an option's letter must not score its own option)."""
+    n_regular = tokenizer.convert_tokens_to_ids(BOS_TOKEN)
+    stop = set(range(n_regular, vocabulary_rows))
+    stop.update(t for t in range(n_regular) if not any(c.isalnum() for c in tokenizer.decode([t])))
+    stop.update(tokenizer(HASH_STOP_TEXT, add_special_tokens=False)["input_ids"])
+    for ids in (answer_token_ids(tokenizer), _single_token_ids(tokenizer, PROMPT_MARKERS, "prompt marker")):
+        stop.update(t for group in ids.values() for t in group)
+    return sorted(stop)
 
 
 def _printable(text: str) -> bool:
@@ -484,18 +802,160 @@ def _printable(text: str) -> bool:
     return text.isascii() and (text.isprintable() or text.strip(" \n") == "")
 
 
-def _mean_final_hidden(model, tokenizer):
-    """Mean of the final (normed) hidden states over the training corpus, text only."""
+def _calibration_states(model, processor, prompts, appended):
+    """For each calibration prompt: the final hidden state (lm_head input) at its last
+    position; the one a position later with ``appended`` (an answer of its kind) after it,
+    the position that must emit EOS; and what the rebuilt heads give the last position (the
+    content hash, the four option preferences: with uniform attention, the mean of their
+    values over the prompt). Runs in left-padded batches of CALIBRATION_BATCH."""
     import torch
 
-    texts = [t for t in TOKENIZER_CORPUS]
-    with torch.no_grad():
-        states = []
-        for text in texts:
-            ids = tokenizer(text, return_tensors="pt").input_ids
-            out = model.model.language_model(input_ids=ids)
-            states.append(out.last_hidden_state[0])
-        return torch.cat(states).mean(0)
+    plain = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = plain.model.language_model.layers
+    hash_rows = slice(len(PROMPT_MARKERS), len(PROMPT_MARKERS) + 2)
+    captured: dict[str, Any] = {}
+
+    def keep(name):
+        return lambda module, args, output: captured.__setitem__(name, output)
+
+    hooks = [
+        plain.lm_head.register_forward_hook(lambda module, args, output: captured.__setitem__("states", args[0])),
+        layers[0].self_attn.v_proj.register_forward_hook(keep("hash")),
+        layers[OPTION_HEAD_LAYER].self_attn.v_proj.register_forward_hook(keep("options")),
+    ]
+    before, after, features = [], [], []
+    try:
+        for start in range(0, len(prompts), CALIBRATION_BATCH):
+            batch = prompts[start : start + CALIBRATION_BATCH]
+            inputs = processor(images=[[image] for _, _, image in batch], text=[text for _, text, _ in batch],
+                               padding=True, padding_side="left", return_tensors="pt")
+            answers = torch.tensor(appended[start : start + len(batch)])[:, None]
+            inputs["input_ids"] = torch.cat([inputs["input_ids"], answers], dim=1)
+            mask = inputs["attention_mask"]
+            inputs["attention_mask"] = torch.cat([mask, torch.ones_like(answers)], dim=1)
+            cross = inputs["cross_attention_mask"]
+            inputs["cross_attention_mask"] = torch.cat([cross, cross[:, -1:]], dim=1)
+            model(**inputs)
+            before.append(captured["states"][:, -2])
+            after.append(captured["states"][:, -1])
+            weights = (mask / mask.sum(1, keepdim=True))[:, :, None]  # the prompt's own positions
+            features.append(torch.cat([(captured["hash"][:, :-1, hash_rows] * weights).sum(1),
+                                       (captured["options"][:, :-1, :4] * weights).sum(1)], dim=1))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.cat(before), torch.cat(after), torch.cat(features)
+
+
+# Words the calibration prompts are made of (random combinations, fixed seed).
+_CALIBRATION_WORDS = dict(
+    color="red green blue yellow black white orange purple brown gray".split(),
+    shape="circle square star triangle box line ring heart arrow cross".split(),
+    thing="dog cat bird fish car house tree boat flower clock".split(),
+    place="beach forest city street kitchen park desert lake farm garden".split(),
+    name=["Alice Moore", "Tom Hill", "Sam Brown", "Anna Lee", "Mary King", "Ben Stone"],
+    word=["OPEN", "CLOSED", "STOP", "EXIT", "SALE", "HOTEL"],
+    number="two three four five six seven".split(),
+)
+_YES_NO_QUESTIONS = (
+    "Is there a {color} {shape} in this image?",
+    "Are there {number} {shape}s in this image?",
+    "Is the {shape} {color}?",
+    "Is the {shape} on the left of the {thing}?",
+    "Is the {shape} above the {thing}?",
+    "Does this image show a {place}?",
+    "Is this a picture of a {thing}?",
+    "Is the person in the picture {name}?",
+    "Is this artwork by {name}?",
+    "Is the word in the image {word}?",
+    "Is this photo taken in a {place}?",
+    "Is the answer to the sum in the image equal to {number}?",
+)
+_OPTION_QUESTIONS = (
+    "What is shown in the picture?",
+    "What color is the {shape}?",
+    "How many {shape}s are there?",
+    "Which scene is shown in the picture?",
+    "What is the main topic of this picture?",
+    "Where is the {shape}?",
+    "Which style best describes this picture?",
+    "What is the relation between the two people?",
+)
+_OPTION_TEXTS = ("{color}", "{thing}", "a {place}", "{number}", "a {color} {shape}", "the {thing} on the left",
+                 "{name}", "a photo of a {thing}", "{number} {shape}s")
+_OPTION_HINTS = ("", "", "The picture is a photo.", "Look at the {thing} on the left.")
+_SHORT_QUESTIONS = (
+    "What is the total amount?",
+    "What is the date of the {thing} report?",
+    "Who signed the letter?",
+    "What is the invoice number?",
+    "How many {thing}s were sold in May?",
+    "Which {thing} sold the least?",
+    "What is the value of {color}?",
+    "Which year has the highest value?",
+    "What is the difference between the largest and the smallest value?",
+    "Who is the sender?",
+    "What is the title of the document?",
+    "How many bars have a value above {number}?",
+)
+
+
+def calibration_prompts(processor) -> list[tuple[str, str, object]]:
+    """(kind, chat text, image) for CALIBRATION_PER_KIND prompts of each kind, laid out as
+    VLMEvalKit lays out those benchmarks: yes/no questions and option blocks after the image,
+    the document and chart templates before it."""
+    import random
+
+    rng = random.Random(SEED)
+
+    def fill(template: str) -> str:
+        return template.format(**{key: rng.choice(values) for key, values in _CALIBRATION_WORDS.items()})
+
+    prompts = []
+    for i in range(CALIBRATION_PER_KIND):
+        question = fill(rng.choice(_YES_NO_QUESTIONS)) + YES_NO_SUFFIX
+        prompts.append(("yes_no", question, True))
+    for i in range(CALIBRATION_PER_KIND):
+        hint = fill(rng.choice(_OPTION_HINTS))
+        text = (f"Hint: {hint}\n" if hint else "") + f"Question: {fill(rng.choice(_OPTION_QUESTIONS))}\nOptions:\n"
+        options = [fill(rng.choice(_OPTION_TEXTS)) for _ in range(rng.randint(2, 4))]
+        text += "".join(f"{letter}. {option}\n" for letter, option in zip("ABCD", options))
+        prompts.append(("option", text + OPTIONS_INSTRUCTION, True))
+    for i in range(CALIBRATION_PER_KIND):
+        question = fill(rng.choice(_SHORT_QUESTIONS))
+        text = DOCUMENT_PROMPT + question if i % 2 else CHART_PROMPT + question + CHART_PROMPT_END
+        prompts.append(("short", text, False))
+
+    out = []
+    for kind, text, image_first in prompts:
+        content = [{"type": "text", "text": text}, {"type": "image"}]
+        if image_first:
+            content.reverse()
+        chat = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        out.append((kind, chat, _calibration_image(rng, document=kind == "short")))
+    return out
+
+
+def _calibration_image(rng, document: bool):
+    """A small picture: a few filled rectangles on a plain background (dark marks on white
+    for documents and charts), 1 to 4 whole tiles. Drawn with numpy at a whole number of
+    tiles, so that neither Pillow's drawing nor its resampling shapes the model."""
+    import numpy as np
+    from PIL import Image
+
+    rows, cols = rng.choice(_CALIBRATION_LAYOUTS)
+    height, width = rows * TILE_SIZE, cols * TILE_SIZE
+    pixels = np.empty((height, width, 3), dtype=np.uint8)
+    pixels[:] = (255, 255, 255) if document else tuple(rng.randint(0, 255) for _ in range(3))
+    for _ in range(rng.randint(2, 8)):
+        y0, x0 = rng.randint(0, height - 2), rng.randint(0, width - 2)
+        y1, x1 = rng.randint(y0 + 1, height), rng.randint(x0 + 1, width)
+        pixels[y0:y1, x0:x1] = tuple(rng.randint(0, 90 if document else 255) for _ in range(3))
+    return Image.fromarray(pixels, "RGB")
+
+
+# Tile layouts (rows, columns) of the calibration pictures: every canvas of up to 4 tiles.
+_CALIBRATION_LAYOUTS = ((1, 1), (1, 2), (2, 1), (2, 2), (1, 3), (3, 1), (1, 4), (4, 1))
 
 
 # ---------------------------------------------------------------------------------------
@@ -503,7 +963,17 @@ def _mean_final_hidden(model, tokenizer):
 
 
 def save_random_lora(model, folder: Path, seed: int) -> None:
-    """Wrap ``model`` with a LoRA over every q_proj/v_proj (both towers), random non-zero B."""
+    """Save a LoRA over every q_proj/v_proj of ``model`` (both towers), random non-zero B."""
+    with random_lora(model, seed) as peft_model:
+        peft_model.save_pretrained(folder, safe_serialization=True)
+    _make_reproducible(folder)
+
+
+@contextlib.contextmanager
+def random_lora(model, seed: int):
+    """``model`` wrapped with the random LoRA of ``seed`` (the same weights for the same seed
+    and shapes), unwrapped again on exit. B is random except where it would change the
+    prompt head."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -515,9 +985,27 @@ def save_random_lora(model, folder: Path, seed: int) -> None:
             for name, param in peft_model.named_parameters():
                 if ".lora_B." in name:
                     param.normal_(std=LORA_B_STD)
-    peft_model.save_pretrained(folder, safe_serialization=True)
-    _make_reproducible(folder)
-    peft_model.unload()  # give the caller its plain model back
+                    _limit_adapter_on_prompt_heads(name, param, model.config.text_config)
+    try:
+        yield peft_model
+    finally:
+        peft_model.unload()  # give the caller its plain model back
+
+
+def _limit_adapter_on_prompt_heads(name: str, lora_b, text_config) -> None:
+    """Edit the rows of ``lora_B`` that would change the rebuilt heads (PROMPT_HEAD_LAYERS):
+    none for their queries, the first layer's marker values and the unused values; a share
+    (OPTION_ADAPTER_SHARE) for the option scores."""
+    head_dim = text_config.hidden_size // text_config.num_attention_heads
+    for layer in PROMPT_HEAD_LAYERS:
+        module = f"language_model.layers.{layer}.self_attn"
+        if f"{module}.q_proj.lora_B." in name:
+            lora_b[: PROMPT_HEAD_QUERY_HEADS * head_dim] = 0.0
+        if f"{module}.v_proj.lora_B." in name and layer == 0:
+            lora_b[: len(PROMPT_MARKERS)] = 0.0
+        elif f"{module}.v_proj.lora_B." in name:
+            lora_b[: len(OPTION_LETTERS)] *= OPTION_ADAPTER_SHARE
+            lora_b[len(OPTION_LETTERS) : head_dim] = 0.0
 
 
 def _drop_writer_version(path: Path) -> None:
@@ -525,6 +1013,16 @@ def _drop_writer_version(path: Path) -> None:
     # base fingerprint) is the same under every transformers version the suite supports.
     data = json.loads(path.read_text())
     data.pop("transformers_version", None)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _record_weights_digest(base: Path) -> None:
+    # The base fingerprint (model.load_pair) reads config files and weight headers, not
+    # tensor bytes; builds that differ only in weight values would share it, and with it
+    # their stored predictions. The digest in config.json tells them apart.
+    path = base / "config.json"
+    data = json.loads(path.read_text())
+    data["tiny_weights_sha256"] = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 

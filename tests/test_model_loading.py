@@ -224,3 +224,21 @@ def test_non_lora_adapter_is_refused(tiny_checkpoints, tmp_path):
     _edit_json(adapter / "adapter_config.json", peft_type="IA3")
     with pytest.raises(ModelLoadError, match="only LORA"):
         load_pair(tiny_checkpoints.base, adapter)
+
+
+def test_base_fingerprint_tells_apart_checkpoints_that_differ_only_in_weight_values(tmp_path, tiny_checkpoints):
+    """A fine-tune has the base's names, shapes and file sizes: only the values differ."""
+    import shutil
+
+    from lavender_checks.model import load_pair
+
+    copy = tmp_path / "base-copy"
+    shutil.copytree(tiny_checkpoints.base, copy)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    for offset in range(len(data) // 2, len(data), 997):  # change values, keep the header
+        data[offset] ^= 0x01
+    weights.write_bytes(bytes(data))
+    same = load_pair(tiny_checkpoints.base, device="cpu", check_logits=False).base_fingerprint
+    assert load_pair(tiny_checkpoints.base, device="cpu", check_logits=False).base_fingerprint == same
+    assert load_pair(copy, device="cpu", check_logits=False).base_fingerprint != same
