@@ -3,7 +3,7 @@
 Nothing here reads files, pandas frames or models. Each function reproduces one piece of
 VLMEvalKit's scoring (reference revision e8e78f05, 2026-08-18) *including its quirks*;
 every quirk kept on purpose is marked "deliberate" below. Section numbers refer to the
-VLMEvalKit behaviour spec (``vlmevalkit-behaviour.md``).
+VLMEvalKit behaviour spec (``docs/vlmevalkit-behaviour.md``).
 
 * answer cells that hold a Python list literal (DocVQA, ChartQA), parsed **without**
   executing anything (VLMEvalKit calls ``eval()`` on them; we never do);
