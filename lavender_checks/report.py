@@ -326,15 +326,8 @@ def _markdown(run_id: str, created: str, reference: Reference, verdicts: list[Ve
         f"({g.n_resamples} resamples of units within strata, base and Lavender paired, seed "
         f"{g.seed}), never below the row's floor. n counts the resampling units behind a metric.",
         "",
-        "## Scope",
-        "",
-        "### This run",
-        "",
     ]
-    out += _bullets(metadata) or ["- (no run metadata given)"]
-    out += ["", "### The reference run (as its report states)", ""]
-    out += _bullets(reference.run) or ["- (not stated)"]
-
+    # Results first, as in the seed report; the run's full details close the report.
     tables = list(dict.fromkeys(r.table for r in reference.rows))
     for table in tables:
         rows = [r for r in reference.rows if r.table == table]
@@ -373,7 +366,11 @@ def _markdown(run_id: str, created: str, reference: Reference, verdicts: list[Ve
                        f"{_fmt(m['delta'], signed=True)} | {m['reference_row'] or '-'} |")
         out.append("")
 
-    out += ["## Files", "",
+    out += ["## Scope", "", "### This run", ""]
+    out += _bullets(metadata) or ["- (no run metadata given)"]
+    out += ["", "### The reference run (as its report states)", ""]
+    out += _bullets(reference.run) or ["- (not stated)"]
+    out += ["", "## Files", "",
             "- `report.json`: everything above, machine-readable.",
             "- `gains.png`: measured vs reported gain per row, with the gain bands.",
             "- `flips.jsonl`: one line per unit whose score changed between base and Lavender."]

@@ -101,9 +101,10 @@ def test_files_are_written(written):
 def test_markdown_has_the_seed_reports_sections(written, run_inputs):
     md = (written / "report.md").read_text(encoding="utf-8")
     headings = [line for line in md.splitlines() if line.startswith("## ")]
-    assert headings == ["## Scope", "## Overall comparison", "## ChartQA breakdown",
+    # Results first (as in the seed report), the run's details after them.
+    assert headings == ["## Overall comparison", "## ChartQA breakdown",
                         "## MMBench (selected sub-scores, %)", "## MME", "## Verdicts",
-                        "## Every metric measured", "## Files"]
+                        "## Every metric measured", "## Scope", "## Files"]
     assert "`abc123`" in md and "`def456`" in md and "`f00d`" in md  # fingerprints and profile
     assert "lxasqjc/lavender-llama-3.2-11b-lora" in md  # the reference run's settings
     # Missing rows say so, and why.
