@@ -9,6 +9,8 @@ Random weights never choose EOS on their own: a generation runs to ``max_new_tok
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lavender_checks.tiny import build_tiny_processor, special_token_ids
@@ -18,46 +20,13 @@ if TYPE_CHECKING:
 
     from lavender_checks.model import ModelPair
 
-# Llama-3.2-11B-Vision-Instruct's config.json, as the fields transformers reads.
-VISION = dict(
-    hidden_size=1280,
-    num_hidden_layers=32,
-    num_global_layers=8,
-    attention_heads=16,
-    intermediate_size=5120,
-    image_size=560,
-    patch_size=14,
-    max_num_tiles=4,
-    vision_output_dim=7680,
-    intermediate_layers_indices=[3, 7, 15, 23, 30],
-    norm_eps=1e-5,
-    supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]],
-)
-TEXT = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=40,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38],
-    rope_parameters={
-        "rope_type": "llama3",
-        "rope_theta": 500000.0,
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-    },
-    rms_norm_eps=1e-5,
-    max_position_embeddings=131072,
-    bos_token_id=128000,
-    eos_token_id=[128001, 128008, 128009],
-    pad_token_id=128004,
-    tie_word_embeddings=False,
-)
-IMAGE_TOKEN_INDEX = 128256
-TILE_SIZE = 560
+# Llama-3.2-11B-Vision-Instruct's config.json, as the fields transformers reads: data, kept
+# beside this module.
+_ARCHITECTURE = json.loads(Path(__file__).with_name("llama-3.2-11b-vision.json").read_text())
+VISION: dict = _ARCHITECTURE["vision_config"]
+TEXT: dict = _ARCHITECTURE["text_config"]
+IMAGE_TOKEN_INDEX: int = _ARCHITECTURE["image_token_index"]
+TILE_SIZE: int = _ARCHITECTURE["tile_size"]
 
 
 def fullsize_config(token_ids: dict | None = None):
@@ -65,7 +34,7 @@ def fullsize_config(token_ids: dict | None = None):
     (keys as ``tiny.special_token_ids`` returns them)."""
     from transformers import MllamaConfig
 
-    text = dict(TEXT)
+    text = json.loads(json.dumps(TEXT))  # a deep copy: the module's dict stays as read
     image_token_index = IMAGE_TOKEN_INDEX
     if token_ids is not None:
         text.update(
@@ -74,7 +43,7 @@ def fullsize_config(token_ids: dict | None = None):
             pad_token_id=token_ids["pad_token_id"],
         )
         image_token_index = token_ids["image_token_index"]
-    return MllamaConfig(vision_config=dict(VISION), text_config=text, image_token_index=image_token_index)
+    return MllamaConfig(vision_config=json.loads(json.dumps(VISION)), text_config=text, image_token_index=image_token_index)
 
 
 def fullsize_processor():
