@@ -521,9 +521,13 @@ def _cell(frame: pd.DataFrame, position: int, column: str) -> Any:
     return frame[column].to_numpy()[position]
 
 
-def _dump_name(frame: pd.DataFrame, position: int, index: Any) -> str:
+DEFAULT_DUMP_SUFFIX = ".png"  # the reference revision's; run profiles may say ".jpg" (older ones)
+
+
+def _dump_name(frame: pd.DataFrame, position: int, index: Any,
+               dump_suffix: str = DEFAULT_DUMP_SUFFIX) -> str:
     """VLMEvalKit's dump file name: the ``image_path`` cell when that column exists, else
-    ``<index>.png``. Its extension decides the format the image is saved in."""
+    ``<index><dump_suffix>``. Its extension decides the format the image is saved in."""
     if "image_path" in frame.columns:
         name = _cell(frame, position, "image_path")
         if not isinstance(name, str) or not name:
@@ -532,7 +536,7 @@ def _dump_name(frame: pd.DataFrame, position: int, index: Any) -> str:
                 "VLMEvalKit saves the image under this name"
             )
         return name
-    return f"{index}.png"
+    return f"{index}{dump_suffix}"
 
 
 def _format_for(dump_name: str, source: str, index: Any) -> str:
@@ -599,8 +603,12 @@ def load_image(
     index: Any,
     benchmark: str | Benchmark | BenchmarkSpec | None = None,
     root: str | os.PathLike | None = None,
+    dump_suffix: str = DEFAULT_DUMP_SUFFIX,
 ) -> Image.Image:
     """The image VLMEvalKit gives the model for the row whose ``index`` is ``index``.
+
+    ``dump_suffix``: the extension VLMEvalKit's revision dumps index-named images under
+    (``.png`` at the reference revision, ``.jpg`` before it; the run profile says which).
 
     Base64 rows: decoded, mode-converted and round-tripped through VLMEvalKit's dump format
     (module docstring). Localized rows (``_local.tsv``, no ``image`` column): the file named by
@@ -617,7 +625,7 @@ def load_image(
     if "image" not in frame.columns:
         return _open_localized(frame, position, index, benchmark, root)
     owner, encoded = _owner_of(frame, position, index)
-    dump_name = _dump_name(frame, position, index)
+    dump_name = _dump_name(frame, position, index, dump_suffix)
     fmt = _format_for(dump_name, source, index)
     held_by = "" if owner == index else f" (the image of index {owner}, which it refers to)"
     try:
@@ -661,7 +669,7 @@ def _open_localized(frame, position, index, benchmark, root) -> Image.Image:
     return image
 
 
-def image_key(frame: pd.DataFrame, index: Any) -> str:
+def image_key(frame: pd.DataFrame, index: Any, dump_suffix: str = DEFAULT_DUMP_SUFFIX) -> str:
     """A stable identity of the pixels ``load_image`` gives for this row, within one benchmark.
 
     Rows that get identical pixels share the key: the index of the row that holds the base64
@@ -675,7 +683,7 @@ def image_key(frame: pd.DataFrame, index: Any) -> str:
     if "image" not in frame.columns:
         return str(_cell(frame, position, "image_path"))
     owner, _ = _owner_of(frame, position, index)
-    extension = os.path.splitext(_dump_name(frame, position, index))[1].lower()
+    extension = os.path.splitext(_dump_name(frame, position, index, dump_suffix))[1].lower()
     return f"{owner}{extension}"
 
 

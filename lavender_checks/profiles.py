@@ -52,6 +52,7 @@ class Profile:
     do_sample: bool
     add_special_tokens: bool  # passed to the processor; True reproduces VLMEvalKit's double BOS
     clean_up_tokenization_spaces: bool  # transformers 4.x decode clean-up (" ." -> "."), see prompts
+    image_dump_suffix: str  # VLMEvalKit's <index><suffix> dump name (no image_path): ".png" or ".jpg"
     benchmarks: dict[str, BenchmarkPrompting]
     fingerprint: str  # sha256 of the canonical content (everything but name and description)
 
@@ -76,6 +77,7 @@ class Profile:
             "vlmevalkit_revision_date": self.vlmevalkit_revision_date,
             "decoding": {"do_sample": self.do_sample, "add_special_tokens": self.add_special_tokens,
                          "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces},
+            "images": {"dump_suffix": self.image_dump_suffix},
             "benchmarks": {
                 name: {
                     "source": p.source,
@@ -155,6 +157,15 @@ def _parse(raw: dict, path: Path) -> Profile:
     if unknown:
         raise ProfileError(f"{path}: unknown key(s) in [decoding]: {', '.join(sorted(unknown))}")
 
+    images = _get(raw, "images", dict, path, "")
+    dump_suffix = _get(images, "dump_suffix", str, path, "images")
+    if dump_suffix not in (".png", ".jpg"):
+        raise ProfileError(f"{path}: key 'images.dump_suffix' is {dump_suffix!r}; VLMEvalKit "
+                           "revisions dump to '.png' (lossless) or '.jpg' (JPEG quality 75)")
+    unknown = set(images) - {"dump_suffix"}
+    if unknown:
+        raise ProfileError(f"{path}: unknown key(s) in [images]: {', '.join(sorted(unknown))}")
+
     tables = _get(raw, "benchmarks", dict, path, "")
     if not tables:
         raise ProfileError(f"{path}: key 'benchmarks' has no benchmark table")
@@ -162,7 +173,7 @@ def _parse(raw: dict, path: Path) -> Profile:
                   for bench, table in tables.items()}
 
     unknown = set(raw) - {"name", "description", "vlmevalkit_revision", "vlmevalkit_revision_date",
-                          "decoding", "benchmarks"}
+                          "decoding", "images", "benchmarks"}
     if unknown:
         raise ProfileError(f"{path}: unknown top-level key(s): {', '.join(sorted(unknown))}")
 
@@ -175,6 +186,7 @@ def _parse(raw: dict, path: Path) -> Profile:
         do_sample=do_sample,
         add_special_tokens=add_special_tokens,
         clean_up_tokenization_spaces=clean_up,
+        image_dump_suffix=dump_suffix,
         benchmarks=benchmarks,
         fingerprint=_fingerprint(raw),
     )

@@ -99,6 +99,7 @@ def predict_run(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, prof
             "only add_special_tokens=true (VLMEvalKit's call) with greedy decoding"
         )
     lmu_root = Path(lmu_root)
+    dump = profile.image_dump_suffix  # the pixels VLMEvalKit's revision feeds the model
 
     # Prompts need no pixels; leaving out the base64 column keeps these row copies small.
     rows = frame.drop(columns=["image"], errors="ignore").to_dict("records")
@@ -147,8 +148,8 @@ def predict_run(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, prof
                 GenerationRequest(
                     key=index,
                     text=texts[index],
-                    images=[functools.partial(load_image, frame, index, bench, lmu_root) if fast
-                            else load_image(frame, index, bench, lmu_root)],
+                    images=[functools.partial(load_image, frame, index, bench, lmu_root, dump) if fast
+                            else load_image(frame, index, bench, lmu_root, dump)],
                     max_new_tokens=prompting.max_new_tokens,
                 )
                 for index in batch

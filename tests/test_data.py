@@ -509,3 +509,25 @@ def test_attrs_are_cheap_to_copy():
     row = frame.iloc[3]
     assert row.attrs["lmudata"] is frame.attrs["lmudata"]
     assert row.attrs["image_owner"] is frame.attrs["image_owner"]
+
+
+def test_dump_suffix_of_older_revisions_feeds_the_jpeg_re_encode():
+    """Older VLMEvalKit revisions dumped index-named images as <index>.jpg (JPEG quality 75)."""
+    import io
+
+    from PIL import Image
+
+    from lavender_checks import FIXTURES
+    from lavender_checks.data import image_key, load_benchmark_frame, load_image
+
+    frame = load_benchmark_frame("ChartQA_TEST", FIXTURES / "lmudata-mini")
+    index = frame["index"].iloc[0]
+    png = load_image(frame, index, "ChartQA_TEST")
+    jpg = load_image(frame, index, "ChartQA_TEST", dump_suffix=".jpg")
+    assert jpg.format == "JPEG"
+    buffer = io.BytesIO()
+    png.convert("RGB").save(buffer, format="JPEG")  # PIL's default quality, as save(path) does
+    expected = Image.open(io.BytesIO(buffer.getvalue()))
+    assert list(jpg.getdata()) == list(expected.getdata())
+    assert list(jpg.getdata()) != list(png.convert("RGB").getdata())
+    assert image_key(frame, index, ".jpg").endswith(".jpg")

@@ -153,3 +153,20 @@ def test_describe_is_plain_data():
     assert described["decoding"] == {"do_sample": False, "add_special_tokens": True,
                                      "clean_up_tokenization_spaces": True}
     assert isinstance(profile.for_benchmark("MME"), BenchmarkPrompting)
+
+
+def test_image_dump_suffix_is_data_and_checked(tmp_path):
+    from lavender_checks import FIXTURES
+    from lavender_checks.profiles import ProfileError, load_profile
+
+    for name in ("seed-report", "vlmevalkit"):
+        assert load_profile(name).image_dump_suffix == ".png"
+    text = (FIXTURES / "profiles" / "seed-report.toml").read_text()
+    older = tmp_path / "older.toml"
+    older.write_text(text.replace('dump_suffix = ".png"', 'dump_suffix = ".jpg"'))
+    assert load_profile(older).image_dump_suffix == ".jpg"
+    assert load_profile(older).fingerprint != load_profile("seed-report").fingerprint
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace('dump_suffix = ".png"', 'dump_suffix = ".bmp"'))
+    with pytest.raises(ProfileError, match=r"bad\.toml.*images\.dump_suffix"):
+        load_profile(bad)
