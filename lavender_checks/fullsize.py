@@ -102,13 +102,10 @@ def random_lavender_adapter(model, r: int = 8, alpha: int = 32, targets=("q_proj
 
 def fullsize_pair(device=None, dtype=None, seed: int = 0, with_adapter: bool = True) -> "ModelPair":
     """A ``ModelPair`` of the random full-size model (and a random LoRA), ready to generate."""
-    import torch
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    from lavender_checks.model import PEFT_PREFIX, ModelPair, count_by_tower, resolve_device
+    from lavender_checks.model import ModelPair, count_by_tower, lora_module_names, resolve_device, resolve_dtype
 
     device = resolve_device(device)
-    dtype = dtype if dtype is not None else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = resolve_dtype(dtype, device)
     processor = fullsize_processor()
     processor.tokenizer.padding_side = "left"
     model = build_random_fullsize(device, dtype, seed, processor)
@@ -124,7 +121,7 @@ def fullsize_pair(device=None, dtype=None, seed: int = 0, with_adapter: bool = T
         pair.model = random_lavender_adapter(model, seed=seed + 1)
         pair.adapter_fingerprint = f"random-lora-r8-a32-q_proj-v_proj-seed{seed + 1}"
         pair.adapter_key_layout = "current"
-        lora = [n.removeprefix(PEFT_PREFIX) for n, m in pair.model.named_modules() if isinstance(m, BaseTunerLayer)]
+        lora = lora_module_names(pair.model)
         pair.lora_modules_applied = len(lora)
         pair.lora_modules_by_tower = count_by_tower(lora)
     for param in pair.model.parameters():

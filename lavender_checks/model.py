@@ -270,7 +270,7 @@ def load_pair(
     float32 on CPU. check_logits: run the fixed-input check that the adapter changes logits.
     """
     device = resolve_device(device)
-    dtype = _resolve_dtype(dtype, device)
+    dtype = resolve_dtype(dtype, device)
     base_path = Path(base_path)
     weights = _check_base_folder(base_path, allow_pickle)
     base_fingerprint = _fingerprint_base(base_path, weights)
@@ -310,7 +310,8 @@ def resolve_device(device: "str | torch.device | None") -> "torch.device":
     return device
 
 
-def _resolve_dtype(dtype, device) -> "torch.dtype":
+def resolve_dtype(dtype, device) -> "torch.dtype":
+    """None: bfloat16 on CUDA, float32 on CPU; a name such as 'float32' or a torch dtype."""
     import torch
 
     if dtype is None:
@@ -329,15 +330,21 @@ class _Weights:
     safetensors: bool
 
 
-def _check_base_folder(base: Path, allow_pickle: bool) -> _Weights:
-    if not base.exists():
-        raise ModelLoadError(f"base model folder {base} does not exist")
-    if not base.is_dir():
-        raise ModelLoadError(f"base model path {base} is not a folder (a Hugging Face model folder is expected)")
-    config_path = base / "config.json"
+def _folder_config(folder: Path, role: str, kind: str, config_name: str) -> tuple[Path, dict]:
+    """(path, content) of the config file that makes ``folder`` a ``kind``; each way it is not
+    one (absent, not a folder, no config file) is a ModelLoadError naming the path."""
+    if not folder.exists():
+        raise ModelLoadError(f"{role} folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ModelLoadError(f"{role} path {folder} is not a folder ({kind} is expected)")
+    config_path = folder / config_name
     if not config_path.is_file():
-        raise ModelLoadError(f"{base} has no config.json: not a Hugging Face model folder")
-    config = _read_json(config_path)
+        raise ModelLoadError(f"{folder} has no {config_name}: not {kind}")
+    return config_path, _read_json(config_path)
+
+
+def _check_base_folder(base: Path, allow_pickle: bool) -> _Weights:
+    config_path, config = _folder_config(base, "base model", "a Hugging Face model folder", "config.json")
     model_type = config.get("model_type")
     if model_type != "mllama":
         raise ModelLoadError(
@@ -524,14 +531,7 @@ def _attach_adapter(pair: ModelPair, folder: Path, allow_pickle: bool, check_log
 
 
 def _check_adapter_folder(folder: Path, allow_pickle: bool) -> Path:
-    if not folder.exists():
-        raise ModelLoadError(f"adapter folder {folder} does not exist")
-    if not folder.is_dir():
-        raise ModelLoadError(f"adapter path {folder} is not a folder (a peft adapter folder is expected)")
-    config_path = folder / "adapter_config.json"
-    if not config_path.is_file():
-        raise ModelLoadError(f"{folder} has no adapter_config.json: not a peft adapter folder")
-    config = _read_json(config_path)
+    config_path, config = _folder_config(folder, "adapter", "a peft adapter folder", "adapter_config.json")
     if config.get("peft_type") != "LORA":
         raise ModelLoadError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
     safetensors_file = folder / "adapter_model.safetensors"
@@ -660,7 +660,6 @@ def _verify_loaded(peft_model, tensors: dict, mapping: dict[str, str], folder: P
     Returns the names of the LoRA modules that carry the adapter.
     """
     import torch
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
     state = peft_model.state_dict()
     absent, different = [], []
@@ -680,11 +679,7 @@ def _verify_loaded(peft_model, tensors: dict, mapping: dict[str, str], folder: P
         )
 
     file_modules = {_apply_mapping(_module_of(key), mapping) for key in tensors}
-    lora_modules = [
-        name.removeprefix(PEFT_PREFIX)
-        for name, module in peft_model.named_modules()
-        if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in getattr(module, "lora_A", {})
-    ]
+    lora_modules = lora_module_names(peft_model)
     without_weights = sorted(set(lora_modules) - file_modules)
     if without_weights:
         raise ModelLoadError(
@@ -709,6 +704,17 @@ def _model_state_key(path: str, state: dict) -> str | None:
         if key in state:
             return key
     return None
+
+
+def lora_module_names(peft_model) -> list[str]:
+    """Names (without peft's prefix) of the modules that carry the LoRA adapter."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [
+        name.removeprefix(PEFT_PREFIX)
+        for name, module in peft_model.named_modules()
+        if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in getattr(module, "lora_A", {})
+    ]
 
 
 def count_by_tower(modules: list[str]) -> dict[str, int]:
