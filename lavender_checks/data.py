@@ -38,7 +38,7 @@ import re
 import tempfile
 import tomllib
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -723,6 +723,47 @@ def _hash_rank(seed: int, unit: Any) -> bytes:
     return hashlib.sha256(f"{seed}\x1f{unit}".encode()).digest()
 
 
+def balanced_shards(sizes: Sequence[int], count: int) -> list[int]:
+    """The shard of each block: blocks in order, each to the shard with the fewest rows so far
+    (the lowest shard on a tie). Used by ``subset`` and by ``lavender-checks bench --shard``,
+    so the benchmark splits its workload the way the gate splits a benchmark."""
+    load = [0] * count
+    owners = []
+    for size in sizes:
+        target = load.index(min(load))
+        load[target] += size
+        owners.append(target)
+    return owners
+
+
+def _image_blocks(frame: pd.DataFrame, units: np.ndarray, chosen: list) -> list[list]:
+    """``chosen`` units joined into blocks of units that share an image (through any chain of
+    rows), blocks in the order of their first unit, units within a block in ``chosen`` order."""
+    wanted = set(chosen)
+    parent = {unit: unit for unit in chosen}
+
+    def root(unit):
+        while parent[unit] != unit:
+            parent[unit] = parent[parent[unit]]
+            unit = parent[unit]
+        return unit
+
+    if "image" in frame.columns or "image_path" in frame.columns:
+        owner_of_image: dict[str, Any] = {}
+        for index, unit in zip(frame["index"].to_numpy(), units):
+            if unit not in wanted:
+                continue
+            key = image_key(frame, index)
+            other = owner_of_image.setdefault(key, unit)
+            a, b = root(unit), root(other)
+            if a != b:
+                parent[b] = a
+    blocks: dict[Any, list] = {}
+    for unit in chosen:
+        blocks.setdefault(root(unit), []).append(unit)
+    return list(blocks.values())
+
+
 def subset(
     frame: pd.DataFrame,
     benchmark: str | Benchmark | BenchmarkSpec,
@@ -741,9 +782,12 @@ def subset(
       subtask, stays scoreable.
     * ``fraction=f``: in every stratum, round(f * units) units (at least one), picked by a hash
       of (seed, unit).
-    * ``shard=(i, n)``: applied after the above; unit j (file order) goes to shard j % n. The n
-      shards are disjoint and together give the whole (sub)set. A shard alone need not cover
-      every stratum: score the union of the shards.
+    * ``shard=(i, n)``: applied after the above. Units that share an image (the questions of
+      one DocVQA page) form a block, so each image's vision features are computed by one
+      process only; blocks in file order go each to the shard with the fewest rows so far
+      (the lowest i on a tie). The n shards are disjoint, together give the whole (sub)set,
+      and differ in rows by at most the largest block. A shard alone need not cover every
+      stratum: score the union of the shards.
 
     Rows keep their file order. The same inputs give the same subset.
     """
@@ -803,7 +847,11 @@ def subset(
         chosen = [u for u in order if u in keep]
     if shard is not None:
         i, n = shard
-        chosen = chosen[i::n]
+        rows_of = pd.Series(units).value_counts().to_dict()
+        blocks = _image_blocks(frame, units, chosen)
+        owners = balanced_shards([sum(rows_of[unit] for unit in block) for block in blocks], n)
+        keep_mine = {unit for block, owner in zip(blocks, owners) if owner == i for unit in block}
+        chosen = [unit for unit in chosen if unit in keep_mine]
 
     keep_units = set(chosen)
     mask = np.fromiter((u in keep_units for u in units), dtype=bool, count=len(units))

@@ -18,7 +18,10 @@ plain ``model.generate`` one sample at a time, but organised for throughput:
   cache, so short rows do not pay for the longest possible row.
 * **CPU work overlaps the GPU.** Image loading, hashing and preprocessing run on a thread
   pool ahead of the GPU loop. A request's image may be a zero-argument callable that returns
-  the PIL image; it is called on that pool.
+  the PIL image; it is called on that pool, and only the image being preprocessed is held
+  in memory, so one call can take a whole benchmark. A request with an ``image_key`` is
+  grouped by it (the runner passes ``data.image_key``); one without is opened and hashed
+  up front to find the rows that share an image.
 
 The text decoder's forward is written out here over the model's own modules (its norms,
 projections with their LoRA wrappers, rotary embedding and MLPs), so the adapter is applied
@@ -67,8 +70,11 @@ class FastGenConfig:
     prep_threads: int = 8  # CPU threads for image preprocessing and hashing
     min_bucket: int = 128  # smallest key-length bucket of the decode step
     min_cache_len: int = 1024  # self-attention cache positions allocated at least (regrowing recaptures graphs)
-    bucket_growth: str = "double"  # key-length buckets: "double" (128, 256, 512, ...) or "linear" (128, 256, 384, ...)
-    vision_attention: str = "transformers"  # or "split": see split_vision_attention
+    # key-length buckets: "linear" (128, 256, 384, ...) or "double" (128, 256, 512, ...)
+    bucket_growth: str = "linear"
+    # "split" (split_vision_attention: 65-77 ms per 4-tile image on an H100, run 4) or
+    # "transformers" (its masked attention, which rules out the flash kernel: 80-90 ms, run 2)
+    vision_attention: str = "split"
     phase_timing: bool = False  # synchronise at phase ends so that phase times are exact
 
 
@@ -81,18 +87,21 @@ class FastGenStats:
     images: int = 0  # distinct images run through the vision tower
     rows_sharing_image: int = 0  # rows that reused another row's image features
     decode_steps: int = 0
+    drain_steps: int = 0  # decode steps after the last row was admitted (the batch only empties)
     slot_steps: int = 0  # sum over decode steps of the rows in the batch
     slots: int = 0
     prefill_calls: int = 0
     prefill_tokens: int = 0  # padded
     graph_captures: int = 0
     graphs: str = "off"
+    # "drain" is the part of "decode" spent in drain steps: once per call, whatever its size
     seconds: dict[str, float] = field(default_factory=lambda: {
-        "total": 0.0, "prep_wait": 0.0, "vision": 0.0, "prefill": 0.0, "decode": 0.0, "capture": 0.0})
+        "total": 0.0, "prep_wait": 0.0, "vision": 0.0, "prefill": 0.0, "decode": 0.0, "drain": 0.0,
+        "capture": 0.0})
 
     def add(self, other: "FastGenStats") -> None:
-        for name in ("rows", "new_tokens", "images", "rows_sharing_image", "decode_steps", "slot_steps",
-                     "prefill_calls", "prefill_tokens", "graph_captures"):
+        for name in ("rows", "new_tokens", "images", "rows_sharing_image", "decode_steps", "drain_steps",
+                     "slot_steps", "prefill_calls", "prefill_tokens", "graph_captures"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.slots = max(self.slots, other.slots)
         self.graphs = other.graphs
@@ -110,6 +119,7 @@ class FastGenStats:
         return {
             "rows": self.rows, "new_tokens": self.new_tokens, "images": self.images,
             "rows_sharing_image": self.rows_sharing_image, "decode_steps": self.decode_steps,
+            "drain_steps": self.drain_steps,
             "slots": self.slots, "occupancy": self.occupancy, "prefill_calls": self.prefill_calls,
             "prefill_tokens": self.prefill_tokens, "graph_captures": self.graph_captures,
             "graphs": self.graphs, "seconds": dict(self.seconds),
@@ -126,7 +136,7 @@ class _Row:
     key: Any
     ids: list[int]
     image_pos: int  # index of <|image|> in ids: tokens from here on see the image
-    image: str  # content digest of the image
+    image: str  # the image's group: "key:" + the request's image_key, or a digest of its pixels
     max_new: int
 
 
@@ -171,7 +181,12 @@ def encode_image(processor: Any, image: Any) -> _Image:
     )
 
 
-def _request_parts(request: Any) -> tuple[Any, str, Any, int]:
+def _load_and_encode(processor: Any, image: Any) -> _Image:
+    """``encode_image`` of an image or of what a zero-argument loader returns."""
+    return encode_image(processor, image() if callable(image) else image)
+
+
+def _request_parts(request: Any) -> tuple[Any, str, Any, int, str | None]:
     images = list(request.images)
     if len(images) != 1:
         raise ValueError(f"request {request.key!r}: the fast path takes exactly one image per request, "
@@ -179,7 +194,8 @@ def _request_parts(request: Any) -> tuple[Any, str, Any, int]:
     if int(request.max_new_tokens) < 1:
         raise ValueError(f"request {request.key!r}: max_new_tokens must be at least 1, "
                          f"got {request.max_new_tokens}")
-    return request.key, request.text, images[0], int(request.max_new_tokens)
+    image_key = getattr(request, "image_key", None)
+    return request.key, request.text, images[0], int(request.max_new_tokens), image_key
 
 
 # ---------------------------------------------------------------------------------------
@@ -460,18 +476,26 @@ class FastGenerator:
 
         def prepare(position_request):
             position, request = position_request
-            key, text, image, max_new = _request_parts(request)
-            if callable(image):  # a loader: open the image here, on a preparation thread
-                image = image()
+            key, text, image, max_new, image_key = _request_parts(request)
             ids = encode_text(processor, text, special)
             where = [i for i, t in enumerate(ids) if t == image_token]
             if len(where) != 1:
                 raise ValueError(f"request {key!r}: the prompt must hold exactly one image token, "
                                  f"found {len(where)}")
-            return _Row(position, key, ids, where[0], image_digest(image), max_new), image
+            if image_key is not None:
+                group = f"key:{image_key}"  # the caller vouches for identical pixels
+            else:
+                opened = image() if callable(image) else image
+                group = image_digest(opened)
+                # A loader is called again when its image is encoded: holding every opened
+                # image of a whole benchmark would not fit in memory.
+                if not callable(image):
+                    image = opened
+            return _Row(position, key, ids, where[0], group, max_new), image
 
         prepared = list(pool.map(prepare, enumerate(requests)))
         rows = [row for row, _ in prepared]
+        # Per group, the image (or loader) of its first row: what the vision tower encodes.
         first_images: dict[str, Any] = {}
         for row, image in prepared:
             first_images.setdefault(row.image, image)
@@ -561,7 +585,7 @@ class FastGenerator:
             nonlocal next_submit
             while next_submit < min(upto, len(group_list)):
                 digest = group_list[next_submit][0]
-                futures[digest] = pool.submit(encode_image, self.processor, first_images[digest])
+                futures[digest] = pool.submit(_load_and_encode, self.processor, first_images[digest])
                 next_submit += 1
 
         submit_ahead(window)
@@ -628,6 +652,7 @@ class FastGenerator:
                         finish(slot)
                 continue
             t0 = time.perf_counter()
+            captured_before = stats.seconds["capture"]
             length = max(host_pos[s] for s in active) + 1
             self._positions.copy_(torch.tensor(host_pos, dtype=torch.long))
             if rules.suppresses or rules.decays:
@@ -649,7 +674,11 @@ class FastGenerator:
                 host_pos[slot] += 1
                 if token in self.eos_ids or len(out) >= row.max_new:
                     finish(slot)
-            stats.seconds["decode"] += time.perf_counter() - t0
+            spent = time.perf_counter() - t0
+            stats.seconds["decode"] += spent
+            if cursor >= len(pending):  # (graph captures are counted apart)
+                stats.drain_steps += 1
+                stats.seconds["drain"] += spent - (stats.seconds["capture"] - captured_before)
         flush()
         return results
 

@@ -63,12 +63,19 @@ _NEUTRAL_SAMPLING = {
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One prompt: ``text`` is the already chat-templated string, ``images`` its PIL images."""
+    """One prompt: ``text`` is the already chat-templated string, ``images`` its PIL images
+    (or zero-argument loaders of them, for the fast engine).
+
+    ``image_key``: optional identity of the image's pixels (``data.image_key``). Requests with
+    the same key get identical pixels, so the fast engine groups them by it without opening
+    and hashing every row's image; without it the engine hashes the pixels itself.
+    """
 
     key: str
     text: str
     images: list = field(default_factory=list)
     max_new_tokens: int = 512
+    image_key: str | None = None
 
 
 class GenerationOOMError(RuntimeError):

@@ -14,8 +14,8 @@ over in chunks of up to ``chunk_rows`` rows instead, cut after grouping the rows
 ``data.image_key`` and never inside a group: the engine computes vision features once per
 distinct image it is given, so the rotations of an MMBench question (whose circular copies
 come after all main rows in file order) and the questions of one DocVQA page must share a
-chunk. Images go as zero-argument loaders, opened on the engine's threads while the model
-computes. The engine reports rows as they finish, and each is appended to the store at once:
+chunk. Images go as zero-argument loaders with their ``image_key``, opened on the engine's
+threads while the model computes, once per image. The engine reports rows as they finish, and each is appended to the store at once:
 an interrupted run loses at most the rows in flight. Which engine made a stored prediction is not part of the
 store key (both give the same greedy tokens on CPU), so either engine resumes the other's
 store.
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,9 +41,11 @@ from .prompts import build_prompt, chat_text, clean_up_tokenization
 log = logging.getLogger(__name__)
 
 BASE_VARIANT = "base"
-# Rows handed to the fast engine at a time: the unit of image sharing and of resumption
-# (the chunk size `lavender-checks bench` measured, docs/speed.md).
-DEFAULT_CHUNK_ROWS = 512
+# Rows handed to the fast engine at a time: more than any benchmark here has, so each
+# benchmark and variant is one call and its batch drains once (docs/speed.md). The engine
+# stores rows as they finish and holds only the images it is preprocessing, so a large
+# chunk costs neither resumability nor memory.
+DEFAULT_CHUNK_ROWS = 8192
 
 
 @dataclass
@@ -78,7 +80,7 @@ def predict_run(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, prof
     ``chunk_rows`` rows (default ``DEFAULT_CHUNK_ROWS``) grouped by image, images as loaders,
     ``pair.generate(..., engine="fast")``.
     """
-    from .data import load_image
+    from .data import image_key, load_image
     from .generation import GenerationRequest
 
     if batch_size < 1:
@@ -130,7 +132,7 @@ def predict_run(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, prof
                     "and are generated again", bench.name, variant, recomputed)
 
     if fast:
-        batches = _image_chunks(frame, indices, chunk_rows or DEFAULT_CHUNK_ROWS)
+        batches = _image_chunks(frame, indices, chunk_rows or DEFAULT_CHUNK_ROWS, dump)
     else:
         batches = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
     todo = [[index for index in batch if index not in predictions] for batch in batches]
@@ -151,6 +153,7 @@ def predict_run(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, prof
                     images=[functools.partial(load_image, frame, index, bench, lmu_root, dump) if fast
                             else load_image(frame, index, bench, lmu_root, dump)],
                     max_new_tokens=prompting.max_new_tokens,
+                    image_key=image_key(frame, index, dump) if fast else None,
                 )
                 for index in batch
             ]
@@ -197,27 +200,34 @@ def predict_run(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, prof
     )
 
 
-def _image_chunks(frame: pd.DataFrame, indices: Sequence[Index], chunk_rows: int) -> list[list[Index]]:
-    """``indices`` grouped by image (``data.image_key``) and packed into chunks of at most
-    ``chunk_rows`` rows, for the fast engine.
+def pack_groups(items: Iterable[Any], group_of: Callable[[Any], Any], chunk_rows: int) -> list[list[Any]]:
+    """``items`` grouped by ``group_of(item)`` and packed into chunks of at most ``chunk_rows``.
 
-    Groups come in the order of their first row in the frame, rows within a group in frame
-    order. A chunk is never cut inside a group, so every row of an image is in the chunk
-    that computes its vision features; a group larger than ``chunk_rows`` is a chunk of its
-    own. The chunks depend on the whole frame only, so a resumed run cuts the same ones.
+    Groups come in the order of their first item, items within a group in their order. A
+    chunk is never cut inside a group (a group larger than ``chunk_rows`` is a chunk of its
+    own), so the rows of one image are always handed to the fast engine together and their
+    vision features are computed once.
     """
-    from .data import image_key
-
-    groups: dict[str, list[Index]] = {}
-    for index in indices:
-        groups.setdefault(image_key(frame, index), []).append(index)
-    chunks: list[list[Index]] = []
+    groups: dict[Any, list[Any]] = {}
+    for item in items:
+        groups.setdefault(group_of(item), []).append(item)
+    chunks: list[list[Any]] = []
     for group in groups.values():
         if chunks and len(chunks[-1]) + len(group) <= chunk_rows:
             chunks[-1].extend(group)
         else:
             chunks.append(list(group))
     return chunks
+
+
+def _image_chunks(frame: pd.DataFrame, indices: Sequence[Index], chunk_rows: int,
+                  dump_suffix: str) -> list[list[Index]]:
+    """``indices`` grouped by image (``data.image_key``) and packed by ``pack_groups``, for the
+    fast engine. The chunks depend on the whole frame only, so a resumed run cuts the same ones.
+    """
+    from .data import image_key
+
+    return pack_groups(indices, lambda index: image_key(frame, index, dump_suffix), chunk_rows)
 
 
 def _compute_of(pair: Any) -> str:

@@ -140,6 +140,13 @@ def test_projections_and_card_limit_arithmetic():
     fast = bench.project_fast(per_run)
     assert fast["seconds"] == pytest.approx((2.0 * 10 + 2.0 * 10) + 1.0)
     assert fast["new_tokens"] == pytest.approx(1000)
+    # A drain happens once per call: 0.5 s of drain in one chunk, the full run is three chunks.
+    drained = {"base/MME": {"rows": 10, "full_rows": 100, "seconds": 3.0, "capture_seconds": 1.0,
+                            "drain_seconds": 0.5, "chunks": 1, "full_chunks": 3, "new_tokens": 50}}
+    fast = bench.project_fast(drained, {"capture_seconds": 2.0})
+    assert fast["steady_seconds"] == pytest.approx(1.5 * 10)
+    assert fast["drain_seconds"] == pytest.approx(1.5)
+    assert fast["seconds"] == pytest.approx(15 + 1.5 + 1.0 + 2.0)
 
     costs = {"decode_step_weight_bytes": 1e9, "image_flops_per_image": 1e12, "prefill_flops_per_token": 1e9,
              "cross_kv_bytes_per_row": 1e6}
@@ -149,6 +156,56 @@ def test_projections_and_card_limit_arithmetic():
     assert limit["limit_seconds"] == pytest.approx(16 * 1e-3 + 100 * 1e-2)
     shared = bench.card_limit(totals, costs, card, slots=64, variants=2, vision_per_variant=False)
     assert shared["images"] == 50
+
+
+class RecordingEngine:
+    """Stands in for FastGenerator: records the chunks it is handed."""
+
+    def __init__(self):
+        import torch
+
+        from lavender_checks.fastgen import FastGenStats
+
+        self.device = torch.device("cpu")
+        self.calls = []
+        self.last_stats = FastGenStats()
+
+    def generate_ids(self, requests, variant):
+        self.calls.append([r.image_key for r in requests])
+        return {r.key: [1] for r in requests}
+
+
+def test_the_fast_path_gets_chunks_that_never_split_an_image():
+    from lavender_checks.generation import GenerationRequest
+
+    # 3 rows per image, chunks of 4 rows: cutting by position would split images 1, 2, 4, 5
+    requests = [GenerationRequest(key=f"r{i}", text="t", images=[None], max_new_tokens=2, image_key=f"img{i // 3}")
+                for i in range(18)]
+    engine = RecordingEngine()
+    result = bench.run_fast(engine, requests, "base", chunk_rows=4)
+    assert len(result["ids"]) == 18 and result["chunks"] == len(engine.calls) == 6
+    owners = {}
+    for n, call in enumerate(engine.calls):
+        for key in call:
+            assert owners.setdefault(key, n) == n, f"image {key} handed over in two chunks"
+
+
+def test_shards_split_whole_images_evenly():
+    load = bench.load_workload().benchmarks[0]  # DocVQA: 4 or 5 questions per page
+    rows = bench.sample_rows(load, seed=3, scale=0.05)
+    shards = [bench.shard_rows(rows, (i, 3)) for i in range(3)]
+    keys = [[r.key for r in shard] for shard in shards]
+    assert sorted(k for shard in keys for k in shard) == sorted(r.key for r in rows)
+    images = [{r.image_id for r in shard} for shard in shards]
+    assert not (images[0] & images[1]) and not (images[1] & images[2]) and not (images[0] & images[2])
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= 5
+    assert bench.shard_rows(rows, (0, 1)) == rows
+    assert bench.parse_shard("1/2") == (1, 2)
+    for bad in ("2/2", "a/b", "1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_shard(bad)
+
 
 
 def test_model_costs_count_the_tiny_model():
@@ -196,12 +253,16 @@ def test_whole_harness_on_the_tiny_model(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "one-sample loop (a)" in printed and "fast runner (b)" in printed
     assert report["device"] == "cpu" and "card" not in report
-    # the correctness sample: on CPU in float32 the fast runner is exact
+    # the correctness sample: on CPU in float32 the fast runner is exact, with either vision attention
     assert report["equivalence"]["sequences"] == 8 and report["equivalence"]["fast"]["fraction"] == 1.0
+    assert report["equivalence"]["fast_hf_vision"]["fraction"] == 1.0
+    assert report["fast"]["warmup"]["seconds"] > 0
     runs = report["fast"]["per_run"]
     assert sorted(runs) == sorted(f"{v}/{b}" for v in ("base", "lavender") for b in bench.BENCHMARK_ORDER)
     for run in runs.values():
         assert run["images"] == run["distinct_image_ids"]
+        assert run["chunks"] == run["full_chunks"] == 1  # a whole benchmark is one call
+        assert 0 < run["drain_seconds"] <= run["stats"]["seconds"]["decode"]
         assert run["new_tokens"] > 0 and run["seconds"] > 0
     figures = report["figures"]
     assert figures["fast_projected_minutes"] > 0 and figures["a_projected_minutes"] > 0

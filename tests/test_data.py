@@ -467,6 +467,22 @@ def test_shards_are_disjoint_cover_everything_and_keep_units(name, count):
         shards[0]["index"].tolist()
 
 
+def test_shards_keep_the_questions_of_one_image_together():
+    # Three questions on the page of row 0 and two on the page of row 4 (VLMEvalKit's
+    # reference cells): round-robin by question would split both pages across shards.
+    docvqa = mini("DocVQA_VAL").copy()
+    first, fourth = (str(docvqa["index"].iloc[i]) for i in (0, 4))
+    docvqa.loc[[1, 2], "image"] = first
+    docvqa.loc[[5], "image"] = fourth
+    for count in (2, 3):
+        shards = [data.subset(docvqa, "DocVQA_VAL", shard=(i, count)) for i in range(count)]
+        assert sum(len(s) for s in shards) == len(docvqa)
+        owner = [next(i for i, s in enumerate(shards) if docvqa["index"].iloc[row] in set(s["index"]))
+                 for row in range(len(docvqa))]
+        assert owner[0] == owner[1] == owner[2] and owner[4] == owner[5]
+        assert max(len(s) for s in shards) - min(len(s) for s in shards) <= 3  # still balanced
+
+
 def test_shard_and_limit_accept_lists_and_numpy_integers():
     full = mini("DocVQA_VAL")
     assert data.subset(full, "DocVQA_VAL", shard=[np.int64(1), 4])["index"].tolist() == \
