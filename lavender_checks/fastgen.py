@@ -313,7 +313,7 @@ def _gqa_attention(q, k, v, mask, scale):
     if mask.shape[-2] != 1 and group > 1:
         mask = mask.repeat(1, 1, group, 1)
     out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)
-    return out.view(b, heads, s, d)
+    return out.reshape(b, heads, s, d)  # fp32 kernels may return it non-contiguous
 
 
 SPLIT_VISION_ATTENTION = "lavender_checks_split_vision"
