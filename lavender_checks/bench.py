@@ -938,7 +938,9 @@ def run_bench(workload: Workload, args, paths: list[str]) -> dict:
                     "chunks": result["chunks"], "full_chunks": max(1, math.ceil(full_rows / chunk_rows)),
                     "images": stats.images, "distinct_image_ids": expected_images,
                     "seconds": result["seconds"], "capture_seconds": stats.seconds.get("capture", 0.0),
-                    "drain_seconds": stats.seconds.get("drain", 0.0),
+                    "decode_seconds": stats.seconds.get("decode", 0.0),
+                    "drain_seconds": stats.seconds.get("drain", 0.0), "drain_rows": stats.drain_rows,
+                    "slots": stats.slots,
                     "new_tokens": tokens, "prompt_tokens": sum(lengths.values()),
                     "prompt_tokens_drawn": sum(r.prompt_tokens for r in rows),
                     "stats": stats.as_dict(),
@@ -1092,30 +1094,58 @@ def run_warmup(engine: Any, made: dict, variants: list[str], rows: int, chunk_ro
     return out
 
 
+def project_decode(run: dict) -> tuple[float, str]:
+    """One benchmark/variant's decode seconds at full size, and how they were projected.
+
+    A call's batch fills, runs steadily (rows leave, waiting rows take their slots), then
+    drains: after the last admission it only empties. The drain lasts about as long whatever
+    the call's size, and the rows in it are about one batch, so at full size: the steady
+    decode seconds x full steady rows / ran steady rows, plus the drain once per call. That
+    needs a steady phase of at least one batch of rows in the run; a smaller run is scaled by
+    rows whole, drain included (which errs slow), and says so.
+    """
+    decode = run["decode_seconds"] - run["capture_seconds"]
+    drain, drain_rows = run["drain_seconds"], run["drain_rows"]
+    chunks, full_chunks = run.get("chunks", 1), run.get("full_chunks", 1)
+    steady_rows = run["rows"] - drain_rows
+    if steady_rows < max(1, run["slots"]):
+        return decode * run["full_rows"] / run["rows"], "row-scaled (steady phase shorter than one batch)"
+    full_steady_rows = run["full_rows"] - drain_rows * full_chunks / chunks
+    return ((decode - drain) * full_steady_rows / steady_rows + drain * full_chunks / chunks,
+            "steady phase scaled by rows, drain once per call")
+
+
 def project_fast(per_run: dict, warmup: dict | None = None) -> dict:
-    """The fast runner on the whole workload. Per benchmark and variant: the steady seconds
-    (all but graph captures and drains) scaled by full/ran rows, plus the drains scaled by
-    full/ran chunks (a call's batch drains once, whatever its size), plus the one-off graph
-    captures (the warm-up's included)."""
-    steady = sum((r["seconds"] - r["capture_seconds"] - r.get("drain_seconds", 0.0)) * r["full_rows"] / r["rows"]
-                 for r in per_run.values())
-    drain = sum(r.get("drain_seconds", 0.0) * r.get("full_chunks", 1) / r.get("chunks", 1) for r in per_run.values())
+    """The fast runner on the whole workload, per benchmark and variant: vision, prefill and
+    host work (everything but decode) scaled by full/ran rows, decode by ``project_decode``;
+    plus the one-off graph captures (the warm-up's included). Runs without a decode split
+    (older reports) are scaled by rows whole."""
+    per_row = decode = 0.0
+    methods = {}
+    for name, r in per_run.items():
+        if "decode_seconds" not in r:
+            per_row += (r["seconds"] - r["capture_seconds"]) * r["full_rows"] / r["rows"]
+            methods[name] = "row-scaled"
+            continue
+        per_row += (r["seconds"] - r["decode_seconds"]) * r["full_rows"] / r["rows"]
+        seconds, methods[name] = project_decode(r)
+        decode += seconds
     capture = sum(r["capture_seconds"] for r in per_run.values()) + (warmup or {}).get("capture_seconds", 0.0)
     rows = sum(r["full_rows"] for r in per_run.values())
     tokens = sum(r["new_tokens"] * r["full_rows"] / r["rows"] for r in per_run.values())
-    seconds = steady + drain + capture
+    seconds = per_row + decode + capture
     measured_seconds = sum(r["seconds"] for r in per_run.values())
     measured_rows = sum(r["rows"] for r in per_run.values())
     measured_tokens = sum(r["new_tokens"] for r in per_run.values())
-    return {"seconds": seconds, "steady_seconds": steady, "drain_seconds": drain, "capture_seconds": capture,
-            "rows": rows, "new_tokens": tokens,
+    return {"seconds": seconds, "per_row_seconds": per_row, "decode_seconds": decode, "capture_seconds": capture,
+            "decode_methods": methods, "rows": rows, "new_tokens": tokens,
             "samples_per_s": rows / seconds if seconds else None,
             "new_tokens_per_s": tokens / seconds if seconds else None,
             "measured": {"seconds": measured_seconds, "rows": measured_rows, "new_tokens": measured_tokens,
                          "samples_per_s": measured_rows / measured_seconds if measured_seconds else None,
                          "new_tokens_per_s": measured_tokens / measured_seconds if measured_seconds else None},
-            "method": "measured on the scaled workload; per benchmark and variant, steady seconds x full rows / "
-                      "ran rows + drain seconds x full chunks / ran chunks + graph captures once"}
+            "method": "measured on the scaled workload; per benchmark and variant, everything but decode x full "
+                      "rows / ran rows, decode as project_decode says (decode_methods), graph captures once"}
 
 
 def figures(report: dict, workload: Workload, costs: dict, engine: Any) -> dict:

@@ -88,6 +88,7 @@ class FastGenStats:
     rows_sharing_image: int = 0  # rows that reused another row's image features
     decode_steps: int = 0
     drain_steps: int = 0  # decode steps after the last row was admitted (the batch only empties)
+    drain_rows: int = 0  # rows in the batch when the drain began
     slot_steps: int = 0  # sum over decode steps of the rows in the batch
     slots: int = 0
     prefill_calls: int = 0
@@ -100,7 +101,7 @@ class FastGenStats:
         "capture": 0.0})
 
     def add(self, other: "FastGenStats") -> None:
-        for name in ("rows", "new_tokens", "images", "rows_sharing_image", "decode_steps", "drain_steps",
+        for name in ("rows", "new_tokens", "images", "rows_sharing_image", "decode_steps", "drain_steps", "drain_rows",
                      "slot_steps", "prefill_calls", "prefill_tokens", "graph_captures"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.slots = max(self.slots, other.slots)
@@ -119,7 +120,7 @@ class FastGenStats:
         return {
             "rows": self.rows, "new_tokens": self.new_tokens, "images": self.images,
             "rows_sharing_image": self.rows_sharing_image, "decode_steps": self.decode_steps,
-            "drain_steps": self.drain_steps,
+            "drain_steps": self.drain_steps, "drain_rows": self.drain_rows,
             "slots": self.slots, "occupancy": self.occupancy, "prefill_calls": self.prefill_calls,
             "prefill_tokens": self.prefill_tokens, "graph_captures": self.graph_captures,
             "graphs": self.graphs, "seconds": dict(self.seconds),
@@ -600,6 +601,7 @@ class FastGenerator:
         unreported: dict[Any, list[int]] = {}
         cursor = 0
         host_pos = [0] * slots
+        drained = False
 
         def finish(slot: int) -> None:
             row, out = active.pop(slot)
@@ -653,6 +655,9 @@ class FastGenerator:
                 continue
             t0 = time.perf_counter()
             captured_before = stats.seconds["capture"]
+            if cursor >= len(pending) and not drained:  # the first drain step
+                drained = True
+                stats.drain_rows += len(active)
             length = max(host_pos[s] for s in active) + 1
             self._positions.copy_(torch.tensor(host_pos, dtype=torch.long))
             if rules.suppresses or rules.decays:

@@ -140,13 +140,19 @@ def test_projections_and_card_limit_arithmetic():
     fast = bench.project_fast(per_run)
     assert fast["seconds"] == pytest.approx((2.0 * 10 + 2.0 * 10) + 1.0)
     assert fast["new_tokens"] == pytest.approx(1000)
-    # A drain happens once per call: 0.5 s of drain in one chunk, the full run is three chunks.
-    drained = {"base/MME": {"rows": 10, "full_rows": 100, "seconds": 3.0, "capture_seconds": 1.0,
-                            "drain_seconds": 0.5, "chunks": 1, "full_chunks": 3, "new_tokens": 50}}
-    fast = bench.project_fast(drained, {"capture_seconds": 2.0})
-    assert fast["steady_seconds"] == pytest.approx(1.5 * 10)
-    assert fast["drain_seconds"] == pytest.approx(1.5)
-    assert fast["seconds"] == pytest.approx(15 + 1.5 + 1.0 + 2.0)
+    # 400 rows ran in 100 s, 60 s of it decode (1 s of graph capture, 9 s of drain with 64
+    # rows); 4,000 rows in the full run, one call each: the steady decode (50 s for 336 rows)
+    # scales to 3,936 rows, the drain comes once, the rest scales by rows.
+    run = {"rows": 400, "full_rows": 4000, "seconds": 100.0, "capture_seconds": 1.0, "decode_seconds": 60.0,
+           "drain_seconds": 9.0, "drain_rows": 64, "slots": 64, "chunks": 1, "full_chunks": 1, "new_tokens": 9}
+    decode, method = bench.project_decode(run)
+    assert decode == pytest.approx(50.0 * 3936 / 336 + 9.0) and method.startswith("steady")
+    fast = bench.project_fast({"base/MME": run}, {"capture_seconds": 2.0})
+    assert fast["seconds"] == pytest.approx(40.0 * 10 + decode + 1.0 + 2.0)
+    # a run whose steady phase is shorter than one batch is scaled by rows whole, and says so
+    small = dict(run, rows=100, full_rows=1000, drain_rows=64)
+    decode, method = bench.project_decode(small)
+    assert decode == pytest.approx(59.0 * 10) and method.startswith("row-scaled")
 
     costs = {"decode_step_weight_bytes": 1e9, "image_flops_per_image": 1e12, "prefill_flops_per_token": 1e9,
              "cross_kv_bytes_per_row": 1e6}
