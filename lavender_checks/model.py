@@ -65,12 +65,15 @@ FINGERPRINTED_BASE_FILES = (
 
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
-# Generation engines ``ModelPair.generate`` can use. "generate": batched ``model.generate``
-# (generation.py), the default. "fast": the fast greedy engine (fastgen.py), opt-in; it falls
-# back to "generate" for what it cannot take.
-DEFAULT_ENGINE = "generate"
+# Generation engines ``ModelPair.generate`` can use. "fast": the fast greedy engine
+# (fastgen.py), which falls back to "generate" for what it cannot take; the default of a run,
+# since it gave the same greedy tokens as one-sample ``generate`` on 96 of 96 full-size
+# sequences in float32 on an H100 (docs/speed.md). "generate": batched ``model.generate``
+# (generation.py), what ``ModelPair.generate`` runs when no engine is named.
 FAST_ENGINE = "fast"
-ENGINES = (DEFAULT_ENGINE, FAST_ENGINE)
+GENERATE_ENGINE = "generate"
+ENGINES = (FAST_ENGINE, GENERATE_ENGINE)
+DEFAULT_ENGINE = FAST_ENGINE
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +110,9 @@ class ModelPair:
     adapter_logit_change: float | None = None  # max |logit difference| on the fixed input
     # Why the fast engine was not used, each reason once, in the order they came up.
     engine_fallbacks: list[str] = field(default_factory=list)
+    # The fast engine's knobs (a fastgen.FastGenConfig; None: its defaults). Set it before the
+    # first fast call: the engine is built once.
+    fast_config: Any = None
     # The fast engine, built on first use, and the greedy generation config it was built for.
     _fast: Any = field(default=None, init=False, repr=False, compare=False)
     _fast_for: str | None = field(default=None, init=False, repr=False, compare=False)
@@ -142,11 +148,11 @@ class ModelPair:
         batch_size: int = 8,
         on_batch=None,
         progress: bool = True,
-        engine: str = DEFAULT_ENGINE,
+        engine: str = GENERATE_ENGINE,
     ) -> dict[str, str]:
         """Greedy predictions keyed by request key; see ``lavender_checks.generation.generate``.
 
-        engine: "generate" (default) runs ``generation.generate``. "fast" runs the pair's
+        engine: "generate" (the default here) runs ``generation.generate``. "fast" runs the pair's
         ``fastgen.FastGenerator`` (built once, on first use), where a request's image may also
         be a zero-argument loader; when the engine cannot take the call (the generation config
         asks for logits processing it does not reproduce, or a request has other than one
@@ -184,7 +190,7 @@ class ModelPair:
         if self._fast_for != wanted:
             self._fast, self._fast_refusal, self._fast_for = None, None, wanted
             try:
-                self._fast = fast_generator_for_pair(self)
+                self._fast = fast_generator_for_pair(self, self.fast_config)
             except UnsupportedGenerationSetting as exc:
                 self._fast_refusal = str(exc)
         if self._fast is None:

@@ -267,12 +267,13 @@ RUN_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--dtype", dict(choices=("float32", "bfloat16", "float16"), default=None,
                      help="weights and compute dtype (default: float32 on CPU, bfloat16 on CUDA)")),
     ("--engine", dict(choices=ENGINES, default=DEFAULT_ENGINE,
-                      help=f"generation engine: {DEFAULT_ENGINE} (batched model.generate, the default) "
-                           f"or {FAST_ENGINE} (rows leave the batch as they finish, vision once per "
-                           "image, CUDA graphs; docs/speed.md)")),
+                      help=f"generation engine: {FAST_ENGINE} (the default: rows leave the batch as they "
+                           "finish, vision once per image, CUDA graphs; docs/speed.md) or generate "
+                           "(batched model.generate)")),
     ("--chunk-rows", dict(type=int, metavar="N", default=None,
                           help="with --engine fast: rows handed to the engine at a time, grouped by "
-                               "image (default 512); an interrupted run keeps every finished row")),
+                               "image (default: a whole benchmark); an interrupted run keeps every "
+                               "finished row")),
 )
 
 # Where reports go; not part of what a run computes, so not a RunConfig field.
@@ -477,11 +478,12 @@ def _collect_generated(config: RunConfig, pair: Any, load_pair: Callable[[], Any
 
 def _describe_engine(config: RunConfig, pair: Any) -> dict[str, Any]:
     """The engine asked for and, for the fast one, its chunk size and every reason it handed
-    requests to the default engine instead."""
-    if config.engine != FAST_ENGINE:
-        return {"name": config.engine}
-    from .runner import DEFAULT_CHUNK_ROWS
+    requests to batched generate instead."""
+    from .runner import DEFAULT_CHUNK_ROWS, engine_of
 
+    used = engine_of(pair, config.engine)
+    if used != FAST_ENGINE:
+        return {"name": used} if used == config.engine else {"name": used, "asked": config.engine}
     return {"name": config.engine, "chunk_rows": config.chunk_rows or DEFAULT_CHUNK_ROWS,
             "fallbacks": list(getattr(pair, "engine_fallbacks", []))}
 

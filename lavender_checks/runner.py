@@ -33,7 +33,7 @@ from typing import Any
 import pandas as pd
 
 from .benchmarks import Benchmark, get_benchmark
-from .model import DEFAULT_ENGINE, ENGINES, FAST_ENGINE
+from .model import DEFAULT_ENGINE, ENGINES, FAST_ENGINE, GENERATE_ENGINE
 from .predictions import Index, PredictionStore, StoreKey, request_sha
 from .profiles import Profile
 from .prompts import build_prompt, chat_text, clean_up_tokenization
@@ -75,8 +75,8 @@ def predict_run(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, prof
                 engine: str = DEFAULT_ENGINE, chunk_rows: int | None = None) -> PredictionRun:
     """Predictions for every row of ``frame``, reusing the store (module docstring).
 
-    engine: "generate" (default): batches of ``batch_size`` rows in frame order, images opened
-    per batch, ``pair.generate`` called as before engines existed. "fast": chunks of
+    engine: "generate": batches of ``batch_size`` rows in frame order, images opened per
+    batch, ``pair.generate`` called as before engines existed. "fast" (default): chunks of
     ``chunk_rows`` rows (default ``DEFAULT_CHUNK_ROWS``) grouped by image, images as loaders,
     ``pair.generate(..., engine="fast")``.
     """
@@ -89,7 +89,7 @@ def predict_run(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, prof
         raise ValueError(f"unknown generation engine {engine!r}; engines: {', '.join(ENGINES)}")
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
-    fast = engine == FAST_ENGINE
+    fast = engine_of(pair, engine) == FAST_ENGINE
     bench = get_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
     prompting = profile.for_benchmark(bench.name)
     if not profile.add_special_tokens or profile.do_sample:
@@ -198,6 +198,20 @@ def predict_run(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, prof
         generated=missing,
         store_dir=prediction_log.directory,
     )
+
+
+def engine_of(pair: Any, asked: str) -> str:
+    """The engine a run with ``pair`` uses when ``asked`` is asked for: a pair whose
+    ``generate`` takes no ``engine`` keyword (one written before engines, a test double) is
+    run as batched generate."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(pair.generate).parameters.values()
+    except (TypeError, ValueError):
+        return GENERATE_ENGINE
+    takes_engine = any(p.name == "engine" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    return asked if takes_engine else GENERATE_ENGINE
 
 
 def pack_groups(items: Iterable[Any], group_of: Callable[[Any], Any], chunk_rows: int) -> list[list[Any]]:

@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, required=True)
     parser.add_argument("--batch-size", type=int, required=True)
     parser.add_argument("--variant", default="lavender")
+    parser.add_argument("--engine", default="generate")
+    parser.add_argument("--slots", type=int, default=None, help="the fast engine's decode batch")
     args = parser.parse_args(argv)
 
     import torch
@@ -49,13 +51,18 @@ def main(argv: list[str] | None = None) -> int:
 
     tiny = ensure_tiny_checkpoints()
     pair = load_pair(tiny.base, tiny.adapter, device="cpu")
+    if args.slots:
+        from lavender_checks.fastgen import FastGenConfig
+
+        pair.fast_config = FastGenConfig(max_slots=args.slots)
     profile = load_profile(args.profile)
     frame = subset(load_benchmark_frame(args.benchmark, args.lmu_root), args.benchmark, limit=args.limit)
 
     def run(store: str, result: str) -> int:
         try:
             outcome = predict_run(pair, args.benchmark, frame, profile, args.variant, PredictionStore(store),
-                                  lmu_root=args.lmu_root, batch_size=args.batch_size, progress=False)
+                                  lmu_root=args.lmu_root, batch_size=args.batch_size, progress=False,
+                                  engine=args.engine)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr, flush=True)
             return 130

@@ -371,19 +371,42 @@ def test_engine_options_reach_the_config_and_do_not_name_the_run():
     assert config.label() == RunConfig(limit=3).label() == "tiny-mini-limit3"
     assert config.describe()["engine"] == "fast"
     default = pipeline.config_from_options(lambda dest: getattr(parser.parse_args([]), dest))
-    assert (default.engine, default.chunk_rows) == ("generate", None)
+    assert (default.engine, default.chunk_rows) == ("fast", None)  # the fast engine is the default
     with pytest.raises(SystemExit):
         parser.parse_args(["--engine", "slow"])
 
 
 @pytest.mark.parametrize("options, message", [
     (dict(engine="slow"), "unknown engine 'slow'"),
-    (dict(chunk_rows=64), "--chunk-rows .* needs --engine fast"),
+    (dict(engine="generate", chunk_rows=64), "--chunk-rows .* needs --engine fast"),
     (dict(engine="fast", chunk_rows=0), "--chunk-rows must be at least 1"),
 ])
 def test_bad_engine_options_are_refused(options, message):
     with pytest.raises(RunInputError, match=message):
         RunConfig(**options)
+
+
+def test_a_pair_that_knows_no_engines_runs_batched_generate_and_the_report_says_so(tmp_path):
+    from lavender_checks.runner import engine_of
+
+    class Plain(StandInPair):  # generate() without an engine keyword, as pairs before engines
+        def generate(self, requests, variant, *, batch_size=8, on_batch=None, progress=True):
+            return super().generate(requests, variant, on_batch=on_batch, batch_size=batch_size)
+
+        def describe(self):
+            return {"stand_in": True}
+
+    class Wrapper:  # passes every option on
+        def generate(self, requests, variant, **options):
+            return {}
+
+    assert engine_of(Plain(), "fast") == "generate" and engine_of(Wrapper(), "fast") == "fast"
+    assert engine_of(StandInPair(), "generate") == "generate"
+    config = RunConfig(store=tmp_path / "store", benchmarks=("MME",), reference=pipeline.SEED_REFERENCE)
+    plain = Plain()
+    run = pipeline.collect_results(config, pair=plain, progress=False)
+    assert run.metadata["engine"] == {"name": "generate", "asked": "fast"}
+    assert all(len(call["keys"]) <= 8 for call in plain.calls)  # batches of batch_size, not chunks
 
 
 def test_the_report_names_the_engine(tmp_path):

@@ -308,7 +308,7 @@ def test_images_are_loaded_batch_by_batch(tmp_path, mme_frame, monkeypatch):
         return original(requests, *args, **kwargs)
 
     pair.generate = generate
-    run(pair, mme_frame, PredictionStore(tmp_path))
+    run(pair, mme_frame, PredictionStore(tmp_path), engine="generate")
     assert len(pair.calls) == 3
 
 

@@ -1,7 +1,8 @@
 """Real processes, really killed: a run of the tiny model through ``runner.predict`` is
 SIGKILLed twice and interrupted with SIGINT (Ctrl-C) once, each time in the middle of
 generating; a rerun then completes it. Every prediction must be stored exactly once and
-equal what an uninterrupted run produces.
+equal what an uninterrupted run produces. Both engines: batched generate (batches of 2) and
+the fast engine (2 slots, rows stored as they finish).
 
 Each run is its own process, forked by tests/predict_child.py after it has loaded the tiny
 model, so the test pays for importing torch once.
@@ -122,9 +123,10 @@ class Observed:
     store: Path | None = None
 
 
-@pytest.fixture(scope="module")
-def observed(tmp_path_factory) -> Observed:
-    work = tmp_path_factory.mktemp("resume")
+@pytest.fixture(scope="module", params=["generate", "fast"])
+def observed(request, tmp_path_factory) -> Observed:
+    engine = request.param
+    work = tmp_path_factory.mktemp(f"resume-{engine}")
     profile = work / "kill-test.toml"
     text = (PROFILES_DIR / "vlmevalkit.toml").read_text(encoding="utf-8")
     text = text.replace('name = "vlmevalkit"', 'name = "kill-test"', 1)
@@ -134,7 +136,8 @@ def observed(tmp_path_factory) -> Observed:
     seen = Observed(total=ROWS, store=store)
     runner = Runner(["--profile", str(profile), "--benchmark", BENCHMARK,
                      "--lmu-root", str(FIXTURES / "lmudata-mini"),
-                     "--limit", str(ROWS), "--batch-size", str(BATCH_SIZE)], work)
+                     "--limit", str(ROWS), "--batch-size", str(BATCH_SIZE), "--engine", engine,
+                     "--slots", str(BATCH_SIZE)], work)
     try:
         runner.expect("ready")
         pid = runner.start_run(work / "reference", work / "reference.json")
