@@ -1175,9 +1175,11 @@ def figures(report: dict, workload: Workload, costs: dict, engine: Any) -> dict:
         out["limit_ratio"] = fast["seconds"] / limit["limit_seconds"]
         out["fraction_of_limit"] = limit["limit_seconds"] / fast["seconds"]
     else:
+        limit = None
         out["card_limit"] = None
         out["limit_ratio"] = None
         out["fraction_of_limit"] = None
+    out["breakdown"] = time_breakdown(report["fast"], limit) if fast else None
     checks = {
         "gate_minutes": (out["fast_projected_minutes"], "<=", targets["gate_minutes"]),
         "speedup": (out["speedup"], ">=", targets["speedup"]),
@@ -1189,6 +1191,25 @@ def figures(report: dict, workload: Workload, costs: dict, engine: Any) -> dict:
                              "met": None if value is None else (value <= goal if op == "<=" else value >= goal)}
                       for name, (value, op, goal) in checks.items()}
     return out
+
+
+def time_breakdown(fast_section: dict, limit: dict | None) -> dict:
+    """Where the projected full gate goes, phase by phase, each next to its floor on this card
+    (None without a card): what limits the time, in the report itself."""
+    projection = fast_section["projection"]
+    phases = {"vision": 0.0, "prefill": 0.0, "prep_wait": 0.0}
+    for run in fast_section["per_run"].values():
+        for phase in phases:
+            phases[phase] += run["stats"]["seconds"].get(phase, 0.0) * run["full_rows"] / run["rows"]
+    phases["decode"] = projection.get("decode_seconds", 0.0)
+    phases["other"] = projection["seconds"] - sum(phases.values())  # host work, graph captures
+    floors = ({"vision": limit["image_seconds"], "prefill": limit["prefill_seconds"],
+               "decode": limit["decode_seconds"] + limit["cross_kv_read_seconds"]} if limit else {})
+    total = projection["seconds"]
+    return {phase: {"seconds": seconds, "share": seconds / total if total else None,
+                    "floor_seconds": floors.get(phase),
+                    "over_floor": seconds / floors[phase] if floors.get(phase) else None}
+            for phase, seconds in phases.items()}
 
 
 def summary_text(report: dict) -> str:
@@ -1206,6 +1227,10 @@ def summary_text(report: dict) -> str:
     lines.append(f"  fast runner (b):     {fmt(f['fast_samples_per_s'], '.2f')} samples/s, "
                  f"{fmt(f['fast_new_tokens_per_s'], '.0f')} new tokens/s, full gate {fmt(f['fast_projected_minutes'], '.1f')} min "
                  f"(projected from scale {report['scale']})")
+    for phase, part in (f.get("breakdown") or {}).items():
+        floor = (f", {part['over_floor']:.1f}x its floor of {part['floor_seconds']:.0f} s"
+                 if part["over_floor"] else "")
+        lines.append(f"    {phase:9s} {part['seconds']:8.0f} s of the projected gate ({part['share']:.0%}){floor}")
     for name, check in f["targets"].items():
         met = {True: "met", False: "NOT met", None: "not measured"}[check["met"]]
         lines.append(f"  {name:13s} {fmt(check['value'], '.3f'):>14s}  target {check['target']:>8s}  {met}")

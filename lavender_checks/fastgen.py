@@ -529,16 +529,20 @@ class FastGenerator:
         if self.device.type == "cuda" and self.config.memory_budget_gib is not None:
             torch.cuda.empty_cache()
             in_use = torch.cuda.memory_allocated(self.device)
-            room = self.config.memory_budget_gib * GIB - in_use - self.config.workspace_gib * GIB
+            free, _ = torch.cuda.mem_get_info(self.device)
+            # The budget, or what this card can still give (a smaller card, another process),
+            # less half a GiB for the CUDA context's own allocations.
+            budget = min(self.config.memory_budget_gib * GIB, in_use + free - GIB // 2)
+            room = budget - in_use - self.config.workspace_gib * GIB
             fit = int(room // self.slot_bytes(cache_len))
             if fit < 1:
                 raise RuntimeError(
                     f"the fast path needs {self.slot_bytes(cache_len) / GIB:.2f} GiB per slot and "
                     f"{self.config.workspace_gib} GiB of workspace; only {room / GIB:.2f} GiB are "
-                    f"left under the {self.config.memory_budget_gib} GiB budget")
+                    f"left under a {budget / GIB:.1f} GiB budget ({self.config.memory_budget_gib} GiB "
+                    f"asked, {(in_use + free) / GIB:.1f} GiB on the card for this process)")
             if fit < slots:
-                log.info("fast path: %d slots fit the %.0f GiB budget (asked for %d)", fit,
-                         self.config.memory_budget_gib, slots)
+                log.info("fast path: %d slots fit the %.1f GiB budget (asked for %d)", fit, budget / GIB, slots)
                 slots = fit
         shape_self = (slots, self.kv_heads, cache_len, self.head_dim)
         shape_cross = (slots, self.kv_heads, self.vision_tokens, self.head_dim)

@@ -273,5 +273,9 @@ def test_whole_harness_on_the_tiny_model(tmp_path, capsys):
     figures = report["figures"]
     assert figures["fast_projected_minutes"] > 0 and figures["a_projected_minutes"] > 0
     assert figures["limit_ratio"] is None and figures["targets"]["limit_ratio"]["met"] is None  # no card on CPU
+    # where the projected gate goes: the phases add up to the projection
+    breakdown = figures["breakdown"]
+    assert sum(part["seconds"] for part in breakdown.values()) == pytest.approx(figures["fast_projected_minutes"] * 60)
+    assert breakdown["vision"]["seconds"] > 0 and breakdown["decode"]["floor_seconds"] is None
     assert any("capped at 12" in note for note in report["notes"])
     assert set(report["plain"]["per_benchmark"]) == set(bench.BENCHMARK_ORDER)

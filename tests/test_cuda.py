@@ -42,11 +42,15 @@ def test_tiny_pair_on_cuda_is_batch_invariant(cuda_tiny_pair):
         single = pair.generate(requests, variant, batch_size=1, progress=False)
         assert set(batched) == set(single) == {r.key for r in requests}
         references = {r.key: vlmevalkit_single(pair, r, variant) for r in requests}
+        fast = pair.generate(requests, variant, progress=False, engine="fast")  # CUDA graphs
+        assert pair.fast_engine is not None and pair.fast_engine.last_stats.graphs == "on"
         if strict:
             assert_matches_reference(single, references, tie_tolerance=0.0, min_decisive=0.75)
             assert_matches_reference(batched, references, tie_tolerance=1e-3, min_decisive=0.75)
+            assert_matches_reference(fast, references, tie_tolerance=1e-3, min_decisive=0.75)
         else:
             assert_matches_reference(batched, references, tie_tolerance=BF16_TIE_TOLERANCE, min_decisive=0.0)
+            assert_matches_reference(fast, references, tie_tolerance=BF16_TIE_TOLERANCE, min_decisive=0.0)
         decisive = sum(ref.min_margin > BF16_TIE_TOLERANCE for ref in references.values())
         same = sum(batched[k] == single[k] for k in batched)
         print(f"\ntiny {str(pair.dtype).removeprefix('torch.')} {variant}: {same}/{len(batched)} batched "
