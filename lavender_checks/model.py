@@ -92,7 +92,7 @@ class ModelPair:
 
     ``model`` is a ``peft.PeftModel`` when an adapter is loaded, else the plain
     ``MllamaForConditionalGeneration``. Generation lives in ``lavender_checks.generation``
-    (the default engine) and ``lavender_checks.fastgen`` (``engine="fast"``);
+    (``engine="generate"``) and ``lavender_checks.fastgen`` (``engine="fast"``, a run's default);
     ``ModelPair.generate`` dispatches to one of them.
     """
 
