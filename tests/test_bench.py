@@ -279,3 +279,27 @@ def test_whole_harness_on_the_tiny_model(tmp_path, capsys):
     assert breakdown["vision"]["seconds"] > 0 and breakdown["decode"]["floor_seconds"] is None
     assert any("capped at 12" in note for note in report["notes"])
     assert set(report["plain"]["per_benchmark"]) == set(bench.BENCHMARK_ORDER)
+
+
+def test_breakdown_script_explains_a_saved_report(tmp_path, capsys):
+    import runpy
+
+    from lavender_checks import REPO_ROOT
+
+    script = runpy.run_path(str(REPO_ROOT / "scripts" / "bench_breakdown.py"))
+    run = {"rows": 10, "full_rows": 100, "seconds": 10.0, "capture_seconds": 0.0, "decode_seconds": 4.0,
+           "drain_seconds": 0.0, "drain_rows": 0, "slots": 4, "new_tokens": 5,
+           "stats": {"seconds": {"vision": 5.0, "prefill": 1.0, "prep_wait": 0.0}}}
+    fast = {"per_run": {"base/MME": run}}
+    fast["projection"] = bench.project_fast(fast["per_run"])
+    limit = {"image_seconds": 25.0, "prefill_seconds": 5.0, "decode_seconds": 10.0, "cross_kv_read_seconds": 10.0}
+    report = tmp_path / "r.json"
+    report.write_text(json.dumps({"device": "card", "scale": 0.1, "fast": fast, "figures": {"card_limit": limit}}))
+    assert script["main"]([str(report), "--json", str(tmp_path / "b.json")]) == 0
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["breakdown"]["vision"]["seconds"] == pytest.approx(50.0)
+    assert saved["breakdown"]["vision"]["over_floor"] == pytest.approx(2.0)
+    assert saved["breakdown"]["decode"]["seconds"] == pytest.approx(40.0)  # steady phase x 10, no drain
+    assert "vision" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text("{}")
+    assert script["main"]([str(tmp_path / "bad.json")]) == 2
