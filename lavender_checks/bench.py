@@ -685,8 +685,10 @@ def parse_shard(text: str) -> tuple[int, int]:
 def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     """The workload and the fast path's knobs (``bench-gpus`` hands these on to every process)."""
     parser.add_argument("--workload", default=None, help="workload TOML (default: the package's workload.toml)")
-    parser.add_argument("--scale", type=float, default=0.1,
-                        help="fraction of every benchmark's rows and images the fast path runs (default 0.1)")
+    parser.add_argument("--scale", type=float, default=0.2,
+                        help="fraction of every benchmark's rows and images the fast path runs (default 0.2: "
+                             "the smallest at which every benchmark's steady phase is longer than one batch "
+                             "of 125 slots; a smaller run projects its decode more coarsely, and says so)")
     parser.add_argument("--slots", type=int, default=None, help="decode batch of the fast path (default: FastGenConfig)")
     parser.add_argument("--chunk-rows", type=int, default=None,
                         help="rows per fast-runner call, grouped by image as the runner hands them "
