@@ -421,3 +421,45 @@ def test_the_report_names_the_engine(tmp_path):
     path = pipeline.write_run_report(run, pipeline.judge_run(run), reports_root=tmp_path / "reports")
     report = (Path(path) / "report.md").read_text(encoding="utf-8")
     assert "- engine:\n" in report and "  - name: `fast`" in report
+
+
+def test_a_broken_image_mid_run_names_its_row_and_the_finished_rows_stay_stored(tiny_checkpoints, tmp_path):
+    """The fast engine opens an image only when it encodes it, so a broken one surfaces in the
+    middle of a run: the error names file, row and column, and what finished before it is kept."""
+    import base64
+    import json
+    import shutil
+    import warnings
+
+    import pandas as pd
+
+    from lavender_checks.data import DataError
+    from lavender_checks.fastgen import FastGenConfig
+    from lavender_checks.model import load_pair
+    from lavender_checks.predictions import StoreKey
+
+    root = tmp_path / "lmudata"
+    root.mkdir()
+    tsv = root / "DocVQA_VAL.tsv"
+    shutil.copy(MINI / "DocVQA_VAL.tsv", tsv)
+    table = pd.read_csv(tsv, sep="\t", dtype=str, keep_default_na=False)
+    broken = table["index"].iloc[12]
+    table.loc[12, "image"] = base64.b64encode(b"no picture here" * 8).decode()
+    table.to_csv(tsv, sep="\t", index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the md5 no longer matches the official file's
+        frame = load_benchmark_frame("DocVQA_VAL", root)
+
+    pair = load_pair(tiny_checkpoints.base, tiny_checkpoints.adapter, device="cpu")
+    pair.fast_config = FastGenConfig(max_slots=2, prep_threads=1)  # rows finish and are stored one by one
+    store = PredictionStore(tmp_path / "store")
+    with pytest.raises(DataError) as err:
+        predict_run(pair, "DocVQA_VAL", frame, load_profile("seed-report"), "lavender", store,
+                    lmu_root=root, progress=False, engine="fast")
+    message = str(err.value)
+    assert str(tsv) in message and f"index {broken}" in message and "column 'image'" in message
+    (key_file,) = (tmp_path / "store").rglob("key.json")
+    kept = store.log(StoreKey(**json.loads(key_file.read_text()))).existing()
+    before = {str(i) for i in frame["index"].iloc[:12]}
+    # every row before the broken one but those still in the 2 slots when it came up
+    assert {str(i) for i in kept} <= before and len(kept) >= 12 - 2
