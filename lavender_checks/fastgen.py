@@ -72,8 +72,8 @@ class FastGenConfig:
     min_cache_len: int = 1024  # self-attention cache positions allocated at least (regrowing recaptures graphs)
     # key-length buckets: "linear" (128, 256, 384, ...) or "double" (128, 256, 512, ...)
     bucket_growth: str = "linear"
-    # "split" (split_vision_attention: 65-77 ms per 4-tile image on an H100, run 4) or
-    # "transformers" (its masked attention, which rules out the flash kernel: 80-90 ms, run 2)
+    # "split" (split_vision_attention: flash-capable, 68-74 ms an image for base on an H100,
+    # run 6) or "transformers" (its masked attention, which rules out flash: 80 ms, run 2)
     vision_attention: str = "split"
     phase_timing: bool = False  # synchronise at phase ends so that phase times are exact
 
@@ -486,12 +486,9 @@ class FastGenerator:
             if image_key is not None:
                 group = f"key:{image_key}"  # the caller vouches for identical pixels
             else:
-                opened = image() if callable(image) else image
-                group = image_digest(opened)
                 # A loader is called again when its image is encoded: holding every opened
                 # image of a whole benchmark would not fit in memory.
-                if not callable(image):
-                    image = opened
+                group = image_digest(image() if callable(image) else image)
             return _Row(position, key, ids, where[0], group, max_new), image
 
         prepared = list(pool.map(prepare, enumerate(requests)))
