@@ -320,16 +320,27 @@ class RequestMaker:
 
 @dataclass
 class Subject:
-    """The model, processor and generation settings every path shares (one weight copy)."""
+    """The model pair and the generation settings every path shares (one weight copy)."""
 
-    model: Any  # peft.PeftModel over MllamaForConditionalGeneration
-    processor: Any
-    variant_context: Any  # variant -> context manager
+    pair: Any  # ModelPair: a peft.PeftModel over MllamaForConditionalGeneration
     generation_config: Any  # greedy; EOS off when lengths are forced
-    device: Any
     description: dict = field(default_factory=dict)
-    pair: Any = None  # a ModelPair when the suite's loader made it (plain path)
-    adapter_touches_vision: bool = True
+
+    @property
+    def model(self) -> Any:
+        return self.pair.model
+
+    @property
+    def processor(self) -> Any:
+        return self.pair.processor
+
+    @property
+    def device(self) -> Any:
+        return self.pair.device
+
+    @property
+    def variant_context(self) -> Any:  # variant -> context manager
+        return self.pair.variant
 
 
 def _greedy_config(model: Any, processor: Any, force_lengths: bool):
@@ -350,14 +361,6 @@ def _greedy_config(model: Any, processor: Any, force_lengths: bool):
         # the fast path reads this "never" value. Random weights hardly ever pick EOS anyway.
         config.min_new_tokens = FORCE_NEVER_EOS
     return config
-
-
-def _lora_counts(model: Any) -> dict[str, int]:
-    counts = {"vision": 0, "text": 0}
-    for name, module in model.named_modules():
-        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
-            counts["vision" if "vision_model" in name else "text"] += 1
-    return counts
 
 
 def _adapter_settings(workload: Workload, adapter_config: str | None) -> dict:
@@ -381,43 +384,21 @@ def build_fullsize_subject(workload: Workload, args) -> Subject:
     """The full-size architecture with random weights on CUDA, and a random adapter."""
     import torch
 
-    from . import fullsize
-    from .fastgen import default_variant_context
-    from .model import ModelPair
+    from .fullsize import fullsize_pair
+    from .model import resolve_device
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if dtype == torch.float32 and device.type == "cuda":
+    device = resolve_device(args.device)
+    if args.dtype == "float32" and device.type == "cuda":
         # float32 means float32: no TF32 in matmuls or in the patch embedding's convolution,
         # whose kernel choice may differ between batch sizes.
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     settings = _adapter_settings(workload, args.adapter_config)
     t0 = time.perf_counter()
-    processor = fullsize.fullsize_processor()
-    processor.tokenizer.padding_side = "left"
-    model = fullsize.build_random_fullsize(device, dtype, args.seed, processor)
-    if args.attn and hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(args.attn)
-    model = fullsize.random_lavender_adapter(model, r=settings["r"], alpha=settings["lora_alpha"],
-                                             targets=settings["target_modules"], seed=args.seed + 1)
-    for param in model.parameters():
-        param.requires_grad_(False)
-    _sync(device)
+    pair = fullsize_pair(device, args.dtype, seed=args.seed, lora=settings, attn=args.attn)
+    _sync(pair.device)
     built = time.perf_counter() - t0
-    counts = _lora_counts(model)
-    pair = ModelPair(model=model, processor=processor, device=device, dtype=dtype, base_path=None,
-                     base_fingerprint=f"random-fullsize-seed{args.seed}", adapter_path=Path("random-adapter"),
-                     adapter_fingerprint=f"random-lora-seed{args.seed + 1}")
-    return Subject(
-        model=model, processor=processor, variant_context=default_variant_context(model),
-        generation_config=_greedy_config(model, processor, args.force_lengths), device=device, pair=pair,
-        description={"kind": "full-size, random weights", "build_seconds": built, "adapter": settings,
-                     "lora_modules": counts},
-        adapter_touches_vision=counts["vision"] > 0,
-    )
+    return _subject(pair, args, {"kind": "full-size, random weights", "build_seconds": built, "adapter": settings})
 
 
 def build_tiny_subject(workload: Workload, args) -> Subject:
@@ -429,15 +410,12 @@ def build_tiny_subject(workload: Workload, args) -> Subject:
 
     paths = ensure_tiny_checkpoints()
     pair = load_pair(paths.base, paths.adapter, device="cpu", dtype=torch.float32)
-    counts = _lora_counts(pair.model)
-    return Subject(
-        model=pair.model, processor=pair.processor, variant_context=pair.variant,
-        generation_config=_greedy_config(pair.model, pair.processor, args.force_lengths),
-        device=torch.device("cpu"), pair=pair,
-        description={"kind": "tiny, CPU (timings meaningless)", "lora_modules": counts,
-                     "adapter": {"source": str(paths.adapter)}},
-        adapter_touches_vision=counts["vision"] > 0,
-    )
+    return _subject(pair, args, {"kind": "tiny, CPU (timings meaningless)", "adapter": {"source": str(paths.adapter)}})
+
+
+def _subject(pair: Any, args, description: dict) -> Subject:
+    return Subject(pair=pair, generation_config=_greedy_config(pair.model, pair.processor, args.force_lengths),
+                   description={**description, "lora_modules": pair.lora_modules_by_tower})
 
 
 # ---------------------------------------------------------------------------------------
@@ -682,34 +660,41 @@ def parse_shard(text: str) -> tuple[int, int]:
 # The command
 
 
-def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
-    """The workload and the fast path's knobs (``bench-gpus`` hands these on to every process)."""
-    parser.add_argument("--workload", default=None, help="workload TOML (default: the package's workload.toml)")
-    parser.add_argument("--scale", type=float, default=0.2,
+def add_workload_arguments(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The workload and the fast path's knobs; returns their actions (``bench-gpus`` hands
+    these options on to every process)."""
+    added: list[argparse.Action] = []
+
+    def add(*flags, **options) -> None:
+        added.append(parser.add_argument(*flags, **options))
+
+    add("--workload", default=None, help="workload TOML (default: the package's workload.toml)")
+    add("--scale", type=float, default=0.2,
                         help="fraction of every benchmark's rows and images the fast path runs (default 0.2: "
                              "the smallest at which every benchmark's steady phase is longer than one batch "
                              "of 125 slots; a smaller run projects its decode more coarsely, and says so)")
-    parser.add_argument("--slots", type=int, default=None, help="decode batch of the fast path (default: FastGenConfig)")
-    parser.add_argument("--chunk-rows", type=int, default=None,
+    add("--slots", type=int, default=None, help="decode batch of the fast path (default: FastGenConfig)")
+    add("--chunk-rows", type=int, default=None,
                         help="rows per fast-runner call, grouped by image as the runner hands them "
                              "(default: the runner's, runner.DEFAULT_CHUNK_ROWS)")
-    parser.add_argument("--warmup-rows", type=int, default=32,
+    add("--warmup-rows", type=int, default=32,
                         help="rows per benchmark and variant run through the fast runner, untimed, before "
                              "its timed pass (first-use costs of kernels and allocations; 0: none)")
-    parser.add_argument("--vision-batch", type=int, default=None, help="images per vision-tower call")
-    parser.add_argument("--no-graphs", action="store_true", help="decode without CUDA graphs")
-    parser.add_argument("--vision-attention", choices=("transformers", "split"), default=None,
+    add("--vision-batch", type=int, default=None, help="images per vision-tower call")
+    add("--no-graphs", action="store_true", help="decode without CUDA graphs")
+    add("--vision-attention", choices=("transformers", "split"), default=None,
                         help="vision-tower attention of the fast path (default: FastGenConfig)")
-    parser.add_argument("--buckets", choices=("double", "linear"), default=None,
+    add("--buckets", choices=("double", "linear"), default=None,
                         help="key-length buckets of the decode step (default: FastGenConfig)")
-    parser.add_argument("--admit-fraction", type=float, default=None,
+    add("--admit-fraction", type=float, default=None,
                         help="prefill waiting rows once this fraction of the slots is free (default: FastGenConfig)")
-    parser.add_argument("--max-output-tokens", type=int, default=None,
+    add("--max-output-tokens", type=int, default=None,
                         help="cap every drawn output length (quick runs; changes the workload, and says so)")
-    parser.add_argument("--adapter-config", default=None,
+    add("--adapter-config", default=None,
                         help="a real adapter_config.json whose r, lora_alpha and target_modules the random adapter takes")
-    parser.add_argument("--attn", default="sdpa", help="attention implementation of the model (default sdpa)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    add("--attn", default="sdpa", help="attention implementation of the model (default sdpa)")
+    add("--seed", type=int, default=0, help="seed of the random weights")
+    return added
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -981,8 +966,6 @@ def run_plain_section(subject: Subject, workload: Workload, maker: RequestMaker,
     """The suite's batched generate on a few rows per benchmark (the first variant)."""
     from .generation import generate as suite_generate
 
-    if subject.pair is None:
-        return {"skipped": "the plain path needs a ModelPair (the full-size subject is built directly)"}
     variant = workload.variants[0]
     section: dict[str, Any] = {"variant": variant, "per_benchmark": {}}
     _reset_peak(subject.device)

@@ -29,9 +29,6 @@ from typing import Any
 from . import REPORTS
 
 TARGET_SPEEDUP_2_GPUS = 1.8  # issue target for two GPUs; N GPUs are judged against 0.9 N
-# Options handed on to every `bench` process unchanged (the workload and the engine's knobs).
-FORWARDED = ("workload", "scale", "chunk_rows", "warmup_rows", "slots", "vision_batch", "vision_attention",
-             "buckets", "admit_fraction", "max_output_tokens", "seed", "attn", "adapter_config")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,15 +83,19 @@ class BenchProcessError(RuntimeError):
 
 
 def _child_argv(args: argparse.Namespace, shard: tuple[int, int], report: Path) -> list[str]:
+    """A `bench` process's command line: every workload option (``add_workload_arguments``)
+    as given here, and the shard."""
+    from .bench import add_workload_arguments
+
     argv = [sys.executable, "-m", "lavender_checks.cli", "bench", "--paths", "fast",
             "--shard", f"{shard[0]}/{shard[1]}", "--out", str(report)]
-    for name in FORWARDED:
-        value = getattr(args, name, None)
-        if value is not None:
-            argv += [f"--{name.replace('_', '-')}", str(value)]
-    if getattr(args, "no_graphs", False):
-        argv.append("--no-graphs")
-    if getattr(args, "tiny_cpu", False):
+    for action in add_workload_arguments(argparse.ArgumentParser(add_help=False)):
+        value = getattr(args, action.dest, None)
+        if action.nargs == 0:  # a flag
+            argv += [action.option_strings[0]] if value else []
+        elif value is not None:
+            argv += [action.option_strings[0], str(value)]
+    if args.tiny_cpu:
         argv.append("--tiny-cpu")
     return argv
 

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lavender_checks.tiny import build_tiny_processor, special_token_ids
+from lavender_checks.tiny import build_tiny_processor, special_token_ids, wrap_with_random_lora
 
 if TYPE_CHECKING:
     import torch
@@ -85,23 +85,17 @@ def build_random_fullsize(device, dtype=None, seed: int = 0, processor=None):
 def random_lavender_adapter(model, r: int = 8, alpha: int = 32, targets=("q_proj", "v_proj"), seed: int = 0, b_std: float = 0.02):
     """Wrap ``model`` in a peft LoRA over every ``targets`` module (vision tower included),
     with random, non-zero B (peft initialises B to zero)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        peft_model = get_peft_model(model, config)
-        with torch.no_grad():
-            for name, param in peft_model.named_parameters():
-                if ".lora_B." in name:
-                    param.normal_(std=b_std)
-    return peft_model.eval()
+    lora = dict(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)
+    return wrap_with_random_lora(model, lora, seed, b_std).eval()
 
 
-def fullsize_pair(device=None, dtype=None, seed: int = 0, with_adapter: bool = True) -> "ModelPair":
-    """A ``ModelPair`` of the random full-size model (and a random LoRA), ready to generate."""
+def fullsize_pair(device=None, dtype=None, seed: int = 0, with_adapter: bool = True,
+                  lora: dict | None = None, attn: str | None = None) -> "ModelPair":
+    """A ``ModelPair`` of the random full-size model (and a random LoRA), ready to generate.
+
+    ``lora``: ``r``, ``lora_alpha`` and ``target_modules`` of the random adapter (default the
+    Lavender authors' r=8, alpha 32 on every q_proj/v_proj). ``attn``: the model's attention
+    implementation (default transformers')."""
     from lavender_checks.model import ModelPair, count_by_tower, lora_module_names, resolve_device, resolve_dtype
 
     device = resolve_device(device)
@@ -109,6 +103,8 @@ def fullsize_pair(device=None, dtype=None, seed: int = 0, with_adapter: bool = T
     processor = fullsize_processor()
     processor.tokenizer.padding_side = "left"
     model = build_random_fullsize(device, dtype, seed, processor)
+    if attn and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(attn)
     pair = ModelPair(
         model=model,
         processor=processor,
@@ -118,12 +114,16 @@ def fullsize_pair(device=None, dtype=None, seed: int = 0, with_adapter: bool = T
         base_fingerprint=f"random-fullsize-seed{seed}",
     )
     if with_adapter:
-        pair.model = random_lavender_adapter(model, seed=seed + 1)
-        pair.adapter_fingerprint = f"random-lora-r8-a32-q_proj-v_proj-seed{seed + 1}"
+        lora = lora or {"r": 8, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"]}
+        targets = list(lora["target_modules"])
+        pair.model = random_lavender_adapter(model, r=lora["r"], alpha=lora["lora_alpha"], targets=targets,
+                                             seed=seed + 1)
+        pair.adapter_fingerprint = (f"random-lora-r{lora['r']}-a{lora['lora_alpha']}-"
+                                    f"{'-'.join(targets)}-seed{seed + 1}")
         pair.adapter_key_layout = "current"
-        lora = lora_module_names(pair.model)
-        pair.lora_modules_applied = len(lora)
-        pair.lora_modules_by_tower = count_by_tower(lora)
+        names = lora_module_names(pair.model)
+        pair.lora_modules_applied = len(names)
+        pair.lora_modules_by_tower = count_by_tower(names)
     for param in pair.model.parameters():
         param.requires_grad_(False)
     return pair

@@ -969,23 +969,36 @@ def save_random_lora(model, folder: Path, seed: int) -> None:
     _make_reproducible(folder)
 
 
+def wrap_with_random_lora(model, lora: dict, seed: int, b_std: float, adjust_b=None):
+    """``model`` wrapped in a peft LoRA (``lora``: ``LoraConfig`` keywords) whose B matrices are
+    random and non-zero (peft initialises B to zero), the same for the same seed and shapes,
+    without touching the caller's random state. ``adjust_b(name, param)`` may edit each B
+    after it is drawn. Shared by the tiny adapters and the full-size random adapter."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, LoraConfig(**lora))
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if ".lora_B." in name:
+                    param.normal_(std=b_std)
+                    if adjust_b is not None:
+                        adjust_b(name, param)
+    return peft_model
+
+
 @contextlib.contextmanager
 def random_lora(model, seed: int):
     """``model`` wrapped with the random LoRA of ``seed`` (the same weights for the same seed
     and shapes), unwrapped again on exit. B is random except where it would change the
     prompt head."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(**LORA)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        peft_model = get_peft_model(model, config)
-        with torch.no_grad():
-            for name, param in peft_model.named_parameters():
-                if ".lora_B." in name:
-                    param.normal_(std=LORA_B_STD)
-                    _limit_adapter_on_prompt_heads(name, param, model.config.text_config)
+    text_config = model.config.text_config
+    peft_model = wrap_with_random_lora(
+        model, LORA, seed, LORA_B_STD,
+        adjust_b=lambda name, param: _limit_adapter_on_prompt_heads(name, param, text_config))
     try:
         yield peft_model
     finally:
