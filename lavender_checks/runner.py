@@ -132,7 +132,11 @@ def predict_run(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, prof
                     "and are generated again", bench.name, variant, recomputed)
 
     if fast:
-        batches = _image_chunks(frame, indices, chunk_rows or DEFAULT_CHUNK_ROWS, dump)
+        # Each row's image identity, worked out once: it cuts the chunks and goes with the request.
+        image_keys = {index: image_key(frame, index, dump) for index in indices}
+        # By image, never cutting one; the chunks depend on the whole frame only, so a resumed
+        # run cuts the same ones.
+        batches = pack_groups(indices, image_keys.__getitem__, chunk_rows or DEFAULT_CHUNK_ROWS)
     else:
         batches = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
     todo = [[index for index in batch if index not in predictions] for batch in batches]
@@ -153,7 +157,7 @@ def predict_run(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, prof
                     images=[functools.partial(load_image, frame, index, bench, lmu_root, dump) if fast
                             else load_image(frame, index, bench, lmu_root, dump)],
                     max_new_tokens=prompting.max_new_tokens,
-                    image_key=image_key(frame, index, dump) if fast else None,
+                    image_key=image_keys[index] if fast else None,
                 )
                 for index in batch
             ]
@@ -232,16 +236,6 @@ def pack_groups(items: Iterable[Any], group_of: Callable[[Any], Any], chunk_rows
         else:
             chunks.append(list(group))
     return chunks
-
-
-def _image_chunks(frame: pd.DataFrame, indices: Sequence[Index], chunk_rows: int,
-                  dump_suffix: str) -> list[list[Index]]:
-    """``indices`` grouped by image (``data.image_key``) and packed by ``pack_groups``, for the
-    fast engine. The chunks depend on the whole frame only, so a resumed run cuts the same ones.
-    """
-    from .data import image_key
-
-    return pack_groups(indices, lambda index: image_key(frame, index, dump_suffix), chunk_rows)
 
 
 def _compute_of(pair: Any) -> str:
