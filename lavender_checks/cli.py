@@ -9,11 +9,11 @@ import sys
 
 # subcommand -> (module, one-line help). Each module defines add_arguments(parser) and main(args) -> int.
 SUBCOMMANDS = {
-    "run": ("lavender_checks.pipeline", "generate (or reuse) predictions for base and Lavender, score, gate and write a report"),
+    "run": ("lavender_checks.run.pipeline", "generate (or reuse) predictions for base and Lavender, score, gate and write a report"),
     "score": ("lavender_checks.rescore", "score a VLMEvalKit prediction file exactly as VLMEvalKit does"),
-    "bench": ("lavender_checks.bench", "speed benchmark on the full-size architecture with random weights (CUDA)"),
-    "bench-gpus": ("lavender_checks.bench_gpus", "how the fast path scales over several GPUs, one process per GPU (CUDA)"),
-    "make-mini-data": ("lavender_checks.minidata", "rebuild the synthetic mini benchmarks in fixtures/lmudata-mini"),
+    "bench": ("lavender_checks.speed.bench", "speed benchmark on the full-size architecture with random weights (CUDA)"),
+    "bench-gpus": ("lavender_checks.speed.gpus", "how the fast path scales over several GPUs, one process per GPU (CUDA)"),
+    "make-mini-data": ("lavender_checks.synthetic.minidata", "rebuild the synthetic mini benchmarks in fixtures/lmudata-mini"),
 }
 
 

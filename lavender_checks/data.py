@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from .benchmarks import Benchmark, BenchmarkSpec, get_benchmark
+from lavender_checks.benchmarks import Benchmark, BenchmarkSpec, get_benchmark
 
 __all__ = [
     "DataError", "DataMismatchError", "DataMismatchWarning",

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # heavy imports stay inside functions
     import torch
 
-    from lavender_checks.generation import GenerationRequest
+    from lavender_checks.engines.batched import GenerationRequest
 
 ADAPTER_NAME = "default"
 PAD_TOKEN = "<|finetune_right_pad_id|>"
@@ -91,8 +91,8 @@ class ModelPair:
     """One base model in memory, with or without the adapter wrapped around it.
 
     ``model`` is a ``peft.PeftModel`` when an adapter is loaded, else the plain
-    ``MllamaForConditionalGeneration``. Generation lives in ``lavender_checks.generation``
-    (``engine="generate"``) and ``lavender_checks.fastgen`` (``engine="fast"``, a run's default);
+    ``MllamaForConditionalGeneration``. Generation lives in ``lavender_checks.engines.batched``
+    (``engine="generate"``) and ``lavender_checks.engines.fast.engine`` (``engine="fast"``, a run's default);
     ``ModelPair.generate`` dispatches to one of them.
     """
 
@@ -150,16 +150,16 @@ class ModelPair:
         progress: bool = True,
         engine: str = GENERATE_ENGINE,
     ) -> dict[str, str]:
-        """Greedy predictions keyed by request key; see ``lavender_checks.generation.generate``.
+        """Greedy predictions keyed by request key; see ``lavender_checks.engines.batched.generate``.
 
         engine: "generate" (the default here) runs ``generation.generate``. "fast" runs the pair's
         ``fastgen.FastGenerator`` (built once, on first use), where a request's image may also
         be a zero-argument loader; when the engine cannot take the call (the generation config
         asks for logits processing it does not reproduce, or a request has other than one
         image) the call goes to ``generation.generate`` instead, the reason logged and kept in
-        ``engine_fallbacks``. On CPU both engines give the same greedy tokens (tests/test_fastgen.py).
+        ``engine_fallbacks``. On CPU both engines give the same greedy tokens (tests/integration/test_fastgen.py).
         """
-        from lavender_checks.generation import generate
+        from lavender_checks.engines.batched import generate
 
         if engine not in ENGINES:
             raise ValueError(f"unknown generation engine {engine!r}; engines: {', '.join(ENGINES)}")
@@ -181,8 +181,8 @@ class ModelPair:
 
     def _fast_engine_for(self, requests) -> tuple[Any, str | None]:
         """(the fast engine, None) when it can run ``requests``, else (None, why not)."""
-        from lavender_checks.fastgen import UnsupportedGenerationSetting, fast_generator_for_pair
-        from lavender_checks.generation import _greedy_settings
+        from lavender_checks.engines.fast.engine import UnsupportedGenerationSetting, fast_generator_for_pair
+        from lavender_checks.engines.batched import _greedy_settings
 
         # Keyed by the greedy config as generation.generate would use it now: a config
         # changed after the engine was built must not be ignored.
@@ -238,7 +238,7 @@ def _generate_opening_loaders(pair: ModelPair, requests, variant: str, *, batch_
     """``generation.generate`` for requests meant for the fast engine: images given as
     zero-argument loaders are opened here, ``batch_size`` requests at a time, so a runner's
     chunk of images is never in memory all at once."""
-    from lavender_checks.generation import GenerationRequest, generate
+    from lavender_checks.engines.batched import GenerationRequest, generate
 
     if not any(callable(image) for request in requests for image in request.images):
         return generate(pair, requests, variant, batch_size=batch_size, on_batch=on_batch, progress=progress)

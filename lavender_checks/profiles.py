@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import FIXTURES
+from lavender_checks import FIXTURES
 
 PROFILES_DIR = FIXTURES / "profiles"
 QUESTION_FIELD = "{question}"

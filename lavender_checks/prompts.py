@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .benchmarks import Benchmark, get_benchmark
-from .profiles import QUESTION_FIELD, Profile
+from lavender_checks.benchmarks import Benchmark, get_benchmark
+from lavender_checks.profiles import QUESTION_FIELD, Profile
 
 EOT = "<|eot_id|>"
 

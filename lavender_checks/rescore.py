@@ -82,9 +82,9 @@ def _print_table(benchmark: str, source: Path, rows: int, metrics: dict[str, flo
 
 
 def main(args: argparse.Namespace) -> int:
-    from .benchmarks import UnknownBenchmark, get_benchmark
-    from .benchmarks.vlmeval_common import ScoringInputError
-    from .vlmeval_io import PredictionFileError, read_prediction_file
+    from lavender_checks.benchmarks import UnknownBenchmark, get_benchmark
+    from lavender_checks.benchmarks.vlmeval_common import ScoringInputError
+    from lavender_checks.vlmeval_io import PredictionFileError, read_prediction_file
 
     try:
         benchmark = get_benchmark(args.benchmark)

@@ -1,7 +1,7 @@
 """Full-size smoke figures of the suite's default engine (CUDA).
 
 Builds Llama-3.2-11B-Vision with random weights and a random Lavender-shaped LoRA
-(``lavender_checks.fullsize.fullsize_pair``), then runs ``ModelPair.generate`` — the path
+(``lavender_checks.synthetic.fullsize.fullsize_pair``), then runs ``ModelPair.generate`` — the path
 the runner takes — at several batch sizes for both variants, on 4-tile images and
 ~120-token prompts. Random weights almost never emit EOS (about 1 in 128k a step), so rows
 run to ``--new-tokens``. Prints samples/s and peak memory per batch size, and writes them as
@@ -31,13 +31,13 @@ def main() -> int:
     import torch
     from PIL import Image
 
-    from lavender_checks.fullsize import fullsize_pair
-    from lavender_checks.generation import GenerationRequest
+    from lavender_checks.synthetic.fullsize import fullsize_pair
+    from lavender_checks.engines.batched import GenerationRequest
     from lavender_checks.prompts import Prompt, chat_text
 
     if args.tiny_cpu:  # the script's own check: the same calls on the tiny pair, no timings worth reading
         from lavender_checks.model import load_pair
-        from lavender_checks.tiny import ensure_tiny_checkpoints
+        from lavender_checks.synthetic.tiny import ensure_tiny_checkpoints
 
         class _NoCuda:  # stand-in for torch.cuda's counters on CPU
             def __getattr__(self, name):

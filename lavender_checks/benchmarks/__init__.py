@@ -7,7 +7,7 @@ import tomllib
 from functools import cache
 from pathlib import Path
 
-from .base import Benchmark, BenchmarkSpec, Ratio, ScoreResult
+from lavender_checks.benchmarks.base import Benchmark, BenchmarkSpec, Ratio, ScoreResult
 
 __all__ = ["Benchmark", "BenchmarkSpec", "Ratio", "ScoreResult", "UnknownBenchmark",
            "get_benchmark", "get_spec", "benchmark_names", "all_benchmarks"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .base import Ratio
+from lavender_checks.benchmarks.base import Ratio
 
 _RULES = Path(__file__).with_name("vlmeval_rules.toml")
 _INTEGER_TEXT = re.compile(r"^\s*[+-]?\d+\s*$")
@@ -171,7 +171,7 @@ def vqa_inputs(predictions: pd.DataFrame, benchmark: str, columns: Sequence[str]
     ``parse_answers`` turns an answer cell into its list (DocVQA's or ChartQA's rule); a cell
     VLMEvalKit's scorer would crash on is refused with the row and column named.
     """
-    from ..text import NonStringAnswerError
+    from lavender_checks.text import NonStringAnswerError
 
     require_columns(predictions, columns, benchmark)
     require_rows(predictions, benchmark)

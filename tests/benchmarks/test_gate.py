@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import pytest
 
-from lavender_checks import pipeline
-from lavender_checks.gate import load_reference
+from lavender_checks.run import pipeline
+from lavender_checks.gate.verdicts import load_reference
 
 QUANTITY_OF_TEST = {"test_base": "base", "test_lavender": "lavender", "test_gain": "gain"}
 

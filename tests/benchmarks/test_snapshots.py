@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from syrupy.extensions.json import JSONSnapshotExtension
 
-from lavender_checks import pipeline
+from lavender_checks.run import pipeline
 from lavender_checks.profiles import load_profile
 
 CANARY_ROWS = 3  # first rows per benchmark whose predictions are kept verbatim

@@ -1,0 +1,186 @@
+"""pytest options and the session fixtures of the benchmark gate (tests/benchmarks/).
+
+Options: the same as ``lavender-checks run`` (``lavender_checks.run.pipeline.RUN_OPTIONS``):
+``--base-model``, ``--lora``, ``--lmu-data``, ``--benchmark``, ``--profile``, ``--reference``,
+``--gate``, ``--limit``, ``--fraction``, ``--batch-size``, ``--from-vlmeval``, ``--base-name``,
+``--lavender-name``, ``--store``, ``--device``, ``--dtype``, ``--engine``, ``--chunk-rows`` and
+``--reports``. With none, the built-in tiny
+pair runs on the mini benchmarks and is gated against its own numbers
+(fixtures/reported/tiny-mini.toml).
+
+pytest-xdist (``-n auto`` = one worker per GPU):
+* each worker sees one GPU: ``gwN`` gets GPU ``N mod count`` through ``CUDA_VISIBLE_DEVICES``,
+  set when this file is imported, before anything can initialise CUDA; the controller
+  process never touches CUDA (it does not even load the model);
+* no generation is done twice: worker i generates shard i of n of every benchmark into the
+  shared prediction store (its own writer file), then waits at a file barrier until every
+  shard is stored, then scores the union (``pipeline.collect_results``), so every worker
+  holds the same results before any case is judged;
+* one worker writes the report (reports/<run-id>/) and the controller prints the verdict
+  table in the terminal summary;
+* xdist's default ``--dist load`` is the mode to use: the work is split by the fixture, not by
+  how cases are spread (see tests/benchmarks/test_snapshots.py on ``--dist loadgroup``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lavender_checks.run import pipeline
+
+_GATE_SUMMARY = pytest.StashKey[dict]()
+_WORKER_OUTPUT_KEY = "lavender_gate"
+
+
+# ----------------------------------------------------------------------------- GPUs and xdist
+
+
+def _gpu_ids() -> list[str]:
+    """The GPUs this process may use, found without initialising CUDA."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+    proc = Path("/proc/driver/nvidia/gpus")
+    if proc.is_dir():
+        return [str(i) for i in range(len(list(proc.iterdir())))]
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    lines = [line for line in listing.stdout.splitlines() if line.startswith("GPU ")]
+    return [str(i) for i in range(len(lines))] if listing.returncode == 0 else []
+
+
+def _worker() -> tuple[str, int, int] | None:
+    """(worker id, index, worker count) in an xdist worker, else None."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return None
+    return worker, int(worker.removeprefix("gw")), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
+def _pin_worker() -> None:
+    """One GPU per worker, and a fair share of the CPU cores (several torch processes each
+    using every core slow each other down many times over)."""
+    worker = _worker()
+    if worker is None:
+        return
+    gpus = _gpu_ids()
+    if gpus:  # a machine without GPUs runs every worker on the CPU
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[worker[1] % len(gpus)]
+    if "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // worker[2]))
+
+
+# At import, before any test module or plugin can import torch or initialise CUDA here.
+_pin_worker()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per GPU; without GPUs, xdist's default (None)."""
+    return len(_gpu_ids()) or None
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("lavender", "lavender-checks benchmark gate")
+    pipeline.add_run_options(group.addoption)
+
+
+def run_config(config: pytest.Config) -> pipeline.RunConfig:
+    """The RunConfig of the pytest options (pure: no model, no CUDA)."""
+    return pipeline.config_from_options(config.getoption)
+
+
+def pytest_configure(config):
+    try:
+        run_config(config)  # bad options fail before collection, with the option's name
+    except pipeline.RunInputError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def gate_config(pytestconfig) -> pipeline.RunConfig:
+    return run_config(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def model_pair(gate_config):
+    """The base model with the Lavender adapter, loaded once per process (one per GPU worker)."""
+    if gate_config.from_vlmeval is not None:
+        pytest.skip("--from-vlmeval scores VLMEvalKit's files: no model is loaded")
+    return pipeline.load_model_pair(gate_config)
+
+
+@pytest.fixture(scope="session")
+def worker_barrier(gate_config) -> pipeline.ShardBarrier | None:
+    """The files through which this session's xdist workers share work (None without xdist)."""
+    worker = _worker()
+    if worker is None or worker[2] < 2:
+        return None
+    from lavender_checks.run.store import DEFAULT_ROOT
+
+    run_uid = os.environ.get("PYTEST_XDIST_TESTRUNUID", "run")
+    return pipeline.ShardBarrier((gate_config.store or DEFAULT_ROOT) / ".shards" / run_uid,
+                                 worker[2], worker[0])
+
+
+@pytest.fixture(scope="session")
+def run_results(gate_config, worker_barrier, request) -> pipeline.RunResults:
+    """Scores of both variants on every benchmark, computed once per process through the
+    prediction store (a second session only reads it). Under xdist, worker i generates shard
+    i of n and every worker scores the union."""
+    worker = _worker()
+    shard = (worker[1] % worker[2], worker[2]) if worker_barrier is not None else None
+    return pipeline.collect_results(
+        gate_config, load_pair=lambda: request.getfixturevalue("model_pair"), shard=shard,
+        wait_for_shards=worker_barrier,
+        writer=worker[0] if worker else "main", progress=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def gate_outcome(run_results, worker_barrier, pytestconfig) -> pipeline.GateOutcome:
+    """The verdicts of every reference row; the report is written here, by one process."""
+    outcome = pipeline.judge_run(run_results)
+    # Every worker holds the same results: the first to get here writes the report.
+    if worker_barrier is None or worker_barrier.claim("report"):
+        pipeline.write_run_report(run_results, outcome, reports_root=pytestconfig.getoption("reports"))
+        summary = {"table": outcome.table(), "report": str(outcome.report),
+                   "missing": dict(run_results.missing)}
+        pytestconfig.stash[_GATE_SUMMARY] = summary
+        if hasattr(pytestconfig, "workeroutput"):
+            pytestconfig.workeroutput[_WORKER_OUTPUT_KEY] = summary
+    return outcome
+
+
+# ----------------------------------------------------------------------------- terminal summary
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """Controller: keep the summary of the worker that wrote the report."""
+    summary = getattr(node, "workeroutput", {}).get(_WORKER_OUTPUT_KEY)
+    if summary is not None:
+        node.config.stash[_GATE_SUMMARY] = summary
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    summary = config.stash.get(_GATE_SUMMARY, None)
+    if summary is None or hasattr(config, "workeroutput"):
+        return
+    terminalreporter.write_sep("=", "lavender-checks gate")
+    terminalreporter.write_line(summary["table"])
+    for benchmark, reason in summary["missing"].items():
+        terminalreporter.write_line(f"missing {benchmark}: {reason}")
+    terminalreporter.write_line(f"report: {summary['report']}")

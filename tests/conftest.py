@@ -1,0 +1,40 @@
+"""Shared fixtures of the suite's own tests: the tiny checkpoints (built once per session into
+a temporary folder) and the tiny pairs loaded from them on CPU."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def _single_threaded_torch() -> None:
+    # The tiny model gains nothing from intra-op threads, and on a busy 2-core machine
+    # OpenMP's spinning makes two threads ~10x slower than one.
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    from lavender_checks.synthetic.tiny import ensure_tiny_checkpoints
+
+    _single_threaded_torch()
+    return ensure_tiny_checkpoints(tmp_path_factory.mktemp("tiny-checkpoints"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tiny_checkpoints):
+    """The tiny base + adapter on CPU (float32), loaded through ``load_pair``."""
+    from lavender_checks.model import load_pair
+
+    _single_threaded_torch()
+    return load_pair(tiny_checkpoints.base, tiny_checkpoints.adapter, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_base_pair(tiny_checkpoints):
+    """The tiny base alone (a plain ``MllamaForConditionalGeneration``, no peft wrapper)."""
+    from lavender_checks.model import load_pair
+
+    _single_threaded_torch()
+    return load_pair(tiny_checkpoints.base, None, device="cpu")

@@ -1,0 +1,467 @@
+"""``--engine fast``: the fast greedy engine (fastgen.py) as the runner's engine.
+
+On the tiny model on CPU a run with the fast engine computes exactly what a run with the
+default engine computes (predictions and scores, every mini benchmark, both variants);
+either engine resumes a store the other one filled without generating a stored row again;
+what the fast engine cannot take goes to the default engine. With stand-in pairs: the
+runner groups rows by image, never cuts a chunk inside a group, binds one loader per row,
+stores rows as they are reported, and leaves the default engine's batches as they were.
+
+The engines are compared with each other, never with recorded strings: the tiny model's
+outputs are not fixed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import pytest
+from tests.helpers import chat, sample_image
+
+from lavender_checks import FIXTURES
+from lavender_checks.engines import batched as generation
+from lavender_checks.run import pipeline
+from lavender_checks.benchmarks import benchmark_names
+from lavender_checks.data import image_key, load_benchmark_frame, load_image
+from lavender_checks.engines.batched import GenerationRequest
+from lavender_checks.run.pipeline import RunConfig, RunInputError
+from lavender_checks.run.store import PredictionStore
+from lavender_checks.profiles import load_profile
+from lavender_checks.run.predict import DEFAULT_CHUNK_ROWS, predict_run
+
+MINI = FIXTURES / "lmudata-mini"
+
+
+class Stop(RuntimeError):
+    """Ends a run in the middle, as a kill would (after what was reported is stored)."""
+
+
+class Recording:
+    """A model pair that passes every call on to ``pair`` and records it: the engine asked
+    for and the keys asked, and the keys reported back. With ``stop_after`` it raises
+    ``Stop`` once that many rows have been reported (and stored by the runner)."""
+
+    def __init__(self, pair, stop_after: int | None = None):
+        self._pair = pair
+        self.stop_after = stop_after
+        self.calls: list[tuple[str, list]] = []
+        self.reported: list = []
+
+    def __getattr__(self, name):
+        return getattr(self._pair, name)
+
+    def generate(self, requests, variant, *, on_batch=None, **options):
+        self.calls.append((options.get("engine", "generate"), [r.key for r in requests]))
+
+        def report(finished):
+            finished = list(finished)
+            on_batch(finished)
+            self.reported.extend(key for key, _ in finished)
+            if self.stop_after is not None and len(self.reported) >= self.stop_after:
+                raise Stop(f"stopped after {len(self.reported)} rows")
+
+        return self._pair.generate(requests, variant, on_batch=report, **options)
+
+    @property
+    def asked(self) -> list:
+        return [key for _, keys in self.calls for key in keys]
+
+
+@pytest.fixture()
+def pair(tiny_pair, monkeypatch):
+    """The shared tiny pair, with a fallback record of this test's own."""
+    monkeypatch.setattr(tiny_pair, "engine_fallbacks", [])
+    return tiny_pair
+
+
+# ----------------------------------------------------------------------- the same run, faster
+
+
+def test_a_fast_engine_run_computes_what_a_default_engine_run_computes(pair, tmp_path):
+    runs, recorders = {}, {}
+    for engine, chunk_rows in (("generate", None), ("fast", 20)):
+        recorders[engine] = Recording(pair)
+        config = RunConfig(store=tmp_path / engine, engine=engine, chunk_rows=chunk_rows)
+        runs[engine] = pipeline.collect_results(config, pair=recorders[engine], progress=False)
+    default, fast = runs["generate"], runs["fast"]
+
+    assert set(fast.predictions) == set(benchmark_names())
+    for benchmark in benchmark_names():
+        for variant in pipeline.VARIANTS:
+            assert fast.predictions[benchmark][variant] == default.predictions[benchmark][variant], (
+                f"{benchmark}/{variant}")
+            assert fast.results[benchmark][variant].metrics == default.results[benchmark][variant].metrics
+    # A comparison worth making: the tiny model says different things on different rows.
+    said = [p for bench in default.predictions.values() for v in bench.values() for p in v.values()]
+    assert len(set(said)) >= 5
+
+    # Each engine really did the work: every row asked of it, none handed over.
+    rows = sum(len(v) for bench in default.predictions.values() for v in bench.values())
+    assert {engine for engine, _ in recorders["fast"].calls} == {"fast"}
+    assert {engine for engine, _ in recorders["generate"].calls} == {"generate"}
+    assert len(recorders["fast"].asked) == len(recorders["generate"].asked) == rows
+    assert pair.engine_fallbacks == []
+    assert pair.fast_engine is not None and pair.fast_engine.last_stats.rows > 0
+
+    # The engine is recorded, but it does not name the run.
+    assert fast.metadata["engine"] == {"name": "fast", "chunk_rows": 20, "fallbacks": []}
+    assert default.metadata["engine"] == {"name": "generate"}
+    assert fast.metadata["config"]["engine"] == "fast"
+    assert fast.metadata["label"] == default.metadata["label"] == "tiny-mini"
+
+
+# ----------------------------------------------------------------------------------- resuming
+
+
+@pytest.mark.parametrize("first, second", [("generate", "fast"), ("fast", "generate")])
+def test_either_engine_resumes_a_store_the_other_filled(pair, tmp_path, first, second):
+    benchmark = "MMBench_DEV_EN"  # rotations of one image: the fast engine's chunks regroup rows
+    frame = load_benchmark_frame(benchmark, MINI)
+    frame = frame[frame["index"] % 1_000_000 < 6]  # six questions with their rotations
+    profile = load_profile("seed-report")
+
+    def run(engine, store, recorder):
+        return predict_run(recorder, benchmark, frame, profile, "lavender", PredictionStore(store),
+                           lmu_root=MINI, batch_size=4, engine=engine,
+                           chunk_rows=8 if engine == "fast" else None, progress=False)
+
+    interrupted = Recording(pair, stop_after=1)  # stops after its first report
+    with pytest.raises(Stop):
+        run(first, tmp_path / "store", interrupted)
+    stored = set(interrupted.reported)
+    assert 0 < len(stored) < len(frame)
+
+    resumed = Recording(pair)
+    outcome = run(second, tmp_path / "store", resumed)
+    assert set(resumed.asked) == set(frame["index"]) - stored  # no stored row generated again
+    assert len(resumed.asked) == len(set(resumed.asked))
+    assert (outcome.reused, outcome.generated, outcome.recomputed) == (len(stored), len(frame) - len(stored), 0)
+
+    whole = run(first, tmp_path / "whole", Recording(pair))
+    assert outcome.predictions == whole.predictions
+
+
+# ------------------------------------------------------------------------------------ fallback
+
+
+def _text_only(processor, key: str) -> GenerationRequest:
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "how many bars are there"}]}],
+        add_generation_prompt=True)
+    return GenerationRequest(key=key, text=text, images=[], max_new_tokens=12)
+
+
+def _two_images(processor, key: str) -> GenerationRequest:
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                      {"type": "text", "text": "which chart is larger"}]}],
+        add_generation_prompt=True)
+    return GenerationRequest(key=key, text=text, images=[sample_image(1), sample_image(2)], max_new_tokens=12)
+
+
+def _one_image(processor, key: str, seed: int) -> GenerationRequest:
+    return GenerationRequest(key=key, text=chat(processor, "what is the total amount shown", bool(seed % 2)),
+                             images=[sample_image(seed)], max_new_tokens=12)
+
+
+def _spy_on_default_engine(monkeypatch) -> list[list[GenerationRequest]]:
+    calls = []
+    real = generation.generate
+
+    def spy(pair, requests, variant, **options):
+        calls.append(list(requests))
+        return real(pair, requests, variant, **options)
+
+    monkeypatch.setattr(generation, "generate", spy)
+    return calls
+
+
+@pytest.mark.parametrize("odd_one, reason", [(_text_only, "has 0 images"), (_two_images, "has 2 images")])
+def test_a_request_without_exactly_one_image_goes_to_the_default_engine(pair, monkeypatch, caplog, odd_one, reason):
+    requests = [_one_image(pair.processor, "a", 3), odd_one(pair.processor, "odd"), _one_image(pair.processor, "b", 4)]
+    expected = generation.generate(pair, requests, "lavender", batch_size=2, progress=False)
+    calls = _spy_on_default_engine(monkeypatch)
+    reported = []
+    with caplog.at_level(logging.WARNING, logger="lavender_checks.model"):
+        got = pair.generate(requests, "lavender", batch_size=2, on_batch=reported.extend, progress=False,
+                            engine="fast")
+    assert got == expected and dict(reported) == expected
+    assert [r.key for call in calls for r in call] == ["a", "odd", "b"]
+    assert any(reason in fallback for fallback in pair.engine_fallbacks)
+    assert f"'odd' {reason}" in caplog.text
+
+
+def test_a_generation_setting_the_fast_engine_cannot_reproduce_goes_to_the_default_engine(pair, monkeypatch, caplog):
+    requests = [_one_image(pair.processor, f"r{i}", 10 + i) for i in range(5)]
+    opened = []
+
+    def loader(request):
+        def load():
+            opened.append(request.key)
+            return request.images[0]
+        return load
+
+    lazy = [GenerationRequest(key=r.key, text=r.text, images=[loader(r)], max_new_tokens=r.max_new_tokens)
+            for r in requests]
+    calls = _spy_on_default_engine(monkeypatch)
+    plain = pair.generate(lazy, "base", batch_size=2, progress=False, engine="fast")
+    assert pair.fast_engine is not None and calls == []
+
+    # Forbid every row's first token (a logits processor fastgen lacks): the answers must change.
+    first_tokens = sorted({ids[0] for ids in pair.fast_engine.generate_ids(requests, "base").values()})
+    config = pair.base_model.generation_config
+    before = config.suppress_tokens
+    monkeypatch.setattr(config, "suppress_tokens", first_tokens)
+    expected = generation.generate(pair, requests, "base", batch_size=2, progress=False)
+    assert expected != plain
+    calls.clear()
+    opened.clear()
+    with caplog.at_level(logging.WARNING, logger="lavender_checks.model"):
+        got = pair.generate(lazy, "base", batch_size=2, progress=False, engine="fast")
+    assert got == expected
+    assert pair.fast_engine is None
+    assert len(pair.engine_fallbacks) == 1 and "suppress_tokens" in pair.engine_fallbacks[0]
+    assert "suppress_tokens" in caplog.text
+    # The loaders were opened batch by batch, each request once, and generate saw images.
+    assert [len(call) for call in calls] == [2, 2, 1] and sorted(opened) == sorted(r.key for r in requests)
+    assert all(not callable(image) for call in calls for r in call for image in r.images)
+
+    # The setting gone, the fast engine is built again and used: no call to the default engine.
+    monkeypatch.setattr(config, "suppress_tokens", before)
+    calls.clear()
+    assert pair.generate(lazy, "base", batch_size=2, progress=False, engine="fast") == plain
+    assert pair.fast_engine is not None and calls == []
+
+
+def test_an_unknown_engine_is_refused(pair):
+    with pytest.raises(ValueError, match="unknown generation engine 'slow'"):
+        pair.generate([_one_image(pair.processor, "a", 1)], "base", engine="slow")
+
+
+# ------------------------------------------------------------------ the runner, with stand-ins
+
+
+class StandInProcessor:
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        return "<user>" + "".join(p.get("text", "<|image|>") for p in messages[0]["content"]) + "<assistant>"
+
+
+class StandInPair:
+    """Answers at once and records each call: its keys, images and options. ``one_by_one``
+    reports rows one at a time, as the fast engine does when they finish apart."""
+
+    def __init__(self, one_by_one: bool = False, stop_after: int | None = None):
+        self.processor = StandInProcessor()
+        self.base_fingerprint, self.adapter_fingerprint = "b" * 64, "a" * 64
+        self.calls: list[dict] = []
+        self.one_by_one = one_by_one
+        self.stop_after = stop_after
+        self.reported = 0
+
+    def answer(self, request) -> str:
+        return f"answer {request.key}"
+
+    def record(self, requests, options):
+        self.calls.append({"keys": [r.key for r in requests], "images": [r.images for r in requests],
+                           "options": options})
+
+    def generate(self, requests, variant, *, on_batch=None, **options):
+        self.record(requests, options)
+        out = {r.key: self.answer(r) for r in requests}
+        pieces = [[item] for item in out.items()] if self.one_by_one else [list(out.items())]
+        for piece in pieces:
+            on_batch(piece)
+            self.reported += len(piece)
+            if self.stop_after is not None and self.reported >= self.stop_after:
+                raise Stop("stopped")
+        return out
+
+
+class WithoutEngines(StandInPair):
+    """A pair from before engines existed: its generate takes no ``engine``."""
+
+    def generate(self, requests, variant, *, batch_size, on_batch=None, progress=False):
+        return super().generate(requests, variant, on_batch=on_batch, batch_size=batch_size, progress=progress)
+
+
+def _predict(pair, benchmark, store, **options):
+    return predict_run(pair, benchmark, load_benchmark_frame(benchmark, MINI), load_profile("seed-report"),
+                       "lavender", PredictionStore(store), lmu_root=MINI, progress=False, **options)
+
+
+@pytest.mark.parametrize("name, chunk_rows", [("MMBench_DEV_EN", 7), ("MME", 5), ("DocVQA_VAL", 10)])
+def test_fast_chunks_keep_an_images_rows_together_with_one_loader_per_row(tmp_path, name, chunk_rows):
+    frame = load_benchmark_frame(name, MINI)
+    pair = StandInPair()
+    run = _predict(pair, name, tmp_path / "store", engine="fast", chunk_rows=chunk_rows, batch_size=3)
+    assert {call["options"]["engine"] for call in pair.calls} == {"fast"}
+    assert all(call["options"]["batch_size"] == 3 for call in pair.calls)
+
+    chunks = [call["keys"] for call in pair.calls]
+    asked = [key for chunk in chunks for key in chunk]
+    assert sorted(asked) == sorted(frame["index"]) and run.predictions == {i: f"answer {i}" for i in frame["index"]}
+    keys = {index: image_key(frame, index) for index in frame["index"]}
+    chunk_of_image = {}
+    for number, chunk in enumerate(chunks):
+        assert len(chunk) <= chunk_rows
+        for index in chunk:
+            assert chunk_of_image.setdefault(keys[index], number) == number  # one chunk per image
+    # Groups in the order of their first row, rows within a group in frame order.
+    firsts = list(dict.fromkeys(keys[index] for index in frame["index"]))
+    assert list(dict.fromkeys(keys[index] for index in asked)) == firsts
+    positions = {index: p for p, index in enumerate(frame["index"])}
+    for key in firsts:
+        rows = [index for index in asked if keys[index] == key]
+        assert rows == sorted(rows, key=positions.get)
+
+    # Every image is a loader, bound to its own row: it gives that row's pixels.
+    for call in pair.calls:
+        for index, images in zip(call["keys"], call["images"]):
+            assert len(images) == 1 and callable(images[0])
+            assert images[0]().tobytes() == load_image(frame, index, name, MINI).tobytes()
+
+
+def test_mmbench_rotations_share_a_chunk_that_frame_order_would_split(tmp_path):
+    frame = load_benchmark_frame("MMBench_DEV_EN", MINI)
+    pair = StandInPair()
+    _predict(pair, "MMBench_DEV_EN", tmp_path / "store", engine="fast", batch_size=8)
+    assert len(pair.calls) == 1 and len(pair.calls[0]["keys"]) == len(frame) <= DEFAULT_CHUNK_ROWS
+    first_chunk = StandInPair()
+    _predict(first_chunk, "MMBench_DEV_EN", tmp_path / "other", engine="fast", chunk_rows=8, batch_size=8)
+    assert first_chunk.calls[0]["keys"][:4] == [0, 1_000_000, 2_000_000, 3_000_000]
+
+
+def test_the_default_engine_batches_as_before(tmp_path):
+    frame = load_benchmark_frame("MMBench_DEV_EN", MINI)
+    pair = WithoutEngines()
+    run = _predict(pair, "MMBench_DEV_EN", tmp_path / "store", batch_size=8)
+    order = list(frame["index"])
+    assert [call["keys"] for call in pair.calls] == [order[i:i + 8] for i in range(0, len(order), 8)]
+    assert all(not callable(image) for call in pair.calls for images in call["images"] for image in images)
+    assert run.generated == len(frame)
+
+
+def test_fast_rows_are_stored_as_they_are_reported(tmp_path):
+    stopped = StandInPair(one_by_one=True, stop_after=5)
+    with pytest.raises(Stop):
+        _predict(stopped, "DocVQA_VAL", tmp_path / "store", engine="fast", batch_size=8)
+    assert len(stopped.calls) == 1 and len(stopped.calls[0]["keys"]) == 24  # all in one chunk...
+    rerun = WithoutEngines()
+    outcome = _predict(rerun, "DocVQA_VAL", tmp_path / "store", batch_size=8)
+    assert outcome.reused == 5  # ... and the five rows reported before the stop were kept
+    assert sorted(k for call in rerun.calls for k in call["keys"]) == sorted(stopped.calls[0]["keys"][5:])
+
+
+def test_a_bad_chunk_size_or_engine_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="chunk_rows must be at least 1"):
+        _predict(StandInPair(), "MME", tmp_path, engine="fast", chunk_rows=0)
+    with pytest.raises(ValueError, match="unknown generation engine 'slow'"):
+        _predict(StandInPair(), "MME", tmp_path, engine="slow")
+
+
+# ------------------------------------------------------------------------- options and config
+
+
+def test_engine_options_reach_the_config_and_do_not_name_the_run():
+    parser = argparse.ArgumentParser()
+    pipeline.add_arguments(parser)
+    args = parser.parse_args(["--engine", "fast", "--chunk-rows", "64", "--limit", "3"])
+    config = pipeline.config_from_options(lambda dest: getattr(args, dest))
+    assert (config.engine, config.chunk_rows) == ("fast", 64)
+    assert config.label() == RunConfig(limit=3).label() == "tiny-mini-limit3"
+    assert config.describe()["engine"] == "fast"
+    default = pipeline.config_from_options(lambda dest: getattr(parser.parse_args([]), dest))
+    assert (default.engine, default.chunk_rows) == ("fast", None)  # the fast engine is the default
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--engine", "slow"])
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(engine="slow"), "unknown engine 'slow'"),
+    (dict(engine="generate", chunk_rows=64), "--chunk-rows .* needs --engine fast"),
+    (dict(engine="fast", chunk_rows=0), "--chunk-rows must be at least 1"),
+])
+def test_bad_engine_options_are_refused(options, message):
+    with pytest.raises(RunInputError, match=message):
+        RunConfig(**options)
+
+
+def test_a_pair_that_knows_no_engines_runs_batched_generate_and_the_report_says_so(tmp_path):
+    from lavender_checks.run.predict import engine_of
+
+    class Plain(StandInPair):  # generate() without an engine keyword, as pairs before engines
+        def generate(self, requests, variant, *, batch_size=8, on_batch=None, progress=True):
+            return super().generate(requests, variant, on_batch=on_batch, batch_size=batch_size)
+
+        def describe(self):
+            return {"stand_in": True}
+
+    class Wrapper:  # passes every option on
+        def generate(self, requests, variant, **options):
+            return {}
+
+    assert engine_of(Plain(), "fast") == "generate" and engine_of(Wrapper(), "fast") == "fast"
+    assert engine_of(StandInPair(), "generate") == "generate"
+    config = RunConfig(store=tmp_path / "store", benchmarks=("MME",), reference=pipeline.SEED_REFERENCE)
+    plain = Plain()
+    run = pipeline.collect_results(config, pair=plain, progress=False)
+    assert run.metadata["engine"] == {"name": "generate", "asked": "fast"}
+    assert all(len(call["keys"]) <= 8 for call in plain.calls)  # batches of batch_size, not chunks
+
+
+def test_the_report_names_the_engine(tmp_path):
+    class Answers(StandInPair):
+        def describe(self):
+            return {"stand_in": True}
+
+    config = RunConfig(store=tmp_path / "store", engine="fast", benchmarks=("ChartQA_TEST",),
+                       reference=pipeline.SEED_REFERENCE)
+    run = pipeline.collect_results(config, pair=Answers(), progress=False)
+    assert run.metadata["engine"] == {"name": "fast", "chunk_rows": DEFAULT_CHUNK_ROWS, "fallbacks": []}
+    path = pipeline.write_run_report(run, pipeline.judge_run(run), reports_root=tmp_path / "reports")
+    report = (Path(path) / "report.md").read_text(encoding="utf-8")
+    assert "- engine:\n" in report and "  - name: `fast`" in report
+
+
+def test_a_broken_image_mid_run_names_its_row_and_the_finished_rows_stay_stored(tiny_checkpoints, tmp_path):
+    """The fast engine opens an image only when it encodes it, so a broken one surfaces in the
+    middle of a run: the error names file, row and column, and what finished before it is kept."""
+    import base64
+    import json
+    import shutil
+    import warnings
+
+    import pandas as pd
+
+    from lavender_checks.data import DataError
+    from lavender_checks.engines.fast.engine import FastGenConfig
+    from lavender_checks.model import load_pair
+    from lavender_checks.run.store import StoreKey
+
+    root = tmp_path / "lmudata"
+    root.mkdir()
+    tsv = root / "DocVQA_VAL.tsv"
+    shutil.copy(MINI / "DocVQA_VAL.tsv", tsv)
+    table = pd.read_csv(tsv, sep="\t", dtype=str, keep_default_na=False)
+    broken = table["index"].iloc[12]
+    table.loc[12, "image"] = base64.b64encode(b"no picture here" * 8).decode()
+    table.to_csv(tsv, sep="\t", index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the md5 no longer matches the official file's
+        frame = load_benchmark_frame("DocVQA_VAL", root)
+
+    pair = load_pair(tiny_checkpoints.base, tiny_checkpoints.adapter, device="cpu")
+    pair.fast_config = FastGenConfig(max_slots=2, prep_threads=1)  # rows finish and are stored one by one
+    store = PredictionStore(tmp_path / "store")
+    with pytest.raises(DataError) as err:
+        predict_run(pair, "DocVQA_VAL", frame, load_profile("seed-report"), "lavender", store,
+                    lmu_root=root, progress=False, engine="fast")
+    message = str(err.value)
+    assert str(tsv) in message and f"index {broken}" in message and "column 'image'" in message
+    (key_file,) = (tmp_path / "store").rglob("key.json")
+    kept = store.log(StoreKey(**json.loads(key_file.read_text()))).existing()
+    before = {str(i) for i in frame["index"].iloc[:12]}
+    # every row before the broken one but those still in the 2 slots when it came up
+    assert {str(i) for i in kept} <= before and len(kept) >= 12 - 2

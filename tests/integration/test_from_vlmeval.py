@@ -1,0 +1,392 @@
+"""``--from-vlmeval``: gating the prediction files of a VLMEvalKit work dir (no model, no GPU).
+
+The folders are built here: full-size synthetic VLMEvalKit runs (every benchmark at its
+real row count; MME's official subtask sizes; MMBench category sizes that fit every fraction
+the report prints) whose predictions are chosen so that their scores land on the seed
+report's printed numbers, in both of VLMEvalKit's folder layouts.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lavender_checks import REPO_ROOT, cli
+from lavender_checks.run import pipeline
+from lavender_checks.gate.verdicts import load_reference
+from lavender_checks.gate.report import RUN_ID_PATTERN
+from lavender_checks.vlmeval_io import write_prediction_file
+
+SEED = load_reference(pipeline.SEED_REFERENCE)
+BASE, LAVENDER = pipeline.DEFAULT_BASE_NAME, pipeline.DEFAULT_LAVENDER_NAME
+BENCHMARKS = ("DocVQA_VAL", "ChartQA_TEST", "MMBench_DEV_EN", "MME")
+
+
+def reported(row_id: str, quantity: str) -> float:
+    return SEED.row(row_id).reported(quantity)
+
+
+# ----------------------------------------------------------------- synthetic full-size predictions
+
+
+def _correct_counts(rows: int, row_id: str) -> dict[str, int]:
+    """How many rows each model gets right so that its percentage prints as reported."""
+    return {q: round(reported(row_id, q) * rows / 100) for q in ("base", "lavender")}
+
+
+def docvqa_frames() -> dict[str, pd.DataFrame]:
+    rows = 5349
+    right = _correct_counts(rows, "DocVQA_VAL-Overall")
+    meta = pd.DataFrame({"index": range(rows), "question": [f"what is field {i}?" for i in range(rows)],
+                         "answer": [f"['value {i}']" for i in range(rows)]})
+    return {model: meta.assign(prediction=[f"value {i}" if i < right[model] else "@@@@@@@@@@@@@@@@"
+                                          for i in range(rows)])
+            for model in right}
+
+
+def chartqa_frames() -> dict[str, pd.DataFrame]:
+    per_split = 1250
+    frames = {"base": [], "lavender": []}
+    start = 0
+    for split in ("test_human", "test_augmented"):
+        right = _correct_counts(per_split, f"ChartQA_TEST-{split}")
+        meta = pd.DataFrame({"index": range(start, start + per_split),
+                             "question": [f"which bar is {i}?" for i in range(per_split)],
+                             "answer": [f"bar {i}" for i in range(per_split)], "split": split})
+        for model in frames:
+            frames[model].append(meta.assign(prediction=[
+                f"bar {i}" if i < right[model] else "Let's think step by step." for i in range(per_split)]))
+        start += per_split
+    return {model: pd.concat(parts, ignore_index=True) for model, parts in frames.items()}
+
+
+# MMBench_DEV_EN: circular groups per category (1164 in all) and the l2 category of each.
+MMBENCH_GROUPS = {
+    "action_recognition": 54, "attribute_comparison": 44, "attribute_recognition": 74,
+    "celebrity_recognition": 99, "function_reasoning": 79, "future_prediction": 40,
+    "identity_reasoning": 45, "image_emotion": 50, "image_quality": 53, "image_scene": 104,
+    "image_style": 53, "image_topic": 36, "nature_relation": 48, "object_localization": 81,
+    "ocr": 39, "physical_property_reasoning": 75, "physical_relation": 25, "social_relation": 43,
+    "spatial_relationship": 44, "structuralized_imagetext_understanding": 78,
+}
+MMBENCH_L2 = {
+    "coarse_perception": ("image_style", "image_scene", "image_emotion", "image_quality", "image_topic"),
+    "finegrained_perception (instance-level)": ("object_localization", "attribute_recognition",
+                                                "celebrity_recognition", "ocr"),
+    "finegrained_perception (cross-instance)": ("spatial_relationship", "attribute_comparison",
+                                                "action_recognition"),
+    "attribute_reasoning": ("physical_property_reasoning", "function_reasoning", "identity_reasoning"),
+    "relation_reasoning": ("social_relation", "physical_relation", "nature_relation"),
+    "logic_reasoning": ("structuralized_imagetext_understanding", "future_prediction"),
+}
+MMBENCH_ROWS = 4329
+
+
+def _mmbench_hits() -> dict[str, dict[str, int]]:
+    """Groups right per category: the reported categories exactly, the others sharing the
+    rest of the reported Overall in proportion to their size."""
+    printed = {r.metric for r in SEED.rows if r.benchmark == "MMBench_DEV_EN"}
+    hits = {"base": {}, "lavender": {}}
+    for model in hits:
+        total = round(reported("MMBench_DEV_EN-Overall", model) * sum(MMBENCH_GROUPS.values()) / 100)
+        known = {c: round(reported(f"MMBench_DEV_EN-{c}", model) * n / 100)
+                 for c, n in MMBENCH_GROUPS.items() if c in printed}
+        others = [c for c in MMBENCH_GROUPS if c not in known]
+        rest, rest_size = total - sum(known.values()), sum(MMBENCH_GROUPS[c] for c in others)
+        shares = {c: rest * MMBENCH_GROUPS[c] // rest_size for c in others}
+        for c in others[: rest - sum(shares.values())]:
+            shares[c] += 1
+        hits[model] = {**known, **shares}
+    return hits
+
+
+def mmbench_frames() -> dict[str, pd.DataFrame]:
+    l2_of = {c: l2 for l2, cats in MMBENCH_L2.items() for c in cats}
+    groups = sum(MMBENCH_GROUPS.values())
+    three_option_groups = 4 * groups - MMBENCH_ROWS  # the others have four options
+    hits = _mmbench_hits()
+    rows = {"base": [], "lavender": []}
+    group = 0
+    for category, size in MMBENCH_GROUPS.items():
+        for k in range(size):
+            letters = "ABC" if group < three_option_groups else "ABCD"
+            options = [f"option {j} of question {group}" for j in range(len(letters))]
+            for rotation in range(len(letters)):  # VLMEvalKit's circular copies
+                rotated = options[rotation:] + options[:rotation]
+                truth = letters[(0 - rotation) % len(letters)]  # option 0 is right
+                row = {"index": group + rotation * 1_000_000, "question": f"question {group}?",
+                       "hint": None, **{letters[j]: rotated[j] for j in range(len(letters))},
+                       "answer": truth, "category": category, "l2-category": l2_of[category],
+                       "split": "dev"}
+                wrong = letters[(letters.index(truth) + 1) % len(letters)]
+                for model in rows:
+                    rows[model].append({**row, "prediction": truth if k < hits[model][category] else wrong})
+            group += 1
+    columns = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category",
+               "split", "prediction"]
+    return {model: pd.DataFrame(r, columns=columns) for model, r in rows.items()}
+
+
+# MME: images per subtask (two questions each; 1187 images, 2374 rows).
+MME_IMAGES = {
+    "existence": 30, "count": 30, "position": 30, "color": 30, "posters": 147, "celebrity": 170,
+    "scene": 200, "landmark": 200, "artwork": 200, "OCR": 20,
+    "commonsense_reasoning": 70, "numerical_calculation": 20, "text_translation": 20, "code_reasoning": 20,
+}
+PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
+              "artwork", "OCR")
+
+
+def _mme_counts(images: int, target: float) -> tuple[int, int]:
+    """(questions right, images with both right) whose acc + acc+ is nearest ``target``."""
+    best = None
+    for both in range(images + 1):
+        for right in range(2 * both, images + both + 1):  # at most one right on the other images
+            score = right / (2 * images) * 100 + both / images * 100
+            if best is None or abs(score - target) < best[0]:
+                best = (abs(score - target), right, both)
+    return best[1], best[2]
+
+
+def _mme_score(images: int, counts: tuple[int, int]) -> float:
+    right, both = counts
+    return right / (2 * images) * 100 + both / images * 100
+
+
+def _mme_plan() -> dict[str, dict[str, tuple[int, int]]]:
+    """Counts per subtask; subtasks the report does not print make up its perception and
+    reasoning sums."""
+    plan = {}
+    for model in ("base", "lavender"):
+        counts = {}
+        for group, members, unprinted in (("perception", PERCEPTION, ("position", "color", "scene")),
+                                          ("reasoning", tuple(c for c in MME_IMAGES if c not in PERCEPTION),
+                                           ("commonsense_reasoning",))):
+            for c in members:
+                if c not in unprinted:
+                    counts[c] = _mme_counts(MME_IMAGES[c], reported(f"MME-{c}", model))
+            rest = reported(f"MME-{group}", model) - sum(_mme_score(MME_IMAGES[c], counts[c])
+                                                         for c in members if c not in unprinted)
+            for i, c in enumerate(unprinted):  # equal parts; the last one takes the remainder
+                share = rest / (len(unprinted) - i)
+                counts[c] = _mme_counts(MME_IMAGES[c], share)
+                rest -= _mme_score(MME_IMAGES[c], counts[c])
+        plan[model] = counts
+    return plan
+
+
+def mme_frames() -> dict[str, pd.DataFrame]:
+    plan = _mme_plan()
+    rows = {"base": [], "lavender": []}
+    index = 0
+    for category, images in MME_IMAGES.items():
+        for image in range(images):
+            for question in range(2):
+                answer = "Yes" if question == 0 else "No"
+                row = {"index": index, "question": f"Is it {question}? Please answer yes or no.",
+                       "answer": answer, "category": category,
+                       "image_path": f"{category}/{image:04d}.jpg"}
+                for model in rows:
+                    right, both = plan[model][category]
+                    one_right = right - 2 * both  # images after the `both` ones with one answer right
+                    ok = image < both or (image < both + one_right and question == 0)
+                    rows[model].append({**row, "prediction": answer if ok else
+                                        ("No" if answer == "Yes" else "Yes")})
+                index += 1
+    return {model: pd.DataFrame(r) for model, r in rows.items()}
+
+
+BUILDERS = {"DocVQA_VAL": docvqa_frames, "ChartQA_TEST": chartqa_frames,
+            "MMBench_DEV_EN": mmbench_frames, "MME": mme_frames}
+MODEL_NAMES = {"base": BASE, "lavender": LAVENDER}
+
+
+def write_run(work: Path, frames: dict[str, dict[str, pd.DataFrame]], *, layout: str = "new",
+              suffix: str = ".tsv") -> Path:
+    """A VLMEvalKit work dir holding ``frames[benchmark][variant]``.
+
+    new: ``<work>/<model>/T<date>-<time>/<model>_<dataset>`` plus a symlink in ``<work>/<model>/``;
+    legacy: ``<work>/<model>/T<date>_G<hash>/<model>_<dataset>``.
+    """
+    for benchmark, by_variant in frames.items():
+        for variant, frame in by_variant.items():
+            model = MODEL_NAMES[variant]
+            run_dir = work / model / ("T20260820-101500" if layout == "new" else "T20250301_G1a2b3c4")
+            target = write_prediction_file(frame, run_dir / f"{model}_{benchmark}{suffix}")
+            if layout == "new":
+                link = work / model / target.name
+                if link.is_symlink() or link.exists():
+                    link.unlink()
+                os.symlink(target.relative_to(link.parent), link)
+    return work
+
+
+@pytest.fixture(scope="module")
+def seed_frames() -> dict[str, dict[str, pd.DataFrame]]:
+    return {benchmark: build() for benchmark, build in BUILDERS.items()}
+
+
+@pytest.fixture(scope="module")
+def seed_run(tmp_path_factory, seed_frames) -> Path:
+    """A full-size VLMEvalKit work dir (new layout) that reproduces the seed report."""
+    return write_run(tmp_path_factory.mktemp("vlmeval") / "outputs", seed_frames)
+
+
+def gate(work: Path, **options) -> tuple[pipeline.RunResults, pipeline.GateOutcome]:
+    config = pipeline.RunConfig(from_vlmeval=work, **options)
+    run = pipeline.collect_results(config)
+    return run, pipeline.judge_run(run)
+
+
+# ----------------------------------------------------------------------------------- tests
+
+
+def test_synthetic_run_prints_the_seed_numbers(seed_frames):
+    """The synthetic files do land on the report's printed numbers (within its rounding)."""
+    from lavender_checks.benchmarks import get_benchmark
+
+    scored = {b: {v: get_benchmark(b).score(f) for v, f in by_variant.items()}
+              for b, by_variant in seed_frames.items()}
+    assert len(seed_frames["MMBench_DEV_EN"]["base"]) == MMBENCH_ROWS
+    assert len(seed_frames["MME"]["base"]) == 2374
+    for row in SEED.rows:
+        for variant in ("base", "lavender"):
+            value = sum(scored[row.benchmark][variant].metrics[k] for k in row.parts)
+            assert abs(value - row.reported(variant)) <= 0.2, (row.id, variant, value)
+
+
+def test_gate_passes_on_a_run_that_reproduces_the_seed_report(seed_run):
+    run, outcome = gate(seed_run)
+    assert run.missing == {}
+    assert run.metadata["mode"] == "from-vlmeval"
+    assert set(run.metadata["files"]) == set(BENCHMARKS)
+    failing = [v.message() for v in outcome.verdicts if v.status != "pass"]
+    assert failing == []
+    assert len(outcome.verdicts) == 3 * len(SEED.rows)
+
+
+def test_gate_fails_only_the_rows_whose_gain_was_removed(tmp_path, seed_frames):
+    frames = {b: dict(v) for b, v in seed_frames.items()}
+    # Lavender's ChartQA answers replaced by base's: its ChartQA gain is gone.
+    frames["ChartQA_TEST"]["lavender"] = frames["ChartQA_TEST"]["base"]
+    run, outcome = gate(write_run(tmp_path / "outputs", frames))
+    failed = {(v.row_id, v.quantity) for v in outcome.verdicts if v.status == "fail"}
+    chartqa_rows = [r.id for r in SEED.rows if r.benchmark == "ChartQA_TEST"]
+    assert failed == {(row, q) for row in chartqa_rows for q in ("lavender", "gain")}
+    assert all(v.status == "pass" for v in outcome.verdicts if (v.row_id, v.quantity) not in failed)
+    message = outcome.verdict("ChartQA_TEST-Overall", "gain").message()
+    assert message.startswith("FAIL ChartQA_TEST-Overall gain") and "reported +22.64" in message
+
+
+@pytest.fixture(scope="module")
+def chartqa_only(seed_frames) -> dict[str, dict[str, pd.DataFrame]]:
+    return {"ChartQA_TEST": seed_frames["ChartQA_TEST"]}
+
+
+@pytest.mark.parametrize("layout", ["new", "legacy"])
+def test_both_folder_layouts_and_xlsx_are_read(tmp_path, chartqa_only, layout):
+    work = write_run(tmp_path / "outputs", chartqa_only, layout=layout, suffix=".xlsx")
+    run, outcome = gate(work, benchmarks=("ChartQA_TEST",))
+    files = run.metadata["files"]["ChartQA_TEST"]
+    assert Path(files["base"]).name == f"{BASE}_ChartQA_TEST.xlsx"
+    assert ("T20250301_G1a2b3c4" in files["base"]) == (layout == "legacy")
+    result = run.results["ChartQA_TEST"]
+    assert round(result["base"].metrics["Overall"], 2) == reported("ChartQA_TEST-Overall", "base")
+    assert round(result["lavender"].metrics["Overall"], 2) == reported("ChartQA_TEST-Overall", "lavender")
+    chartqa = [v for v in outcome.verdicts if v.benchmark == "ChartQA_TEST"]
+    assert chartqa and all(v.status == "pass" for v in chartqa)
+
+
+def test_missing_files_are_named_with_where_it_looked(tmp_path, seed_frames):
+    frames = {b: dict(v) for b, v in seed_frames.items() if b in ("ChartQA_TEST", "MME")}
+    del frames["MME"]["lavender"]
+    work = write_run(tmp_path / "outputs", frames)
+    run, outcome = gate(work, benchmarks=("ChartQA_TEST", "MME", "DocVQA_VAL"))
+    assert set(run.missing) == {"MME", "DocVQA_VAL"}
+    assert f"{LAVENDER}_MME" in run.missing["MME"] and f"{BASE}_MME" not in run.missing["MME"]
+    assert str(work / LAVENDER) in run.missing["MME"]  # where it looked
+    assert f"{BASE}_DocVQA_VAL" in run.missing["DocVQA_VAL"]
+    assert run.results["MME"] == {"base": None, "lavender": None}
+    assert run.results["ChartQA_TEST"]["lavender"] is not None
+    mme = [v for v in outcome.verdicts if v.benchmark == "MME"]
+    assert mme and all(v.status == "missing" for v in mme)
+
+
+def test_a_folder_without_any_prediction_file_is_refused(tmp_path):
+    (tmp_path / "outputs" / BASE).mkdir(parents=True)
+    with pytest.raises(pipeline.RunInputError) as caught:
+        gate(tmp_path / "outputs")
+    text = str(caught.value)
+    assert f"{BASE}_ChartQA_TEST" in text and str(tmp_path / "outputs" / BASE) in text
+    with pytest.raises(pipeline.RunInputError, match="no such folder"):
+        gate(tmp_path / "elsewhere")
+
+
+def test_base_and_lavender_on_different_rows_are_refused(tmp_path, chartqa_only):
+    frames = {"ChartQA_TEST": {"base": chartqa_only["ChartQA_TEST"]["base"],
+                               "lavender": chartqa_only["ChartQA_TEST"]["lavender"].iloc[:1000]}}
+    work = write_run(tmp_path / "outputs", frames)
+    with pytest.raises(pipeline.RunInputError) as caught:
+        gate(work, benchmarks=("ChartQA_TEST",))
+    text = str(caught.value)
+    assert "ChartQA_TEST: base and Lavender predictions cover different rows (2500 vs 1000)" in text
+    assert "1500 row(s) only in" in text and f"{BASE}_ChartQA_TEST.tsv" in text
+    assert "index 1000, 1001" in text
+
+
+def test_limit_takes_the_same_rows_of_both_files(seed_run):
+    run, _ = gate(seed_run, benchmarks=("MMBench_DEV_EN", "MME"), limit=40)
+    for benchmark in ("MMBench_DEV_EN", "MME"):
+        base, lavender = run.results[benchmark]["base"], run.results[benchmark]["lavender"]
+        assert list(base.units["unit"]) == list(lavender.units["unit"])
+    assert len(run.results["MME"]["base"].units) == 40  # image pairs
+    assert len(run.results["MMBench_DEV_EN"]["base"].units) == 40  # circular groups
+
+
+def test_run_command_exit_codes(seed_run, tmp_path, capsys, seed_frames):
+    reports = tmp_path / "reports"
+    code = cli.main(["run", "--from-vlmeval", str(seed_run), "--reports", str(reports), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "0 fail, 0 missing" in out
+    report_dir = Path(out.strip().splitlines()[-1].removeprefix("report: "))
+    assert (report_dir / "report.json").is_file() and report_dir.parent == reports
+
+    frames = {b: dict(v) for b, v in seed_frames.items()}
+    frames["ChartQA_TEST"]["lavender"] = frames["ChartQA_TEST"]["base"]
+    broken = write_run(tmp_path / "broken", frames)
+    assert cli.main(["run", "--from-vlmeval", str(broken), "--reports", str(reports), "--quiet"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+    assert cli.main(["run", "--from-vlmeval", str(tmp_path / "nowhere"), "--quiet"]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert cli.main(["run", "--from-vlmeval", str(seed_run), "--base-model", str(tmp_path),
+                     "--lora", str(tmp_path), "--quiet"]) == 2
+    assert "--from-vlmeval" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_pytest_gate_over_a_folder_fails_what_is_missing(tmp_path, seed_frames):
+    """``pytest tests/benchmarks --from-vlmeval DIR`` under xdist: rows whose files are absent
+    fail (the folder is the evidence); one report; the controller prints the verdict table."""
+    frames = {b: dict(v) for b, v in seed_frames.items()}
+    del frames["MME"]["lavender"]
+    work = write_run(tmp_path / "outputs", frames)
+    reports = tmp_path / "reports"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/benchmarks", "-q", "-p", "no:cacheprovider", "-n", "2",
+         "--from-vlmeval", str(work), "--reports", str(reports), "--store", str(tmp_path / "store")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    out = done.stdout
+    mme_rows = sum(r.benchmark == "MME" for r in SEED.rows)
+    assert done.returncode == 1, out + done.stderr
+    assert f"{3 * mme_rows} failed, {3 * (len(SEED.rows) - mme_rows)} passed, 4 skipped" in out
+    assert "FAILED tests/benchmarks/test_gate.py::test_gain[MME-total]" in out
+    assert "lavender-checks gate" in out and f"missing MME: no prediction file {LAVENDER}_MME" in out
+    runs = [p.name for p in reports.iterdir() if RUN_ID_PATTERN.match(p.name)]
+    assert len(runs) == 1 and (reports / runs[0] / "report.json").is_file()  # written once

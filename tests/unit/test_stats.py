@@ -1,0 +1,165 @@
+"""The paired bootstrap: weights, metric forms, pairing."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lavender_checks.benchmarks.base import Ratio, ScoreResult
+from lavender_checks.gate.bootstrap import (
+    PairingError,
+    bootstrap_interval,
+    bootstrap_weights,
+    metric_from_forms,
+    paired_bootstrap,
+    paired_bootstrap_many,
+)
+
+
+def question_result(correct, strata=None, ids=None, benchmark="ChartQA_TEST") -> ScoreResult:
+    """A question-level result: one unit per question, a metric per stratum plus Overall."""
+    correct = np.asarray(correct, dtype=float)
+    n = len(correct)
+    strata = np.asarray(strata if strata is not None else ["all"] * n, dtype=object)
+    ids = list(ids) if ids is not None else list(range(n))
+    units = pd.DataFrame({"unit": ids, "stratum": strata, "correct": correct})
+    forms = {"Overall": [Ratio(correct, np.ones(n))]}
+    for s in dict.fromkeys(strata):
+        inside = (strata == s).astype(float)
+        forms[s] = [Ratio(correct * inside, inside)]
+    metrics = {key: float(metric_from_forms(terms, np.ones(n))[0]) for key, terms in forms.items()}
+    samples = pd.DataFrame({"index": ids, "unit": ids, "score": correct})
+    return ScoreResult(benchmark, metrics, samples, units, forms)
+
+
+def test_weights_keep_every_stratum_size():
+    # Interleaved strata of very different sizes, including a missing stratum value.
+    strata = np.array(["a", "b", None, "b", "c", "a", "b", None, "b", "b", "a", "b"], dtype=object)
+    units = pd.DataFrame({"unit": range(len(strata)), "stratum": strata})
+    w = bootstrap_weights(units, 500, seed=3)
+    assert w.shape == (500, len(strata))
+    assert np.all(w >= 0) and np.all(w == np.round(w))
+    for value in ("a", "b", "c"):
+        inside = strata == value
+        assert np.all(w[:, inside].sum(axis=1) == inside.sum()), value
+    none = np.array([s is None for s in strata])
+    assert np.all(w[:, none].sum(axis=1) == 2)
+    # The single-unit stratum is always drawn exactly once; the others really resample.
+    assert np.all(w[:, 4] == 1)
+    assert w[:, strata == "b"].std() > 0.5
+
+
+def test_weights_are_uniform_and_deterministic():
+    units = pd.DataFrame({"unit": range(300), "stratum": np.repeat(["x", "y", "z"], 100)})
+    w = bootstrap_weights(units, 2000, seed=11)
+    # Each unit is drawn once per resample on average (multinomial with equal probabilities).
+    assert np.allclose(w.mean(axis=0), 1.0, atol=0.12)
+    assert np.array_equal(w, bootstrap_weights(units, 2000, seed=11))
+    assert not np.array_equal(w, bootstrap_weights(units, 2000, seed=12))
+
+
+def test_forms_at_weight_one_are_the_point_values():
+    rng = np.random.default_rng(0)
+    correct = (rng.random(250) < 0.37).astype(float)
+    strata = np.where(np.arange(250) < 100, "test_human", "test_augmented")
+    r = question_result(correct, strata)
+    assert metric_from_forms(r.forms["Overall"], np.ones(250))[0] == pytest.approx(np.mean(correct) * 100, abs=1e-9)
+    assert metric_from_forms(r.forms["test_human"], np.ones((1, 250)))[0] == pytest.approx(
+        np.mean(correct[:100]) * 100, abs=1e-9)
+
+    # MME-style: acc + acc+ per category, two terms over image-pair units.
+    scores = (rng.random((40, 2)) < 0.7).astype(float)  # 40 images, two questions each
+    terms = [Ratio(scores.sum(axis=1), np.full(40, 2.0)), Ratio(scores[:, 0] * scores[:, 1], np.ones(40))]
+    expected = np.mean(scores.ravel()) * 100 + np.mean(scores[:, 0] * scores[:, 1]) * 100
+    assert metric_from_forms(terms, np.ones(40))[0] == pytest.approx(expected, abs=1e-9)
+
+
+def test_paired_interval_contains_the_point_and_gain_is_lavender_minus_base():
+    rng = np.random.default_rng(1)
+    base = (rng.random(1000) < 0.3).astype(float)
+    lav = np.where(rng.random(1000) < 0.2, 1.0, base)
+    r = paired_bootstrap(question_result(base), question_result(lav), "Overall",
+                         n_resamples=1000, confidence=0.95, seed=0)
+    assert r.base_lo <= base.mean() * 100 <= r.base_hi
+    assert r.lav_lo <= lav.mean() * 100 <= r.lav_hi
+    assert r.gain_lo <= (lav.mean() - base.mean()) * 100 <= r.gain_hi
+    assert r.n_units == 1000 and r.n_resamples == 1000 and r.confidence == 0.95
+    assert r.gain_lo > 0  # every change is a gain here
+
+
+def test_paired_gain_interval_is_narrower_than_unpaired_when_correlated():
+    rng = np.random.default_rng(2)
+    base = (rng.random(2000) < 0.5).astype(float)
+    lav = np.where(rng.random(2000) < 0.05, 1.0 - base, base)  # 95 % of answers unchanged
+    b, l = question_result(base), question_result(lav)
+    paired = paired_bootstrap(b, l, "Overall", n_resamples=1000, confidence=0.95, seed=5)
+    # Unpaired: the two models resampled independently.
+    wb = bootstrap_weights(b.units, 1000, seed=6)
+    wl = bootstrap_weights(l.units, 1000, seed=7)
+    gain = metric_from_forms(l.forms["Overall"], wl) - metric_from_forms(b.forms["Overall"], wb)
+    unpaired_lo, unpaired_hi = np.quantile(gain, [0.025, 0.975])
+    assert (paired.gain_hi - paired.gain_lo) < 0.5 * (unpaired_hi - unpaired_lo)
+
+
+def test_units_are_matched_by_id_not_by_position():
+    rng = np.random.default_rng(3)
+    base = (rng.random(400) < 0.4).astype(float)
+    lav = np.where(rng.random(400) < 0.3, 1.0, base)
+    strata = np.where(np.arange(400) % 3 == 0, "s1", "s2")
+    b = question_result(base, strata, ids=[f"u{i}" for i in range(400)])
+    in_order = question_result(lav, strata, ids=[f"u{i}" for i in range(400)])
+    perm = rng.permutation(400)
+    shuffled = question_result(lav[perm], strata[perm], ids=[f"u{i}" for i in perm])
+    kwargs = dict(n_resamples=300, confidence=0.9, seed=4)
+    assert paired_bootstrap(b, in_order, "s1", **kwargs) == paired_bootstrap(b, shuffled, "s1", **kwargs)
+
+
+def test_mixed_subsets_are_refused():
+    base = question_result(np.ones(10), ids=range(10))
+    fewer = question_result(np.ones(9), ids=range(9))
+    other = question_result(np.ones(10), ids=range(1, 11))
+    with pytest.raises(PairingError, match="different units.*must be paired"):
+        paired_bootstrap(base, fewer, "Overall", n_resamples=10, seed=0)
+    with pytest.raises(PairingError, match=r"1 only in base, e\.g\. \[0\].*1 only in Lavender, e\.g\. \[10\]"):
+        paired_bootstrap(base, other, "Overall", n_resamples=10, seed=0)
+
+
+def test_same_units_in_different_strata_are_refused():
+    base = question_result(np.ones(4), strata=["a", "a", "b", "b"])
+    lav = question_result(np.ones(4), strata=["a", "b", "a", "b"])
+    with pytest.raises(PairingError, match="different strata"):
+        paired_bootstrap(base, lav, "Overall", n_resamples=10, seed=0)
+
+
+def test_summed_metrics_and_missing_forms():
+    r = question_result([1, 0, 1, 1], strata=["a", "a", "b", "b"])
+    both = paired_bootstrap_many(r, r, {"sum": ("a", "b"), "a": "a"}, n_resamples=50, seed=0)
+    # a = mean of (1, 0) resampled: 0, 50 or 100; b = mean of (1, 1) = 100 always.
+    assert 100 <= both["sum"].base_lo < both["sum"].base_hi <= 200
+    assert both["sum"].gain_lo == both["sum"].gain_hi == 0.0  # same result on both sides
+    with pytest.raises(KeyError, match="no bootstrap form for metric 'nope'"):
+        paired_bootstrap(r, r, "nope", n_resamples=10, seed=0)
+
+
+def test_zero_denominators_drop_resamples_only_off_strata():
+    # A metric over units {0, 1} that cross the strata: some resamples draw neither.
+    r = question_result([1, 0, 1, 0, 1, 0], strata=["a"] * 6)
+    inside = np.array([1, 1, 0, 0, 0, 0], dtype=float)
+    r.forms["pair"] = [Ratio(r.units["correct"].to_numpy() * inside, inside)]
+    interval = bootstrap_interval(r, "pair", n_resamples=2000, confidence=0.95, seed=1)
+    assert 0 < interval.n_resamples < 2000
+    assert interval.n_units == 2
+    # A metric over a whole stratum never loses a resample.
+    assert bootstrap_interval(r, "a", n_resamples=2000, seed=1).n_resamples == 2000
+
+
+def test_bad_inputs_are_explained():
+    r = question_result([1, 0, 1])
+    with pytest.raises(ValueError, match="weights cover 4 units"):
+        metric_from_forms(r.forms["Overall"], np.ones((2, 4)))
+    with pytest.raises(ValueError, match="confidence"):
+        paired_bootstrap(r, r, "Overall", n_resamples=10, confidence=95, seed=0)
+    with pytest.raises(ValueError, match="n_resamples"):
+        bootstrap_weights(r.units, 0, seed=0)
+    dup = question_result([1, 0], ids=["x", "x"])
+    with pytest.raises(ValueError, match="duplicate unit ids"):
+        paired_bootstrap(dup, dup, "Overall", n_resamples=10, seed=0)
