@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 import struct
 import warnings
@@ -31,8 +30,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # heavy imports stay inside functions
     import torch
-
-    from lavender_checks.engines.batched import GenerationRequest
 
 ADAPTER_NAME = "default"
 PAD_TOKEN = "<|finetune_right_pad_id|>"
@@ -65,18 +62,10 @@ FINGERPRINTED_BASE_FILES = (
 
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
-# Generation engines ``ModelPair.generate`` can use. "fast": the fast greedy engine
-# (fastgen.py), which falls back to "generate" for what it cannot take; the default of a run,
-# since it gave the same greedy tokens as one-sample ``generate`` on 96 of 96 full-size
-# sequences in float32 on an H100 (docs/speed.md). "generate": batched ``model.generate``
-# (generation.py), what ``ModelPair.generate`` runs when no engine is named.
-FAST_ENGINE = "fast"
-GENERATE_ENGINE = "generate"
-ENGINES = (FAST_ENGINE, GENERATE_ENGINE)
-DEFAULT_ENGINE = FAST_ENGINE
-
-log = logging.getLogger(__name__)
-
+# The two variants one pair computes: the base model (the adapter disabled) and Lavender.
+BASE_VARIANT = "base"
+LAVENDER_VARIANT = "lavender"
+VARIANTS = (BASE_VARIANT, LAVENDER_VARIANT)
 
 class ModelLoadError(RuntimeError):
     """A model or adapter folder that cannot be used as it is; the message says why."""
@@ -91,9 +80,8 @@ class ModelPair:
     """One base model in memory, with or without the adapter wrapped around it.
 
     ``model`` is a ``peft.PeftModel`` when an adapter is loaded, else the plain
-    ``MllamaForConditionalGeneration``. Generation lives in ``lavender_checks.engines.batched``
-    (``engine="generate"``) and ``lavender_checks.engines.fast.engine`` (``engine="fast"``, a run's default);
-    ``ModelPair.generate`` dispatches to one of them.
+    ``MllamaForConditionalGeneration``. Generation is the engines' business
+    (``lavender_checks.engines``); the pair only describes what is loaded.
     """
 
     model: Any
@@ -108,15 +96,6 @@ class ModelPair:
     lora_modules_by_tower: dict[str, int] = field(default_factory=dict)
     adapter_key_layout: str | None = None  # "current" or "transformers<4.52 (remapped)"
     adapter_logit_change: float | None = None  # max |logit difference| on the fixed input
-    # Why the fast engine was not used, each reason once, in the order they came up.
-    engine_fallbacks: list[str] = field(default_factory=list)
-    # The fast engine's knobs (a fastgen.FastGenConfig; None: its defaults). Set it before the
-    # first fast call: the engine is built once.
-    fast_config: Any = None
-    # The fast engine, built on first use, and the greedy generation config it was built for.
-    _fast: Any = field(default=None, init=False, repr=False, compare=False)
-    _fast_for: str | None = field(default=None, init=False, repr=False, compare=False)
-    _fast_refusal: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def has_adapter(self) -> bool:
@@ -130,82 +109,15 @@ class ModelPair:
     @contextmanager
     def variant(self, name: str):
         """Yield the model that computes ``name`` ("base" or "lavender")."""
-        if name == "base":
+        if name == BASE_VARIANT:
             with self.model.disable_adapter() if self.has_adapter else nullcontext():
                 yield self.model
-        elif name == "lavender":
+        elif name == LAVENDER_VARIANT:
             if not self.has_adapter:
                 raise ValueError("variant 'lavender' needs an adapter; this pair was loaded without one")
             yield self.model
         else:
             raise ValueError(f"unknown variant {name!r}; expected 'base' or 'lavender'")
-
-    def generate(
-        self,
-        requests: "list[GenerationRequest]",
-        variant: str,
-        *,
-        batch_size: int = 8,
-        on_batch=None,
-        progress: bool = True,
-        engine: str = GENERATE_ENGINE,
-    ) -> dict[str, str]:
-        """Greedy predictions keyed by request key; see ``lavender_checks.engines.batched.generate``.
-
-        engine: "generate" (the default here) runs ``generation.generate``. "fast" runs the pair's
-        ``fastgen.FastGenerator`` (built once, on first use), where a request's image may also
-        be a zero-argument loader; when the engine cannot take the call (the generation config
-        asks for logits processing it does not reproduce, or a request has other than one
-        image) the call goes to ``generation.generate`` instead, the reason logged and kept in
-        ``engine_fallbacks``. On CPU both engines give the same greedy tokens (tests/integration/test_fastgen.py).
-        """
-        from lavender_checks.engines.batched import generate
-
-        if engine not in ENGINES:
-            raise ValueError(f"unknown generation engine {engine!r}; engines: {', '.join(ENGINES)}")
-        if engine == FAST_ENGINE:
-            fast, refusal = self._fast_engine_for(requests)
-            if fast is not None:
-                return fast.generate(requests, variant, batch_size=batch_size, on_batch=on_batch,
-                                     progress=progress)
-            self._note_fallback(refusal, len(requests))
-            return _generate_opening_loaders(self, requests, variant, batch_size=batch_size,
-                                             on_batch=on_batch, progress=progress)
-        return generate(self, requests, variant, batch_size=batch_size, on_batch=on_batch, progress=progress)
-
-    @property
-    def fast_engine(self):
-        """The fast engine built so far (None before the first ``engine="fast"`` call, or when
-        it could not be built); its ``last_stats`` describe the last call."""
-        return self._fast
-
-    def _fast_engine_for(self, requests) -> tuple[Any, str | None]:
-        """(the fast engine, None) when it can run ``requests``, else (None, why not)."""
-        from lavender_checks.engines.fast.engine import UnsupportedGenerationSetting, fast_generator_for_pair
-        from lavender_checks.engines.batched import _greedy_settings
-
-        # Keyed by the greedy config as generation.generate would use it now: a config
-        # changed after the engine was built must not be ignored.
-        wanted = json.dumps(_greedy_settings(self).generation_config.to_dict(), sort_keys=True, default=str)
-        if self._fast_for != wanted:
-            self._fast, self._fast_refusal, self._fast_for = None, None, wanted
-            try:
-                self._fast = fast_generator_for_pair(self, self.fast_config)
-            except UnsupportedGenerationSetting as exc:
-                self._fast_refusal = str(exc)
-        if self._fast is None:
-            return None, self._fast_refusal
-        for request in requests:
-            if len(request.images) != 1:
-                return None, (f"request {request.key!r} has {len(request.images)} images; the fast "
-                              "engine takes exactly one image per request")
-        return self._fast, None
-
-    def _note_fallback(self, reason: str, count: int) -> None:
-        log.warning("fast engine not used for %d request(s), generating them with "
-                    "generation.generate: %s", count, reason)
-        if reason not in self.engine_fallbacks:
-            self.engine_fallbacks.append(reason)
 
     def describe(self) -> dict:
         """What a report needs to say which model produced the predictions."""
@@ -231,30 +143,6 @@ class ModelPair:
                 "peft": peft.__version__,
             },
         }
-
-
-def _generate_opening_loaders(pair: ModelPair, requests, variant: str, *, batch_size: int,
-                              on_batch, progress: bool) -> dict[str, str]:
-    """``generation.generate`` for requests meant for the fast engine: images given as
-    zero-argument loaders are opened here, ``batch_size`` requests at a time, so a runner's
-    chunk of images is never in memory all at once."""
-    from lavender_checks.engines.batched import GenerationRequest, generate
-
-    if not any(callable(image) for request in requests for image in request.images):
-        return generate(pair, requests, variant, batch_size=batch_size, on_batch=on_batch, progress=progress)
-    keys = [request.key for request in requests]
-    if len(set(keys)) != len(keys):
-        raise ValueError("requests repeat a key; each request needs its own")
-    results: dict[str, str] = {}
-    for start in range(0, len(requests), batch_size):
-        opened = [
-            GenerationRequest(key=r.key, text=r.text, max_new_tokens=r.max_new_tokens,
-                              images=[image() if callable(image) else image for image in r.images])
-            for r in requests[start:start + batch_size]
-        ]
-        results.update(generate(pair, opened, variant, batch_size=batch_size, on_batch=on_batch,
-                                progress=progress))
-    return {key: results[key] for key in keys}
 
 
 # ---------------------------------------------------------------------------------------

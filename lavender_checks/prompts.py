@@ -7,7 +7,7 @@ Reproduced deliberately, as VLMEvalKit does it (reference revision e8e78f05):
 * one user turn holds the text and one image, in the profile's order: the wrapper's own
   prompts put the text first (since 2025-07-10), dataset prompts put the image first;
 * the chat template is applied with ``add_generation_prompt=True`` and nothing else;
-* only ``<|eot_id|>`` is removed from the decoded output, and nothing is stripped.
+* the decoded output is VLMEvalKit's (``engines.request.decode_output``).
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from typing import Any
 
 from lavender_checks.benchmarks import Benchmark, get_benchmark
 from lavender_checks.profiles import QUESTION_FIELD, Profile
-
-EOT = "<|eot_id|>"
 
 
 @dataclass(frozen=True)
@@ -60,31 +58,6 @@ def chat_text(processor: Any, prompt: Prompt) -> str:
     text = processor.apply_chat_template(messages(prompt), add_generation_prompt=True, tokenize=False)
     if not isinstance(text, str):
         raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
-    return text
-
-
-def postprocess(decoded: str) -> str:
-    """VLMEvalKit's post-processing: remove ``<|eot_id|>`` only; no strip (deliberate)."""
-    return decoded.replace(EOT, "")
-
-
-# transformers 4.x's PreTrainedTokenizerBase.clean_up_tokenization, in its order.
-_CLEAN_UP_REPLACEMENTS = (
-    (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
-    (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
-)
-
-
-def clean_up_tokenization(text: str) -> str:
-    """transformers 4.x's decode clean-up, applied when the profile asks for it.
-
-    Deliberate: Llama 3.2's tokenizer config sets ``clean_up_tokenization_spaces=true``;
-    transformers 4.x honoured it on decode, 5.x ignores it for BPE tokenizers. Applying it
-    after ``<|eot_id|>`` removal gives the same string, since the clean-up never spans the
-    special token at the end of a row.
-    """
-    for old, new in _CLEAN_UP_REPLACEMENTS:
-        text = text.replace(old, new)
     return text
 
 

@@ -37,7 +37,7 @@ def chat(processor, question: str, image_first: bool) -> str:
 
 def make_requests(processor, count: int, *, seed: int = 0, max_new_tokens=(24,)):
     """``count`` requests with questions of 3 to 40 words, both message orders, one image each."""
-    from lavender_checks.engines.batched import GenerationRequest
+    from lavender_checks.engines.request import GenerationRequest
 
     rng = random.Random(seed)
     requests = []

@@ -1,8 +1,8 @@
 """Batched greedy generation of one variant (base or Lavender), with VLMEvalKit's outputs.
 
-``generate(pair, requests, variant)`` (also reachable as ``ModelPair.generate``) returns, for
-each request, the string VLMEvalKit's ``llama_vision`` would have stored had it run that
-request alone:
+``generate(pair, requests, variant)`` returns, for each request, the string VLMEvalKit's
+``llama_vision`` would have stored had it run that request alone; ``BatchedEngine`` is the
+same as the registered engine ``"generate"``:
 
 * the processor is called as VLMEvalKit calls it: ``processor(images, text)`` without
   ``add_special_tokens=False``. The chat-templated text already starts with
@@ -10,13 +10,8 @@ request alone:
 * greedy decoding (``do_sample=False``), whatever sampling defaults the checkpoint's
   ``generation_config.json`` holds; its other settings (EOS ids, ...) apply as they would in
   VLMEvalKit's ``model.generate``;
-* the output is cut after its first EOS token (any id of the generation config's
-  ``eos_token_id``, that token kept): a single-sample ``generate`` stops there, while in a
-  batch the row goes on with padding until every row is done. Nothing else is removed:
-  tokens before the first EOS are exactly those a single-sample run generates, a generated
-  ``<|finetune_right_pad_id|>`` included;
-* decoded with the processor's defaults (``skip_special_tokens=False``), then only
-  ``<|eot_id|>`` is removed, with no strip (VLMEvalKit's post-processing, deliberately).
+* the new tokens are decoded as VLMEvalKit decodes them (``request.decode_output``: cut
+  after the first EOS, ``<|eot_id|>`` removed, no strip).
 
 Batching: requests are grouped by ``max_new_tokens`` (and by whether they carry images,
 which the processor cannot mix), sorted longest prompt first (less padding, and an
@@ -37,52 +32,30 @@ batch runs one variant; the base variant runs inside ``disable_adapter()``.
 from __future__ import annotations
 
 import copy
+import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from lavender_checks.engines import GENERATE_ENGINE
+from lavender_checks.engines.request import (
+    GenerationRequest,
+    GreedySettings,
+    OnFinish,
+    check_requests,
+    decode_output,
+    opened,
+    pair_greedy_settings,
+)
 
 if TYPE_CHECKING:
     from lavender_checks.model import ModelPair
 
-EOT_TOKEN = "<|eot_id|>"
-PAD_TOKEN = "<|finetune_right_pad_id|>"
-# Sampling-only settings and their "off" values. Greedy decoding ignores them anyway, but
-# transformers warns on every call when a checkpoint sets them (Llama 3.2 sets 0.6 / 0.9),
-# and None would fall back to the checkpoint's values.
-_NEUTRAL_SAMPLING = {
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "top_k": 0,
-    "min_p": None,
-    "typical_p": 1.0,
-    "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0,
-}
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One prompt: ``text`` is the already chat-templated string, ``images`` its PIL images
-    (or zero-argument loaders of them, for the fast engine).
-
-    ``image_key``: optional identity of the image's pixels (``data.image_key``). Requests with
-    the same key get identical pixels, so the fast engine groups them by it without opening
-    and hashing every row's image; without it the engine hashes the pixels itself.
-    """
-
-    key: str
-    text: str
-    images: list = field(default_factory=list)
-    max_new_tokens: int = 512
-    image_key: str | None = None
+log = logging.getLogger(__name__)
 
 
 class GenerationOOMError(RuntimeError):
     """A single sample does not fit in GPU memory (batches are split down to one sample first)."""
-
-
-OnBatch = Callable[[list[tuple[str, str]]], None]
 
 
 def generate(
@@ -91,7 +64,7 @@ def generate(
     variant: str,
     *,
     batch_size: int = 8,
-    on_batch: OnBatch | None = None,
+    on_batch: OnFinish | None = None,
     progress: bool = True,
 ) -> dict[str, str]:
     """Greedy predictions ``{key: prediction}`` (in request order) for one variant.
@@ -105,11 +78,11 @@ def generate(
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    _validate(requests)
+    check_requests(requests)
     results: dict[str, str] = {}
     if not requests:
         return results
-    settings = _greedy_settings(pair)
+    settings = pair_greedy_settings(pair)
     with pair.variant(variant) as model, torch.inference_mode():
         bar = tqdm(total=len(requests), desc=f"generate {variant}", unit="sample", disable=not progress)
         try:
@@ -122,42 +95,6 @@ def generate(
         finally:
             bar.close()
     return {request.key: results[request.key] for request in requests}
-
-
-def _validate(requests: Sequence[GenerationRequest]) -> None:
-    seen: set[str] = set()
-    duplicates = []
-    for request in requests:
-        if request.key in seen:
-            duplicates.append(request.key)
-        seen.add(request.key)
-        if request.max_new_tokens < 1:
-            raise ValueError(f"request {request.key!r}: max_new_tokens must be at least 1, got {request.max_new_tokens}")
-    if duplicates:
-        raise ValueError(f"duplicate request keys: {duplicates[:5]}")
-
-
-@dataclass(frozen=True)
-class _Settings:
-    generation_config: Any
-    eos_ids: frozenset[int]
-
-
-def _greedy_settings(pair: "ModelPair") -> _Settings:
-    tokenizer = pair.processor.tokenizer
-    config = copy.deepcopy(pair.base_model.generation_config)
-    config.do_sample = False
-    config.num_beams = 1
-    for name, value in _NEUTRAL_SAMPLING.items():
-        if getattr(config, name, None) is not None:
-            setattr(config, name, value)
-    config.pad_token_id = tokenizer.pad_token_id
-    eos = config.eos_token_id
-    if eos is None:
-        eos = tokenizer.convert_tokens_to_ids(EOT_TOKEN)
-        config.eos_token_id = eos
-    eos_ids = frozenset([eos] if isinstance(eos, int) else eos)
-    return _Settings(config, eos_ids)
 
 
 def _groups(pair: "ModelPair", requests: Sequence[GenerationRequest]) -> list[list[GenerationRequest]]:
@@ -216,7 +153,7 @@ def _release_cuda_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _run_batch(model, pair, settings: _Settings, batch: Sequence[GenerationRequest]) -> list[str]:
+def _run_batch(model, pair, settings: GreedySettings, batch: Sequence[GenerationRequest]) -> list[str]:
     """Generate one batch (one variant, one max_new_tokens) and post-process each row."""
     processor = pair.processor
     texts = [r.text for r in batch]
@@ -227,17 +164,43 @@ def _run_batch(model, pair, settings: _Settings, batch: Sequence[GenerationReque
     config.max_new_tokens = batch[0].max_new_tokens
     output = model.generate(**inputs, generation_config=config)
     new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
-    return [postprocess(processor, row, settings.eos_ids) for row in new_tokens]
+    return [decode_output(processor, row, settings.eos_ids, r.clean_up_spaces) for r, row in zip(batch, new_tokens)]
 
 
-def cut_after_first_eos(token_ids: Sequence[int], eos_ids) -> list[int]:
-    """The tokens a single-sample generate would have returned: up to and with the first EOS."""
-    for i, token in enumerate(token_ids):
-        if token in eos_ids:
-            return list(token_ids[: i + 1])
-    return list(token_ids)
+class BatchedEngine:
+    """The engine ``"generate"``: ``generate`` over batches of ``batch_size`` rows.
 
+    A run hands it its rows in frame order, ``batch_size`` at a time (``plan``), so a resumed
+    run batches the remaining rows exactly as an uninterrupted run would have (batched greedy
+    decoding can depend on which rows share a batch). Image loaders are opened
+    ``batch_size`` requests at a time, in request order, so a long call never holds all its
+    images at once.
+    """
 
-def postprocess(processor, token_ids: Sequence[int], eos_ids) -> str:
-    """VLMEvalKit's ``processor.decode(new_tokens).replace('<|eot_id|>', '')`` of one row."""
-    return processor.decode(cut_after_first_eos(token_ids, eos_ids)).replace(EOT_TOKEN, "")
+    name = GENERATE_ENGINE
+
+    def __init__(self, pair: "ModelPair", *, batch_size: int = 8, progress: bool = False, **_: Any):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.pair = pair
+        self.batch_size = batch_size
+        self.progress = progress
+
+    def plan(self, keys: Sequence[Any], image_key_of: Callable[[Any], str]) -> list[list[Any]]:
+        keys = list(keys)
+        return [keys[start:start + self.batch_size] for start in range(0, len(keys), self.batch_size)]
+
+    def generate(self, requests: Sequence[GenerationRequest], variant: str,
+                 on_finish: OnFinish | None = None) -> dict[Any, str]:
+        options = dict(batch_size=self.batch_size, on_batch=on_finish, progress=self.progress)
+        if not any(callable(image) for request in requests for image in request.images):
+            return generate(self.pair, requests, variant, **options)
+        check_requests(requests)
+        results: dict[Any, str] = {}
+        for start in range(0, len(requests), self.batch_size):
+            batch = [opened(r) for r in requests[start:start + self.batch_size]]
+            results.update(generate(self.pair, batch, variant, **options))
+        return {request.key: results[request.key] for request in requests}
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}

@@ -32,11 +32,11 @@ from lavender_checks import benchmarks as registry
 from lavender_checks.benchmarks.base import ScoreResult
 from lavender_checks.gate.verdicts import (QUANTITIES, STATUSES, Reference, ReferenceRow, Verdict, benchmark_spec, measured_value,
                    summary_table)
+from lavender_checks.model import VARIANTS
 
 __all__ = ["RUN_ID_PATTERN", "new_run_id", "write_report", "latest_run"]
 
 RUN_ID_PATTERN = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{8}$")
-VARIANTS = ("base", "lavender")
 # Columns of ScoreResult.samples worth showing next to a flipped unit, when present.
 _SAMPLE_SHARED = ("question", "answer", "split", "category", "hint")
 _SAMPLE_PER_VARIANT = ("prediction", "extracted", "score")

@@ -2,7 +2,7 @@
 
 One run, as data (docs/architecture.md)::
 
-    TSV frame -> runner.predict (base, then Lavender: one weight copy, the base variant is the
+    TSV frame -> run.predict (base, then Lavender: one weight copy, the base variant is the
     adapter-disabled model) -> vlmeval_io.prediction_frame -> vlmeval_io.roundtrip
     -> Benchmark.score -> gate.judge -> report.write_report
 
@@ -17,8 +17,8 @@ so all of them hold the same results.
 ``lavender-checks run`` (``add_arguments``, ``main``) and the pytest options of ``conftest.py``
 are declared once, in ``RUN_OPTIONS``.
 
-``--engine fast`` generates with the fast greedy engine (``fastgen.py``) instead of batched
-``model.generate``. The engine decides how fast predictions come, not what they are (on CPU
+``--engine fast`` generates with the fast greedy engine (``engines.fast``) instead of batched
+``model.generate`` (``--engine generate``); ``make_engine`` turns the name into an engine. The engine decides how fast predictions come, not what they are (on CPU
 both give the same tokens), so it is not part of the run label, the snapshot names or the
 prediction store's key; the run metadata records it.
 """
@@ -43,9 +43,9 @@ from typing import Any
 
 from lavender_checks import FIXTURES, REPORTS, __version__
 from lavender_checks.benchmarks import ScoreResult, benchmark_names, get_benchmark
-from lavender_checks.model import DEFAULT_ENGINE, ENGINES, FAST_ENGINE
+from lavender_checks.engines import DEFAULT_ENGINE, FAST_ENGINE, engine_names
+from lavender_checks.model import VARIANTS
 
-VARIANTS = ("base", "lavender")
 GATE_MODES = ("reproduce", "no-regression")
 DEFAULT_PROFILE = "seed-report"
 MINI_LMUDATA = FIXTURES / "lmudata-mini"
@@ -89,7 +89,7 @@ class RunConfig:
     shard: tuple[int, int] | None = None  # (i, n): generate and score shard i of n only
     # How predictions are generated; not what they are, so not part of label().
     engine: str = DEFAULT_ENGINE
-    chunk_rows: int | None = None  # rows per fast-engine call; None: runner.DEFAULT_CHUNK_ROWS
+    chunk_rows: int | None = None  # rows per fast-engine call; None: the fast engine's default
 
     def __post_init__(self) -> None:
         for name in ("base_model", "lora", "lmu_data", "reference", "store", "from_vlmeval"):
@@ -128,8 +128,8 @@ class RunConfig:
             index, count = self.shard
             if not (count >= 1 and 0 <= index < count):
                 raise RunInputError(f"shard {index} of {count} does not exist (0 <= i < n)")
-        if self.engine not in ENGINES:
-            raise RunInputError(f"unknown engine {self.engine!r}; engines: {', '.join(ENGINES)}")
+        if self.engine not in engine_names():
+            raise RunInputError(f"unknown engine {self.engine!r}; engines: {', '.join(engine_names())}")
         if self.chunk_rows is not None:
             if self.engine != FAST_ENGINE:
                 raise RunInputError("--chunk-rows sets how many rows the fast engine is handed at a "
@@ -266,7 +266,7 @@ RUN_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
                            "else cuda when available)")),
     ("--dtype", dict(choices=("float32", "bfloat16", "float16"), default=None,
                      help="weights and compute dtype (default: float32 on CPU, bfloat16 on CUDA)")),
-    ("--engine", dict(choices=ENGINES, default=DEFAULT_ENGINE,
+    ("--engine", dict(choices=engine_names(), default=DEFAULT_ENGINE,
                       help=f"generation engine: {FAST_ENGINE} (the default: rows leave the batch as they "
                            "finish, vision once per image, CUDA graphs; docs/speed.md) or generate "
                            "(batched model.generate)")),
@@ -401,6 +401,7 @@ def _collect_generated(config: RunConfig, pair: Any, load_pair: Callable[[], Any
     from lavender_checks.data import subset
     from lavender_checks.run.store import PredictionStore
     from lavender_checks.profiles import load_profile
+    from lavender_checks.engines import make_engine
     from lavender_checks.run.predict import predict_run
 
     started = time.time()
@@ -418,10 +419,18 @@ def _collect_generated(config: RunConfig, pair: Any, load_pair: Callable[[], Any
             pair = load_pair()
         return pair
 
+    engine = None
+
+    def the_engine():  # where the run's engine name becomes an engine
+        nonlocal engine
+        if engine is None:
+            engine = make_engine(config.engine, the_pair(), batch_size=config.batch_size,
+                                 chunk_rows=config.chunk_rows)
+        return engine
+
     def predict(name: str, frame, variant: str):
-        return predict_run(the_pair(), get_benchmark(name), frame, profile, variant, store,
-                           lmu_root=root, batch_size=config.batch_size, writer=writer,
-                           progress=progress, engine=config.engine, chunk_rows=config.chunk_rows)
+        return predict_run(the_pair(), the_engine(), get_benchmark(name), frame, profile, variant,
+                           store, lmu_root=root, writer=writer, progress=progress)
 
     def generate_shard(index: int, count: int) -> None:
         for name, item in data.items():
@@ -458,7 +467,7 @@ def _collect_generated(config: RunConfig, pair: Any, load_pair: Callable[[], Any
         **_common_metadata(config, started),
         "models": the_model.describe(),
         "fingerprints": {"base": the_model.base_fingerprint, "adapter": the_model.adapter_fingerprint},
-        "engine": _describe_engine(config, the_model),
+        "engine": _describe_engine(config, the_engine()),
         "profile": profile.describe(),
         "lmu_data": str(root),
         "data": {name: _describe_data(item) for name, item in data.items()},
@@ -476,16 +485,13 @@ def _collect_generated(config: RunConfig, pair: Any, load_pair: Callable[[], Any
                       metadata=metadata)
 
 
-def _describe_engine(config: RunConfig, pair: Any) -> dict[str, Any]:
-    """The engine asked for and, for the fast one, its chunk size and every reason it handed
-    requests to batched generate instead."""
-    from lavender_checks.run.predict import DEFAULT_CHUNK_ROWS, engine_of
-
-    used = engine_of(pair, config.engine)
-    if used != FAST_ENGINE:
-        return {"name": used} if used == config.engine else {"name": used, "asked": config.engine}
-    return {"name": config.engine, "chunk_rows": config.chunk_rows or DEFAULT_CHUNK_ROWS,
-            "fallbacks": list(getattr(pair, "engine_fallbacks", []))}
+def _describe_engine(config: RunConfig, engine: Any) -> dict[str, Any]:
+    """What the engine says of itself (the fast one: its chunk size and every reason it handed
+    requests to the batched engine), and the name asked for when it differs."""
+    described = dict(engine.describe())
+    if described.get("name") != config.engine:
+        described["asked"] = config.engine
+    return described
 
 
 @contextlib.contextmanager

@@ -5,27 +5,22 @@ budget) are reused; the rest are generated batch by batch, each finished batch a
 the store before the next one starts, so an interrupted run (Ctrl-C, a kill, a crash) keeps
 what it finished and a rerun resumes from it.
 
-Batches are cut from the whole frame in its row order, not from the rows still missing, so a
-resumed run batches the remaining rows exactly as an uninterrupted run would have (batched
-greedy decoding can depend on which rows share a batch).
-
-With ``engine="fast"`` (``fastgen.py``, through ``ModelPair.generate``) the frame is handed
-over in chunks of up to ``chunk_rows`` rows instead, cut after grouping the rows by
-``data.image_key`` and never inside a group: the engine computes vision features once per
-distinct image it is given, so the rotations of an MMBench question (whose circular copies
-come after all main rows in file order) and the questions of one DocVQA page must share a
-chunk. Images go as zero-argument loaders with their ``image_key``, opened on the engine's
-threads while the model computes, once per image. The engine reports rows as they finish, and each is appended to the store at once:
-an interrupted run loses at most the rows in flight. Which engine made a stored prediction is not part of the
-store key (both give the same greedy tokens on CPU), so either engine resumes the other's
-store.
+The engine (``lavender_checks.engines``) decides how the frame is handed over (``Engine.plan``):
+the batched engine takes batches of ``batch_size`` rows in frame order, the fast engine
+chunks of rows grouped by ``data.image_key``. Either way the calls depend on the whole frame
+only, so a resumed run cuts the same calls as an uninterrupted one. Images go as
+zero-argument loaders with their ``image_key``; the engine opens them when it needs the
+pixels. The engine reports rows as they finish, and each is appended to the store at once:
+an interrupted run loses at most the rows in flight. Which engine made a stored prediction
+is not part of the store key (both give the same greedy tokens on CPU), so either engine
+resumes the other's store.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,19 +28,14 @@ from typing import Any
 import pandas as pd
 
 from lavender_checks.benchmarks import Benchmark, get_benchmark
-from lavender_checks.model import DEFAULT_ENGINE, ENGINES, FAST_ENGINE, GENERATE_ENGINE
-from lavender_checks.run.store import Index, PredictionStore, StoreKey, request_sha
+from lavender_checks.engines import Engine
+from lavender_checks.engines.request import GenerationRequest
+from lavender_checks.model import BASE_VARIANT
 from lavender_checks.profiles import Profile
-from lavender_checks.prompts import build_prompt, chat_text, clean_up_tokenization
+from lavender_checks.prompts import build_prompt, chat_text
+from lavender_checks.run.store import Index, PredictionStore, StoreKey, request_sha
 
 log = logging.getLogger(__name__)
-
-BASE_VARIANT = "base"
-# Rows handed to the fast engine at a time: more than any benchmark here has, so each
-# benchmark and variant is one call and its batch drains once (docs/speed.md). The engine
-# stores rows as they finish and holds only the images it is preprocessing, so a large
-# chunk costs neither resumability nor memory.
-DEFAULT_CHUNK_ROWS = 8192
 
 
 @dataclass
@@ -59,42 +49,21 @@ class PredictionRun:
     store_dir: Path
 
 
-def predict(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, profile: Profile,
-            variant: str, store: PredictionStore, *, lmu_root: str | Path, batch_size: int = 8,
-            writer: str = "main", progress: bool = True, engine: str = DEFAULT_ENGINE,
-            chunk_rows: int | None = None) -> dict[Index, str]:
-    """Predictions for every row of ``frame`` (index -> prediction), reusing the store."""
-    return predict_run(pair, benchmark, frame, profile, variant, store, lmu_root=lmu_root,
-                       batch_size=batch_size, writer=writer, progress=progress, engine=engine,
-                       chunk_rows=chunk_rows).predictions
-
-
-def predict_run(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, profile: Profile,
-                variant: str, store: PredictionStore, *, lmu_root: str | Path,
-                batch_size: int = 8, writer: str = "main", progress: bool = True,
-                engine: str = DEFAULT_ENGINE, chunk_rows: int | None = None) -> PredictionRun:
+def predict_run(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: pd.DataFrame,
+                profile: Profile, variant: str, store: PredictionStore, *, lmu_root: str | Path,
+                writer: str = "main", progress: bool = True) -> PredictionRun:
     """Predictions for every row of ``frame``, reusing the store (module docstring).
 
-    engine: "generate": batches of ``batch_size`` rows in frame order, images opened per
-    batch, ``pair.generate`` called as before engines existed. "fast" (default): chunks of
-    ``chunk_rows`` rows (default ``DEFAULT_CHUNK_ROWS``) grouped by image, images as loaders,
-    ``pair.generate(..., engine="fast")``.
+    pair: the loaded model (its processor builds the prompts, its fingerprints key the
+    store); engine: what generates the rows not stored yet.
     """
     from lavender_checks.data import image_key, load_image
-    from lavender_checks.engines.batched import GenerationRequest
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if engine not in ENGINES:
-        raise ValueError(f"unknown generation engine {engine!r}; engines: {', '.join(ENGINES)}")
-    if chunk_rows is not None and chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
-    fast = engine_of(pair, engine) == FAST_ENGINE
     bench = get_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
     prompting = profile.for_benchmark(bench.name)
     if not profile.add_special_tokens or profile.do_sample:
-        # generation.py calls the processor as VLMEvalKit does (tokenizer BOS added) and
-        # decodes greedily; a profile asking otherwise cannot be honoured.
+        # The engines call the processor as VLMEvalKit does (tokenizer BOS added) and
+        # decode greedily; a profile asking otherwise cannot be honoured.
         raise ValueError(
             f"{profile.path}: profile {profile.name!r} asks for add_special_tokens="
             f"{profile.add_special_tokens}, do_sample={profile.do_sample}; generation supports "
@@ -131,14 +100,9 @@ def predict_run(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, prof
         log.warning("%s/%s: %d stored predictions were made from another prompt or token budget "
                     "and are generated again", bench.name, variant, recomputed)
 
-    if fast:
-        # Each row's image identity, worked out once: it cuts the chunks and goes with the request.
-        image_keys = {index: image_key(frame, index, dump) for index in indices}
-        # By image, never cutting one; the chunks depend on the whole frame only, so a resumed
-        # run cuts the same ones.
-        batches = pack_groups(indices, image_keys.__getitem__, chunk_rows or DEFAULT_CHUNK_ROWS)
-    else:
-        batches = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
+    # Each row's image identity, worked out once (the fast engine groups rows by it).
+    image_key_of = functools.cache(lambda index: image_key(frame, index, dump))
+    batches = engine.plan(indices, image_key_of)
     todo = [[index for index in batch if index not in predictions] for batch in batches]
     todo = [batch for batch in todo if batch]
     missing = sum(len(batch) for batch in todo)
@@ -148,25 +112,22 @@ def predict_run(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, prof
     bar = _progress_bar(missing, f"{bench.name} {variant}", progress)
     try:
         for batch in todo:
-            # Images are opened per batch (a full benchmark's images do not fit in memory);
-            # the fast engine opens them itself, from a loader bound to its row.
+            # The engine opens each image when it needs it, from a loader bound to its row
+            # (a full benchmark's images do not fit in memory).
             requests = [
                 GenerationRequest(
                     key=index,
                     text=texts[index],
-                    images=[functools.partial(load_image, frame, index, bench, lmu_root, dump) if fast
-                            else load_image(frame, index, bench, lmu_root, dump)],
+                    images=[functools.partial(load_image, frame, index, bench, lmu_root, dump)],
                     max_new_tokens=prompting.max_new_tokens,
-                    image_key=image_keys[index] if fast else None,
+                    image_key=image_key_of(index),
+                    clean_up_spaces=profile.clean_up_tokenization_spaces,
                 )
                 for index in batch
             ]
 
-            def keep(finished: Iterable[tuple[Index, str]] | Mapping[Index, str]) -> None:
-                # generation.py reports [(key, prediction), ...]; a mapping is taken too.
-                finished = list(finished.items() if isinstance(finished, Mapping) else finished)
-                if profile.clean_up_tokenization_spaces:
-                    finished = [(index, clean_up_tokenization(text)) for index, text in finished]
+            def keep(finished: list[tuple[Index, str]]) -> None:
+                finished = list(finished)
                 strangers = [index for index, _ in finished if index not in wanted]
                 if strangers:
                     raise RuntimeError(f"{bench.name}/{variant}: generation returned keys that "
@@ -177,12 +138,9 @@ def predict_run(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, prof
                 if bar is not None:
                     bar.update(len(finished))
 
-            # The default engine's call is the one a pair without engines takes.
-            engine_option = {"engine": engine} if fast else {}
-            generated = pair.generate(requests, variant, batch_size=batch_size, on_batch=keep,
-                                      progress=False, **engine_option)
+            generated = engine.generate(requests, variant, on_finish=keep)
             unseen = [(k, v) for k, v in generated.items() if k not in predictions]
-            if unseen:  # a generator that reports no batches: store its results here
+            if unseen:  # an engine that reports no rows as they finish: store its results here
                 keep(unseen)
             lost = [index for index in batch if index not in predictions]
             if lost:
@@ -202,40 +160,6 @@ def predict_run(pair: Any, benchmark: Benchmark | str, frame: pd.DataFrame, prof
         generated=missing,
         store_dir=prediction_log.directory,
     )
-
-
-def engine_of(pair: Any, asked: str) -> str:
-    """The engine a run with ``pair`` uses when ``asked`` is asked for: a pair whose
-    ``generate`` takes no ``engine`` keyword (one written before engines, a test double) is
-    run as batched generate."""
-    import inspect
-
-    try:
-        parameters = inspect.signature(pair.generate).parameters.values()
-    except (TypeError, ValueError):
-        return GENERATE_ENGINE
-    takes_engine = any(p.name == "engine" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
-    return asked if takes_engine else GENERATE_ENGINE
-
-
-def pack_groups(items: Iterable[Any], group_of: Callable[[Any], Any], chunk_rows: int) -> list[list[Any]]:
-    """``items`` grouped by ``group_of(item)`` and packed into chunks of at most ``chunk_rows``.
-
-    Groups come in the order of their first item, items within a group in their order. A
-    chunk is never cut inside a group (a group larger than ``chunk_rows`` is a chunk of its
-    own), so the rows of one image are always handed to the fast engine together and their
-    vision features are computed once.
-    """
-    groups: dict[Any, list[Any]] = {}
-    for item in items:
-        groups.setdefault(group_of(item), []).append(item)
-    chunks: list[list[Any]] = []
-    for group in groups.values():
-        if chunks and len(chunks[-1]) + len(group) <= chunk_rows:
-            chunks[-1].extend(group)
-        else:
-            chunks.append(list(group))
-    return chunks
 
 
 def _compute_of(pair: Any) -> str:

@@ -52,6 +52,8 @@ from pathlib import Path
 from typing import Any
 
 from lavender_checks import REPO_ROOT
+from lavender_checks.engines.request import EOT_TOKEN
+from lavender_checks.model import PAD_TOKEN
 
 # Bump when anything the builder writes changes; the cache folder name depends on it.
 TINY_FORMAT_VERSION = 6
@@ -86,8 +88,6 @@ LLAMA3_SPECIAL_TOKENS = (
 )
 IMAGE_TOKEN = "<|image|>"
 BOS_TOKEN = "<|begin_of_text|>"
-EOT_TOKEN = "<|eot_id|>"
-PAD_TOKEN = "<|finetune_right_pad_id|>"
 EOS_TOKENS = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")  # 128001, 128008, 128009 in Llama 3.2
 BPE_VOCAB_TARGET = 960
 TEXT_VOCAB_MULTIPLE = 64

@@ -182,7 +182,7 @@ class RecordingEngine:
 
 
 def test_the_fast_path_gets_chunks_that_never_split_an_image():
-    from lavender_checks.engines.batched import GenerationRequest
+    from lavender_checks.engines.request import GenerationRequest
 
     # 3 rows per image, chunks of 4 rows: cutting by position would split images 1, 2, 4, 5
     requests = [GenerationRequest(key=f"r{i}", text="t", images=[None], max_new_tokens=2, image_key=f"img{i // 3}")

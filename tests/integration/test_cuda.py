@@ -10,6 +10,9 @@ import pytest
 import torch
 from tests.helpers import assert_matches_reference, make_requests, sample_image, vlmevalkit_single
 
+from lavender_checks.engines import make_engine
+from lavender_checks.engines.batched import generate
+
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: run on a CUDA machine: pytest -m cuda"),
@@ -37,13 +40,14 @@ def test_tiny_pair_on_cuda_is_batch_invariant(cuda_tiny_pair):
     assert pair.lora_modules_applied == 14 and pair.adapter_logit_change > 0
     strict = pair.dtype == torch.float32
     requests = make_requests(pair.processor, 16, seed=5, max_new_tokens=(12,))
+    engine = make_engine("fast", pair)
     for variant in ("base", "lavender"):
-        batched = pair.generate(requests, variant, batch_size=8, progress=False)
-        single = pair.generate(requests, variant, batch_size=1, progress=False)
+        batched = generate(pair, requests, variant, batch_size=8, progress=False)
+        single = generate(pair, requests, variant, batch_size=1, progress=False)
         assert set(batched) == set(single) == {r.key for r in requests}
         references = {r.key: vlmevalkit_single(pair, r, variant) for r in requests}
-        fast = pair.generate(requests, variant, progress=False, engine="fast")  # CUDA graphs
-        assert pair.fast_engine is not None and pair.fast_engine.last_stats.graphs == "on"
+        fast = engine.generate(requests, variant)  # CUDA graphs
+        assert engine.generator is not None and engine.generator.last_stats.graphs == "on"
         if strict:
             assert_matches_reference(single, references, tie_tolerance=0.0, min_decisive=0.75)
             assert_matches_reference(batched, references, tie_tolerance=1e-3, min_decisive=0.75)
@@ -60,7 +64,7 @@ def test_tiny_pair_on_cuda_is_batch_invariant(cuda_tiny_pair):
 @pytest.mark.fullsize
 def test_fullsize_random_weights_generate_both_variants():
     from lavender_checks.synthetic.fullsize import fullsize_pair
-    from lavender_checks.engines.batched import GenerationRequest
+    from lavender_checks.engines.request import GenerationRequest
     from lavender_checks.model import adapter_logit_change
 
     torch.cuda.reset_peak_memory_stats()
@@ -89,7 +93,7 @@ def test_fullsize_random_weights_generate_both_variants():
     for variant in ("base", "lavender"):
         torch.cuda.synchronize()
         started = time.perf_counter()
-        outputs[variant] = pair.generate(requests, variant, batch_size=4, progress=False)
+        outputs[variant] = generate(pair, requests, variant, batch_size=4, progress=False)
         torch.cuda.synchronize()
         timings[variant] = time.perf_counter() - started
         assert set(outputs[variant]) == {r.key for r in requests}

@@ -25,7 +25,7 @@ from lavender_checks.engines import batched as generation
 from lavender_checks.run import pipeline
 from lavender_checks.benchmarks import benchmark_names
 from lavender_checks.data import image_key, load_benchmark_frame, load_image
-from lavender_checks.engines.batched import GenerationRequest
+from lavender_checks.engines.request import GenerationRequest
 from lavender_checks.run.pipeline import RunConfig, RunInputError
 from lavender_checks.run.store import PredictionStore
 from lavender_checks.profiles import load_profile

@@ -11,17 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from lavender_checks.engines.fast.engine import (
-    FastGenConfig,
-    FastGenerator,
-    GreedyRules,
-    UnsupportedGenerationSetting,
-    encode_image,
-    encode_text,
-    fast_generator_for_pair,
-    image_digest,
-)
-from lavender_checks.engines.batched import GenerationRequest, _greedy_settings, postprocess
+from lavender_checks.engines.fast.config import FastGenConfig
+from lavender_checks.engines.fast.engine import FastGenerator, fast_generator_for_pair
+from lavender_checks.engines.fast.inputs import encode_image, encode_text, image_digest
+from lavender_checks.engines.fast.rules import GreedyRules, UnsupportedGenerationSetting
+from lavender_checks.engines.request import GenerationRequest, decode_output
+from lavender_checks.engines.request import pair_greedy_settings as _greedy_settings
 from lavender_checks.prompts import Prompt, chat_text
 
 TILE = 56  # the tiny processor's tile size
@@ -144,9 +139,9 @@ def test_text_and_on_batch_follow_the_suite(pair):
                               max_new_tokens=r.max_new_tokens) for r in requests]
     fast = fast_generator_for_pair(pair, FastGenConfig(max_slots=2))
     reported: list[tuple[str, str]] = []
-    texts = fast.generate(lazy, "lavender", batch_size=8, on_batch=reported.extend)
+    texts = fast.generate(lazy, "lavender", on_finish=reported.extend)
     expected_ids = one_sample(pair, requests, "lavender", settings.generation_config)
-    expected = {k: postprocess(pair.processor, ids, settings.eos_ids) for k, ids in expected_ids.items()}
+    expected = {k: decode_output(pair.processor, ids, settings.eos_ids) for k, ids in expected_ids.items()}
     assert texts == expected
     assert list(texts) == [r.key for r in requests]  # request order
     assert sorted(k for k, _ in reported) == sorted(expected) and dict(reported) == expected
@@ -194,7 +189,7 @@ def test_greedy_rules():
 def test_split_vision_attention_and_linear_buckets_keep_the_tokens(pair, monkeypatch):
     """The split vision attention (no bias tensor) and linear key buckets change kernels, not
     results; the split function must really be the one the vision tower calls."""
-    from lavender_checks.engines.fast import engine as fastgen
+    from lavender_checks.engines.fast import mllama as fastgen
 
     calls = []
     real = fastgen.split_vision_attention
@@ -215,7 +210,7 @@ def test_split_vision_attention_is_the_masked_attention():
     """Against transformers' eager attention with Mllama's padding mask, on random data."""
     from transformers.models.mllama.modeling_mllama import _prepare_aspect_ratio_attention_mask
 
-    from lavender_checks.engines.fast.engine import _PAD_SPLITS, split_vision_attention
+    from lavender_checks.engines.fast.mllama import _PAD_SPLITS, split_vision_attention
 
     torch.manual_seed(0)
     tiles, patches, padded = 4, 5, 8  # 5 real patches per tile padded to 8

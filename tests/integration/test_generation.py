@@ -9,7 +9,8 @@ import torch
 from tests.helpers import assert_matches_reference, make_requests, vlmevalkit_single
 
 from lavender_checks.engines import batched as generation
-from lavender_checks.engines.batched import GenerationOOMError, GenerationRequest, cut_after_first_eos, postprocess
+from lavender_checks.engines.batched import BatchedEngine, GenerationOOMError
+from lavender_checks.engines.request import GenerationRequest, cut_after_first_eos, decode_output
 
 # float32 on CPU: batched and single runs differ by up to ~3e-5 of the largest logit (the
 # tiny model's hand-built heads carry large activations): up to ~6e-4 on these requests.
@@ -34,7 +35,7 @@ def references(tiny_pair, requests):
 @pytest.mark.parametrize("variant", ["base", "lavender"])
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 def test_batched_generation_equals_one_sample_generation(tiny_pair, requests, references, variant, batch_size):
-    predictions = tiny_pair.generate(requests, variant, batch_size=batch_size, progress=False)
+    predictions = generation.generate(tiny_pair, requests, variant, batch_size=batch_size, progress=False)
     assert list(predictions) == [r.key for r in requests]  # request order, whatever the batching
     assert_matches_reference(predictions, references[variant], tie_tolerance=CPU_TIE_TOLERANCE)
 
@@ -54,7 +55,7 @@ def test_left_padded_prefill_logits_match_single(tiny_pair, requests):
 
 
 def test_budget_limits_new_tokens(tiny_pair, requests, references):
-    predictions = tiny_pair.generate(requests, "base", progress=False)
+    predictions = generation.generate(tiny_pair, requests, "base", progress=False)
     for request in requests:
         ref = references["base"][request.key]
         assert len(ref.token_ids) <= request.max_new_tokens
@@ -67,38 +68,38 @@ def test_budget_limits_new_tokens(tiny_pair, requests, references):
 
 
 def test_base_variant_reproduces_the_plain_base_model(tiny_pair, tiny_base_pair, requests):
-    with_adapter_disabled = tiny_pair.generate(requests, "base", batch_size=4, progress=False)
-    plain = tiny_base_pair.generate(requests, "base", batch_size=4, progress=False)
+    with_adapter_disabled = generation.generate(tiny_pair, requests, "base", batch_size=4, progress=False)
+    plain = generation.generate(tiny_base_pair, requests, "base", batch_size=4, progress=False)
     assert with_adapter_disabled == plain
 
 
 def test_adapter_changes_the_outputs(tiny_pair, requests):
     # The tiny model answers in one token; the adapter changes some answers, not all.
-    base = tiny_pair.generate(requests, "base", progress=False)
-    lavender = tiny_pair.generate(requests, "lavender", progress=False)
+    base = generation.generate(tiny_pair, requests, "base", progress=False)
+    lavender = generation.generate(tiny_pair, requests, "lavender", progress=False)
     assert 2 <= sum(base[k] != lavender[k] for k in base) < len(base)
 
 
 def test_variants_are_checked(tiny_pair, tiny_base_pair, requests):
     with pytest.raises(ValueError, match="needs an adapter"):
-        tiny_base_pair.generate(requests[:1], "lavender", progress=False)
+        generation.generate(tiny_base_pair, requests[:1], "lavender", progress=False)
     with pytest.raises(ValueError, match="unknown variant"):
-        tiny_pair.generate(requests[:1], "merged", progress=False)
+        generation.generate(tiny_pair, requests[:1], "merged", progress=False)
     with pytest.raises(ValueError, match="duplicate request keys"):
-        tiny_pair.generate([requests[0], requests[0]], "base", progress=False)
-    assert tiny_pair.generate([], "base", progress=False) == {}
+        generation.generate(tiny_pair, [requests[0], requests[0]], "base", progress=False)
+    assert generation.generate(tiny_pair, [], "base", progress=False) == {}
 
 
 def test_on_batch_reports_every_batch(tiny_pair, requests):
     seen = []
-    predictions = tiny_pair.generate(requests, "lavender", batch_size=4, on_batch=seen.append, progress=False)
+    predictions = generation.generate(tiny_pair, requests, "lavender", batch_size=4, on_batch=seen.append, progress=False)
     # Two token budgets of 7 requests each: 2 + 2 batches of at most 4.
     assert [len(batch) for batch in seen] == [4, 3, 4, 3]
     assert dict(pair for batch in seen for pair in batch) == predictions
 
 
 def test_out_of_memory_splits_the_batch_and_keeps_every_sample(tiny_pair, requests, monkeypatch):
-    expected = tiny_pair.generate(requests, "lavender", batch_size=8, progress=False)
+    expected = generation.generate(tiny_pair, requests, "lavender", batch_size=8, progress=False)
     real_run = generation._run_batch
     sizes = []
 
@@ -110,7 +111,7 @@ def test_out_of_memory_splits_the_batch_and_keeps_every_sample(tiny_pair, reques
 
     monkeypatch.setattr(generation, "_run_batch", run_with_small_memory)
     seen = []
-    predictions = tiny_pair.generate(requests, "lavender", batch_size=4, on_batch=seen.append, progress=False)
+    predictions = generation.generate(tiny_pair, requests, "lavender", batch_size=4, on_batch=seen.append, progress=False)
     assert predictions == expected
     assert max(len(batch) for batch in seen) <= 2
     assert sorted(key for batch in seen for key, _ in batch) == sorted(r.key for r in requests)
@@ -125,7 +126,7 @@ def test_out_of_memory_on_one_sample_is_a_clear_error(tiny_pair, requests, monke
     monkeypatch.setattr(generation, "_run_batch", no_memory)
     seen = []
     with pytest.raises(GenerationOOMError, match="single sample"):
-        tiny_pair.generate(requests[:4], "base", batch_size=4, on_batch=seen.append, progress=False)
+        generation.generate(tiny_pair, requests[:4], "base", batch_size=4, on_batch=seen.append, progress=False)
     assert seen == []  # nothing stored, in particular no error strings
 
 
@@ -158,33 +159,70 @@ def test_cut_after_first_eos_keeps_that_token():
     assert cut_after_first_eos([], {9}) == []
 
 
-def test_postprocess_matches_vlmevalkit(tiny_pair):
+def test_decoding_matches_vlmevalkit(tiny_pair):
     processor = tiny_pair.processor
     tok = processor.tokenizer
     eos = set(tiny_pair.base_model.generation_config.eos_token_id)
     words = tok("\n Yes. ", add_special_tokens=False)["input_ids"]
     eot, eom, pad = _ids(tok, "<|eot_id|>", "<|eom_id|>", "<|finetune_right_pad_id|>")
     # <|eot_id|> removed, padding after it cut, whitespace kept (no strip).
-    assert postprocess(processor, words + [eot, pad, pad], eos) == "\n Yes. "
+    assert decode_output(processor, words + [eot, pad, pad], eos) == "\n Yes. "
     # Stopping on <|eom_id|>: VLMEvalKit removes only <|eot_id|>, so it stays.
-    assert postprocess(processor, words + [eom, pad], eos) == "\n Yes. <|eom_id|>"
+    assert decode_output(processor, words + [eom, pad], eos) == "\n Yes. <|eom_id|>"
     # A pad the model generated before EOS is part of the single-sample output.
-    assert postprocess(processor, words + [pad, eot], eos) == "\n Yes. <|finetune_right_pad_id|>"
+    assert decode_output(processor, words + [pad, eot], eos) == "\n Yes. <|finetune_right_pad_id|>"
     # No EOS within the budget: everything is kept.
-    assert postprocess(processor, words, eos) == "\n Yes. "
+    assert decode_output(processor, words, eos) == "\n Yes. "
     # Only the first EOS counts.
-    assert postprocess(processor, [eot] + words + [eot], eos) == ""
+    assert decode_output(processor, [eot] + words + [eot], eos) == ""
+    # The profile's clean-up (transformers 4.x) comes after <|eot_id|> is removed.
+    spaced = tok(" It is n't , is it ?", add_special_tokens=False)["input_ids"]
+    assert decode_output(processor, spaced + [eot], eos) == " It is n't , is it ?"
+    assert decode_output(processor, spaced + [eot], eos, clean_up_spaces=True) == " It isn't, is it?"
 
 
 def test_greedy_despite_sampling_defaults(tiny_pair, requests):
     """The tiny generation_config says do_sample=True, temperature 0.6 (as the real one)."""
     assert tiny_pair.base_model.generation_config.do_sample
-    first = tiny_pair.generate(requests[:6], "lavender", progress=False)
+    first = generation.generate(tiny_pair, requests[:6], "lavender", progress=False)
     torch.manual_seed(1)
-    second = tiny_pair.generate(requests[:6], "lavender", progress=False)
+    second = generation.generate(tiny_pair, requests[:6], "lavender", progress=False)
     assert first == second
 
 
 def test_request_defaults():
     request = GenerationRequest(key="a", text="t")
     assert request.images == [] and request.max_new_tokens == 512
+
+
+def test_the_batched_engine_plans_frame_order_batches_and_opens_loaders_batch_by_batch(tiny_pair, requests,
+                                                                                     monkeypatch):
+    engine = BatchedEngine(tiny_pair, batch_size=4)
+    assert engine.plan(list(range(10)), str) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert engine.describe() == {"name": "generate"}
+    expected = {key: prediction for batch in (requests[:4], requests[4:6])
+                for key, prediction in generation.generate(tiny_pair, batch, "lavender", batch_size=4,
+                                                           progress=False).items()}
+    opened, calls = [], []
+    real = generation.generate
+
+    def spy(pair, batch, variant, **options):
+        calls.append([r.key for r in batch])
+        assert all(not callable(image) for r in batch for image in r.images)
+        return real(pair, batch, variant, **options)
+
+    def loader(request):
+        def load():
+            opened.append(request.key)
+            return request.images[0]
+        return load
+
+    lazy = [GenerationRequest(key=r.key, text=r.text, images=[loader(r)], max_new_tokens=r.max_new_tokens)
+            for r in requests[:6]]
+    monkeypatch.setattr(generation, "generate", spy)
+    reported = []
+    assert engine.generate(lazy, "lavender", on_finish=reported.extend) == expected
+    assert calls == [[r.key for r in requests[:4]], [r.key for r in requests[4:6]]]
+    assert sorted(opened) == sorted(r.key for r in requests[:6]) and dict(reported) == expected
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        BatchedEngine(tiny_pair, batch_size=0)

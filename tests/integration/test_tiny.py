@@ -14,6 +14,7 @@ import pytest
 from tests.helpers import make_requests
 
 from lavender_checks import REPO_ROOT
+from lavender_checks.engines.batched import generate
 from lavender_checks.synthetic import tiny
 
 # vlmevalkit-behaviour.md section 2.2, character for character.
@@ -196,7 +197,7 @@ def test_greedy_generations_answer_in_one_token_then_stop(tiny_pair):
     answers = {answer for kind in tiny.ANSWERS.values() for answer in kind}
     outputs = []
     for variant in ("base", "lavender"):
-        outputs += tiny_pair.generate(requests, variant, progress=False).values()
+        outputs += generate(tiny_pair, requests, variant, progress=False).values()
     lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in outputs]
     assert max(lengths) < 40, sorted(lengths)  # the length penalty ends any runaway
     assert sum(p in answers for p in outputs) >= 0.8 * len(outputs), outputs
@@ -214,7 +215,7 @@ def _mini_benchmark_results(pair, name: str) -> dict:
     from lavender_checks import FIXTURES
     from lavender_checks.benchmarks import get_benchmark
     from lavender_checks.data import load_benchmark_frame, load_image
-    from lavender_checks.engines.batched import GenerationRequest
+    from lavender_checks.engines.request import GenerationRequest
     from lavender_checks.profiles import load_profile
     from lavender_checks.prompts import build_prompt, chat_text
     from lavender_checks.vlmeval_io import prediction_frame, roundtrip
@@ -229,7 +230,7 @@ def _mini_benchmark_results(pair, name: str) -> dict:
     ]
     results = {}
     for variant in ("base", "lavender"):
-        predictions = pair.generate(requests, variant, progress=False)
+        predictions = generate(pair, requests, variant, progress=False)
         results[variant] = bench.score(roundtrip(prediction_frame(frame, predictions)), meta=frame)
     return results
 

@@ -7,7 +7,7 @@ import pytest
 
 from lavender_checks.benchmarks import Benchmark, get_benchmark
 from lavender_checks.profiles import load_profile
-from lavender_checks.prompts import Prompt, build_prompt, chat_text, messages, postprocess
+from lavender_checks.prompts import Prompt, build_prompt, chat_text, messages
 
 DOCVQA_HEAD = ("Read the text in the image carefully and answer the question with the text as seen "
                "exactly in the image.")
@@ -91,20 +91,6 @@ def test_chat_text_refuses_token_ids():
         chat_text(TemplateRecorder(result=[1, 2, 3]), Prompt("q", True))
 
 
-def test_postprocess_removes_eot_only_and_keeps_whitespace():
-    assert postprocess(" Yes<|eot_id|>") == " Yes"
-    assert postprocess("A<|eot_id|>B<|eot_id|>\n") == "AB\n"
-    assert postprocess("No<|eom_id|>") == "No<|eom_id|>"
-    assert postprocess("<|end_of_text|>  ") == "<|end_of_text|>  "
-
-
-# -- snapshots: the exact text for one row of each mini benchmark under each profile ---------
-
-# One row per benchmark; MMBench's has a hint, so every line of its prompt shows.
-SNAPSHOT_ROWS = {"DocVQA_VAL": 1, "ChartQA_TEST": 0, "MMBench_DEV_EN": 1, "MME": 0}
-
-
-@pytest.fixture(scope="module")
 def tiny_processor():
     from transformers import AutoProcessor
 
@@ -155,7 +141,7 @@ def test_prompt_and_chat_text_snapshot(bench_name, profile_name, tiny_processor,
 
 
 def test_clean_up_tokenization_matches_transformers_4_rules():
-    from lavender_checks.prompts import clean_up_tokenization
+    from lavender_checks.engines.request import clean_up_tokenization
 
     assert clean_up_tokenization("Yes .") == "Yes."
     assert clean_up_tokenization("It is n't , is it ?") == "It isn't, is it?"

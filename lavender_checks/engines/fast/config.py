@@ -1,0 +1,37 @@
+"""The fast engine's knobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GIB = 1 << 30
+# Rows a run hands the fast engine at a time: more than any benchmark here has, so each
+# benchmark and variant is one call and its batch drains once. The engine reports rows as
+# they finish and holds only the images it is preprocessing, so a large chunk costs neither
+# resumability nor memory.
+DEFAULT_CHUNK_ROWS = 8192
+
+
+@dataclass(frozen=True)
+class FastGenConfig:
+    """Knobs of the fast engine. The defaults are the configuration measured on one H100
+    (docs/speed.md, where the options without a measurement say so)."""
+
+    max_slots: int = 128  # rows decoded together (the decode batch); cut to fit memory_budget_gib
+    admit_fraction: float = 0.125  # prefill waiting rows once this fraction of slots is free
+    max_prefill_tokens: int = 4096  # padded prompt tokens per prefill call
+    vision_batch: int = 4  # distinct images per vision-tower call
+    cuda_graphs: bool = True  # capture the decode step (CUDA only)
+    memory_budget_gib: float | None = 70.0  # slots are cut so that the caches fit this peak
+    # kept free for vision and prefill activations (the vision of four distinct 4-tile
+    # images at once needs more than 8 GiB; docs/speed.md)
+    workspace_gib: float = 10.0
+    prep_threads: int = 8  # CPU threads for image preprocessing and hashing
+    min_bucket: int = 128  # smallest key-length bucket of the decode step
+    min_cache_len: int = 1024  # self-attention cache positions allocated at least (regrowing recaptures graphs)
+    # key-length buckets: "linear" (128, 256, 384, ...) or "double" (128, 256, 512, ...)
+    bucket_growth: str = "linear"
+    # "split" (mllama.split_vision_attention: no bias tensor, so a flash kernel can run) or
+    # "transformers" (its masked attention); docs/speed.md compares them
+    vision_attention: str = "split"
+    phase_timing: bool = False  # synchronise at phase ends so that phase times are exact

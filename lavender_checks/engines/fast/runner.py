@@ -1,0 +1,331 @@
+"""The fast engine's tensor work: static caches, vision, prefill, the decode step, CUDA graphs.
+
+The decode step (every layer, LoRA included) is captured as a CUDA graph per variant and per
+key-length bucket, over a static self-attention cache and a static cross-attention cache that
+this module owns (transformers' static cache does not fit Mllama's cross-attention). Attention
+reads only the bucket's prefix of the cache, so short rows do not pay for the longest
+possible row. Without CUDA the same code runs eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from lavender_checks.engines.fast import mllama
+from lavender_checks.engines.fast.config import GIB, FastGenConfig
+from lavender_checks.engines.fast.rules import GreedyRules
+from lavender_checks.engines.fast.scheduler import Row
+from lavender_checks.engines.fast.stats import FastGenStats
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    """Buffers and forward passes of one model for the fast engine; kept between calls."""
+
+    def __init__(self, parts: mllama.MllamaParts, *, device, dtype, config: FastGenConfig, rules: GreedyRules,
+                 pad_id: int):
+        import torch
+
+        self._torch = torch
+        self.parts = parts
+        self.device = device
+        self.dtype = dtype
+        self.config = config
+        self.rules = rules
+        self.pad_id = pad_id
+        self._eos_index = torch.tensor(sorted(frozenset(rules.eos_ids)), dtype=torch.long, device=device)
+        self.use_graphs = config.cuda_graphs and device.type == "cuda"
+        self.graph_error: str | None = None
+        self._graphs: dict[tuple[str, int], Any] = {}
+        self._graph_pool = None
+        self.slots = 0
+        self.cache_len = 0
+
+    # -- buffers -----------------------------------------------------------------------
+
+    def slot_bytes(self, cache_len: int) -> int:
+        """GPU bytes one slot's caches take at ``cache_len`` self-attention positions."""
+        p = self.parts
+        elem = self._torch.finfo(self.dtype).bits // 8
+        per_pos = 2 * p.kv_heads * p.head_dim * elem
+        return per_pos * (len(p.self_index) * cache_len + len(p.cross_index) * p.vision_tokens)
+
+    def ensure_buffers(self, need: int) -> None:
+        """Caches for rows of up to ``need`` positions (grown, never shrunk)."""
+        torch, p = self._torch, self.parts
+        cache_len = max(self.config.min_bucket, self.config.min_cache_len, _round_up(need, 64))
+        if self.slots and cache_len <= self.cache_len:
+            return
+        cache_len = max(cache_len, self.cache_len)
+        # Free the old caches and the graphs that point into them before sizing the new ones.
+        # The graphs' memory pool goes with them: capturing into a pool whose graphs are all
+        # gone trips an allocator assertion (torch 2.11), so new graphs get a new pool.
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._graphs.clear()
+        self._graph_pool = None
+        for name in ("_self_k", "_self_v", "_cross_k", "_cross_v"):
+            setattr(self, name, None)
+        slots = self._slots_that_fit(cache_len)
+        shape_self = (slots, p.kv_heads, cache_len, p.head_dim)
+        shape_cross = (slots, p.kv_heads, p.vision_tokens, p.head_dim)
+        make = lambda shape: torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731
+        self._self_k = [make(shape_self) for _ in p.self_index]
+        self._self_v = [make(shape_self) for _ in p.self_index]
+        self._cross_k = [make(shape_cross) for _ in p.cross_index]
+        self._cross_v = [make(shape_cross) for _ in p.cross_index]
+        self._tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self._positions = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self._next = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self._suppress = torch.zeros(slots, dtype=torch.bool, device=self.device)
+        self._decay = torch.zeros(slots, dtype=torch.float32, device=self.device)
+        # Every slot sees the first tile until a row moves in, so no attention row is all-masked.
+        self._tile_ok = torch.zeros(slots, p.vision_tokens, dtype=torch.bool, device=self.device)
+        self._tile_ok[:, : p.num_patches] = True
+        self._key_arange = torch.arange(cache_len, device=self.device)
+        self._slot_arange = torch.arange(slots, device=self.device)
+        self.slots, self.cache_len = slots, cache_len
+
+    def _slots_that_fit(self, cache_len: int) -> int:
+        torch = self._torch
+        slots = self.config.max_slots
+        if self.device.type != "cuda" or self.config.memory_budget_gib is None:
+            return slots
+        torch.cuda.empty_cache()
+        in_use = torch.cuda.memory_allocated(self.device)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        # The budget, or what this card can still give (a smaller card, another process),
+        # less half a GiB for the CUDA context's own allocations.
+        budget = min(self.config.memory_budget_gib * GIB, in_use + free - GIB // 2)
+        room = budget - in_use - self.config.workspace_gib * GIB
+        fit = int(room // self.slot_bytes(cache_len))
+        if fit < 1:
+            raise RuntimeError(
+                f"the fast path needs {self.slot_bytes(cache_len) / GIB:.2f} GiB per slot and "
+                f"{self.config.workspace_gib} GiB of workspace; only {room / GIB:.2f} GiB are "
+                f"left under a {budget / GIB:.1f} GiB budget ({self.config.memory_budget_gib} GiB "
+                f"asked, {(in_use + free) / GIB:.1f} GiB on the card for this process)")
+        if fit < slots:
+            log.info("fast path: %d slots fit the %.1f GiB budget (asked for %d)", fit, budget / GIB, slots)
+            slots = fit
+        return slots
+
+    def bucket(self, length: int) -> int:
+        """Keys the decode step reads: a bucket at least ``length`` long (one graph per bucket)."""
+        step = self.config.min_bucket
+        if self.config.bucket_growth == "linear":
+            return min(_round_up(length, step), self.cache_len)
+        bucket = step
+        while bucket < length:
+            bucket *= 2
+        return min(bucket, self.cache_len)
+
+    def sync(self) -> None:
+        """With ``phase_timing``: wait for the GPU, so that phase times are exact."""
+        if self.config.phase_timing and self.device.type == "cuda":
+            self._torch.cuda.synchronize(self.device)
+
+    # -- vision ------------------------------------------------------------------------
+
+    def image_features(self, encoded: list):
+        """Per image: (keys, values) of every cross-attention layer, each (kv_heads, T, d)."""
+        return mllama.image_features(self.parts, encoded, self.device, self.config.vision_attention)
+
+    # -- logits ------------------------------------------------------------------------
+
+    def _greedy_choice(self, hidden, suppress, decay):
+        """Next tokens from the last hidden states, through greedy generate's logits rules."""
+        torch = self._torch
+        scores = mllama.scores(self.parts.lm_head, hidden)
+        if self.rules.suppresses or self.rules.decays:
+            eos = self._eos_index
+            picked = scores[:, eos]
+            if self.rules.suppresses:
+                picked = torch.where(suppress[:, None], float("-inf"), picked)
+            if self.rules.decays:
+                penalty = picked.abs() * decay[:, None]
+                penalty = penalty.masked_fill(~torch.isfinite(picked), 0.0)
+                picked = picked + penalty
+            scores[:, eos] = picked
+        return scores.argmax(-1)
+
+    # -- prefill -----------------------------------------------------------------------
+
+    def prefill(self, batch: list[Row], targets: list[int], image_kv, image_meta, stats: FastGenStats) -> list[int]:
+        """Run the prompts of ``batch`` (left-padded), fill their slots, return first tokens."""
+        torch, p = self._torch, self.parts
+        dev = self.device
+        n = len(batch)
+        seq = max(len(r.ids) for r in batch)
+        stats.prefill_calls += 1
+        stats.prefill_tokens += n * seq
+        ids = torch.full((n, seq), self.pad_id, dtype=torch.long)
+        valid = torch.zeros(n, seq, dtype=torch.bool)
+        image_pos = torch.zeros(n, dtype=torch.long)
+        tiles = torch.zeros(n, dtype=torch.long)
+        for i, row in enumerate(batch):
+            ids[i, seq - len(row.ids):] = torch.tensor(row.ids)
+            valid[i, seq - len(row.ids):] = True
+            image_pos[i] = seq - len(row.ids) + row.image_pos
+            tiles[i] = image_meta[row.image].num_tiles
+        ids, valid = ids.to(dev), valid.to(dev)
+        image_pos, tiles = image_pos.to(dev), tiles.to(dev)
+        slots = torch.tensor(targets, dtype=torch.long, device=dev)
+
+        # Cross-attention keys and values of the new rows go into their slots; the prefill reads
+        # them from there (a view when the slots are consecutive, else a gather per layer).
+        for j in range(len(p.cross_index)):
+            for slot, row in zip(targets, batch):
+                self._cross_k[j][slot] = image_kv[row.image][0][j]
+                self._cross_v[j][slot] = image_kv[row.image][1][j]
+        consecutive = targets == list(range(targets[0], targets[0] + n))
+
+        def cross_kv(j):
+            if consecutive:
+                return (self._cross_k[j][targets[0]:targets[0] + n],
+                        self._cross_v[j][targets[0]:targets[0] + n])
+            return self._cross_k[j][slots], self._cross_v[j][slots]
+        vision_index = torch.arange(p.vision_tokens, device=dev)
+        tile_ok = (vision_index // p.num_patches)[None, :] < tiles[:, None]  # (n, T)
+        self._tile_ok[slots] = tile_ok
+
+        positions = torch.arange(seq, device=dev)
+        sees = positions[None, :] >= image_pos[:, None]  # (n, S): at or after <|image|>
+        # Mllama: a token that sees no tile attends to every vision token (the mask row is
+        # zeroed, not -inf) and its cross-attention MLP output is zeroed. Kept deliberately.
+        cross_mask = torch.where(sees[:, :, None], tile_ok[:, None, :], True)[:, None]
+        row_mask = sees.to(self.dtype)[..., None]
+
+        position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        causal = positions[None, :] <= positions[:, None]  # (S, S): key <= query
+        eye = torch.eye(seq, dtype=torch.bool, device=dev)
+        # Padding queries see themselves only, so no attention row is empty.
+        self_mask = ((causal[None] & valid[:, None, :]) | eye[None])[:, None]
+
+        # Where the real prompt tokens go in the slot caches: slot row, position 0..len-1.
+        real = valid.nonzero(as_tuple=False)
+        src_row, src_pos = real[:, 0], real[:, 1]
+        dst_slot = slots[src_row]
+        dst_pos = src_pos - (seq - valid.sum(-1))[src_row]
+
+        tm = p.text_model
+        h = tm.embed_tokens(ids)
+        cos, sin = tm.rotary_emb(h, position_ids)
+        for index, layer in enumerate(tm.layers):
+            if index in p.cross_index:
+                j = p.cross_index[index]
+                h = mllama.cross_layer(p, layer, h, *cross_kv(j), cross_mask, row_mask)
+                continue
+            j = p.self_index[index]
+
+            def attend(k, v, j=j):
+                self._self_k[j][dst_slot, :, dst_pos] = k[src_row, :, src_pos]
+                self._self_v[j][dst_slot, :, dst_pos] = v[src_row, :, src_pos]
+                return k, v, self_mask
+
+            h = mllama.self_layer(p, layer, h, cos, sin, attend)
+        h = tm.norm(h[:, -1:])
+        suppress = torch.tensor([self.rules.suppress_eos(len(r.ids), 0) for r in batch], device=dev)
+        decay = torch.tensor([self.rules.decay_multiplier(0) for _ in batch], dtype=torch.float32, device=dev)
+        first = self._greedy_choice(h[:, -1], suppress, decay)
+        self._tokens[slots] = first
+        return first.tolist()
+
+    # -- decode ------------------------------------------------------------------------
+
+    def set_step_inputs(self, positions: list[int], running: dict[int, Row]) -> None:
+        """The host's per-slot positions, and the length rules of the running rows."""
+        torch, rules = self._torch, self.rules
+        self._positions.copy_(torch.tensor(positions, dtype=torch.long))
+        if rules.suppresses or rules.decays:
+            suppress, decay = [False] * self.slots, [0.0] * self.slots
+            for slot, row in running.items():
+                suppress[slot] = rules.suppress_eos(len(row.ids), len(row.out))
+                decay[slot] = rules.decay_multiplier(len(row.out))
+            self._suppress.copy_(torch.tensor(suppress, dtype=torch.bool))
+            self._decay.copy_(torch.tensor(decay, dtype=torch.float32))
+
+    def next_tokens(self) -> list[int]:
+        """The tokens the last step chose (per slot); they are the next step's input."""
+        chosen = self._next.tolist()
+        self._tokens.copy_(self._next)
+        return chosen
+
+    def decode_step(self, length: int) -> None:
+        """One token for every slot, reading and writing only the static buffers."""
+        p = self.parts
+        tm = p.text_model
+        positions = self._positions
+        h = tm.embed_tokens(self._tokens[:, None])
+        cos, sin = tm.rotary_emb(h, positions[:, None])
+        key_ok = (self._key_arange[:length][None, :] <= positions[:, None])[:, None, None, :]
+        cross_ok = self._tile_ok[:, None, None, :]
+        slot_index = self._slot_arange
+        for index, layer in enumerate(tm.layers):
+            if index in p.cross_index:
+                j = p.cross_index[index]
+                # Generated tokens always follow <|image|>: the MLP row mask is 1 (omitted).
+                h = mllama.cross_layer(p, layer, h, self._cross_k[j], self._cross_v[j], cross_ok, None)
+                continue
+            j = p.self_index[index]
+
+            def attend(k, v, j=j):
+                cache_k, cache_v = self._self_k[j], self._self_v[j]
+                cache_k[slot_index, :, positions] = k[:, :, 0]
+                cache_v[slot_index, :, positions] = v[:, :, 0]
+                return cache_k[:, :, :length], cache_v[:, :, :length], key_ok
+
+            h = mllama.self_layer(p, layer, h, cos, sin, attend)
+        h = tm.norm(h)
+        self._next.copy_(self._greedy_choice(h[:, -1], self._suppress, self._decay))
+
+    def decode(self, variant: str, length: int, stats: FastGenStats) -> None:
+        """``decode_step`` as a replayed CUDA graph when graphs are on (captured on first use)."""
+        if self.use_graphs:
+            graph = self._graphs.get((variant, length))
+            if graph is None:
+                t0 = time.perf_counter()
+                try:
+                    graph = self._capture(length)
+                except Exception as exc:  # fall back to eager decoding, and say so
+                    self.use_graphs = False
+                    self.graph_error = f"{type(exc).__name__}: {exc}"[:300]
+                    log.warning("CUDA graph capture failed (%s); decoding eagerly", self.graph_error)
+                    self._torch.cuda.synchronize(self.device)
+                else:
+                    self._graphs[(variant, length)] = graph
+                    stats.graph_captures += 1
+                stats.seconds["capture"] += time.perf_counter() - t0
+            if graph is not None:
+                graph.replay()
+                return
+        self.decode_step(length)
+
+    def _capture(self, length: int):
+        """Capture the decode step. The warm-up steps repeat the coming step exactly (same
+        inputs, same cache writes), so capturing in the middle of a generation is harmless."""
+        torch = self._torch
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.decode_step(length)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            self.decode_step(length)
+        return graph
+
+    @property
+    def graphs(self) -> str:
+        """"on", "off" or "failed: why", for the stats."""
+        return "on" if self.use_graphs else (f"failed: {self.graph_error}" if self.graph_error else "off")
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
