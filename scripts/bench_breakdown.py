@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from lavender_checks.speed.bench import time_breakdown
+from lavender_checks.speed.project import time_breakdown
 
 
 def main(argv: list[str] | None = None) -> int:

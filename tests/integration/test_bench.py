@@ -10,7 +10,8 @@ import random
 
 import pytest
 
-from lavender_checks.speed import bench
+from lavender_checks.speed import bench, measure, project
+from lavender_checks.speed import workload as workloads
 from lavender_checks.benchmarks import get_benchmark
 
 
@@ -45,8 +46,8 @@ output_tokens = [[0.8, 2, 4], [0.2, 5, 128]]
 
 
 def test_stated_workload_matches_the_benchmarks():
-    workload = bench.load_workload()
-    assert [b.name for b in workload.benchmarks] == list(bench.BENCHMARK_ORDER)
+    workload = workloads.load_workload()
+    assert [b.name for b in workload.benchmarks] == list(workloads.BENCHMARK_ORDER)
     for load in workload.benchmarks:
         assert load.rows == get_benchmark(load.name).spec.rows
     counts = {b.name: (b.rows, b.images) for b in workload.benchmarks}
@@ -65,28 +66,28 @@ def test_stated_workload_matches_the_benchmarks():
 ])
 def test_bad_workload_names_file_and_key(tmp_path, change, message):
     path = write(tmp_path, GOOD.replace(*change))
-    with pytest.raises(bench.WorkloadError, match=message) as caught:
-        bench.load_workload(path)
+    with pytest.raises(workloads.WorkloadError, match=message) as caught:
+        workloads.load_workload(path)
     assert str(path) in str(caught.value)
 
 
 def test_rows_are_deterministic_grouped_and_scaled(tmp_path):
-    load = bench.load_workload(write(tmp_path, GOOD)).benchmarks[0]
-    rows = bench.sample_rows(load, seed=1)
-    assert rows == bench.sample_rows(load, seed=1)
-    assert rows != bench.sample_rows(load, seed=2)
+    load = workloads.load_workload(write(tmp_path, GOOD)).benchmarks[0]
+    rows = workloads.sample_rows(load, seed=1)
+    assert rows == workloads.sample_rows(load, seed=1)
+    assert rows != workloads.sample_rows(load, seed=2)
     assert len(rows) == 10 and [r.image_id for r in rows] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert all(len({r.tiles for r in rows if r.image_id == i}) == 1 for i in range(5))
     assert all(2 <= r.output_tokens <= 128 and 24 <= r.prompt_tokens <= 36 for r in rows)
-    full = bench.load_workload().benchmarks[2]  # MMBench: 4,329 rows on 1,164 images
-    scaled = bench.sample_rows(full, seed=7, scale=0.1)
+    full = workloads.load_workload().benchmarks[2]  # MMBench: 4,329 rows on 1,164 images
+    scaled = workloads.sample_rows(full, seed=7, scale=0.1)
     assert len(scaled) == 433 and len({r.image_id for r in scaled}) == 116
     per_image = [sum(r.image_id == i for r in scaled) for i in range(116)]
     assert set(per_image) == {3, 4}
 
 
 def test_buckets_follow_their_weights():
-    buckets = bench.Buckets(((0.75, 2, 6), (0.25, 100, 100)))
+    buckets = workloads.Buckets(((0.75, 2, 6), (0.25, 100, 100)))
     rng = random.Random(0)
     draws = [buckets.draw(rng) for _ in range(4000)]
     assert 0.72 < sum(d <= 6 for d in draws) / len(draws) < 0.78
@@ -102,13 +103,13 @@ def processor():
 
 
 def test_requests_hit_their_lengths_and_tiles(processor):
-    from lavender_checks.engines.fast.engine import encode_image, encode_text, image_digest
+    from lavender_checks.engines.fast.inputs import encode_image, encode_text, image_digest
 
-    maker = bench.RequestMaker(processor, seed=3)
-    rows = [bench.BenchRow("DocVQA_VAL", f"k{i}", image_id=i % 4, tiles=1 + i % 4, prompt_tokens=target,
+    maker = workloads.RequestMaker(processor, seed=3)
+    rows = [workloads.BenchRow("DocVQA_VAL", f"k{i}", image_id=i % 4, tiles=1 + i % 4, prompt_tokens=target,
                            output_tokens=9, image_first=False)
             for i, target in enumerate([20, 120, 150, 200])]
-    rows.append(bench.BenchRow("MME", "m", image_id=0, tiles=2, prompt_tokens=30, output_tokens=3, image_first=True))
+    rows.append(workloads.BenchRow("MME", "m", image_id=0, tiles=2, prompt_tokens=30, output_tokens=3, image_first=True))
     requests, lengths = maker.requests(rows, cap=5)
     shortest = lengths["k0"]  # the DocVQA template with an empty question: 20 is below it
     assert shortest > 20 and "Question: <|image|>" in requests[0].text
@@ -121,23 +122,23 @@ def test_requests_hit_their_lengths_and_tiles(processor):
         assert encode_image(processor, image).num_tiles == row.tiles
     assert requests[-1].text.count("<|image|>") == 1
     # every image id gets its own pixels, and the same id the same pixels
-    digests = [image_digest(maker.image_loader(bench.BenchRow("MME", "x", i, 2, 30, 3, True))()) for i in range(6)]
+    digests = [image_digest(maker.image_loader(workloads.BenchRow("MME", "x", i, 2, 30, 3, True))()) for i in range(6)]
     assert len(set(digests)) == 6
-    again = image_digest(maker.image_loader(bench.BenchRow("MME", "y", 0, 2, 30, 3, True))())
+    again = image_digest(maker.image_loader(workloads.BenchRow("MME", "y", 0, 2, 30, 3, True))())
     assert again == digests[0]
 
 
 def test_projections_and_card_limit_arithmetic():
     per_bench = {"MME": {"rows": 4, "prefill": 2.0, "decode": 3.0, "decode_tokens": 30, "seconds": 5.0, "new_tokens": 34}}
     totals = {"MME": {"rows": 100, "images": 50, "new_tokens": 500, "prompt_tokens": 3000}}
-    a = bench.project_one_sample(per_bench, totals, variants=2)
+    a = project.project_one_sample(per_bench, totals, variants=2)
     # per variant: 100 rows x 0.5 s prefill + (500 - 100) tokens x 0.1 s
     assert a["seconds"] == pytest.approx(2 * (100 * 0.5 + 400 * 0.1))
     assert a["samples_per_s"] == pytest.approx(200 / a["seconds"])
 
     per_run = {"base/MME": {"rows": 10, "full_rows": 100, "seconds": 3.0, "capture_seconds": 1.0, "new_tokens": 50},
                "lavender/MME": {"rows": 10, "full_rows": 100, "seconds": 2.0, "capture_seconds": 0.0, "new_tokens": 50}}
-    fast = bench.project_fast(per_run)
+    fast = project.project_fast(per_run)
     assert fast["seconds"] == pytest.approx((2.0 * 10 + 2.0 * 10) + 1.0)
     assert fast["new_tokens"] == pytest.approx(1000)
     # 400 rows ran in 100 s, 60 s of it decode (1 s of graph capture, 9 s of drain with 64
@@ -145,22 +146,22 @@ def test_projections_and_card_limit_arithmetic():
     # scales to 3,936 rows, the drain comes once, the rest scales by rows.
     run = {"rows": 400, "full_rows": 4000, "seconds": 100.0, "capture_seconds": 1.0, "decode_seconds": 60.0,
            "drain_seconds": 9.0, "drain_rows": 64, "slots": 64, "chunks": 1, "full_chunks": 1, "new_tokens": 9}
-    decode, method = bench.project_decode(run)
+    decode, method = project.project_decode(run)
     assert decode == pytest.approx(50.0 * 3936 / 336 + 9.0) and method.startswith("steady")
-    fast = bench.project_fast({"base/MME": run}, {"capture_seconds": 2.0})
+    fast = project.project_fast({"base/MME": run}, {"capture_seconds": 2.0})
     assert fast["seconds"] == pytest.approx(40.0 * 10 + decode + 1.0 + 2.0)
     # a run whose steady phase is shorter than one batch is scaled by rows whole, and says so
     small = dict(run, rows=100, full_rows=1000, drain_rows=64)
-    decode, method = bench.project_decode(small)
+    decode, method = project.project_decode(small)
     assert decode == pytest.approx(59.0 * 10) and method.startswith("row-scaled")
 
     costs = {"decode_step_weight_bytes": 1e9, "image_flops_per_image": 1e12, "prefill_flops_per_token": 1e9,
              "cross_kv_bytes_per_row": 1e6}
     card = {"bandwidth_bytes_per_s": 1e12, "matmul_flops_per_s": 1e14}
-    limit = bench.card_limit(totals, costs, card, slots=64, variants=2, vision_per_variant=True)
+    limit = project.card_limit(totals, costs, card, slots=64, variants=2, vision_per_variant=True)
     assert limit["decode_steps"] == 2 * 8  # ceil(500 / 64) per variant
     assert limit["limit_seconds"] == pytest.approx(16 * 1e-3 + 100 * 1e-2)
-    shared = bench.card_limit(totals, costs, card, slots=64, variants=2, vision_per_variant=False)
+    shared = project.card_limit(totals, costs, card, slots=64, variants=2, vision_per_variant=False)
     assert shared["images"] == 50
 
 
@@ -170,7 +171,7 @@ class RecordingEngine:
     def __init__(self):
         import torch
 
-        from lavender_checks.engines.fast.engine import FastGenStats
+        from lavender_checks.engines.fast.stats import FastGenStats
 
         self.device = torch.device("cpu")
         self.calls = []
@@ -188,7 +189,7 @@ def test_the_fast_path_gets_chunks_that_never_split_an_image():
     requests = [GenerationRequest(key=f"r{i}", text="t", images=[None], max_new_tokens=2, image_key=f"img{i // 3}")
                 for i in range(18)]
     engine = RecordingEngine()
-    result = bench.run_fast(engine, requests, "base", chunk_rows=4)
+    result = measure.run_fast(engine, requests, "base", chunk_rows=4)
     assert len(result["ids"]) == 18 and result["chunks"] == len(engine.calls) == 6
     owners = {}
     for n, call in enumerate(engine.calls):
@@ -197,16 +198,16 @@ def test_the_fast_path_gets_chunks_that_never_split_an_image():
 
 
 def test_shards_split_whole_images_evenly():
-    load = bench.load_workload().benchmarks[0]  # DocVQA: 4 or 5 questions per page
-    rows = bench.sample_rows(load, seed=3, scale=0.05)
-    shards = [bench.shard_rows(rows, (i, 3)) for i in range(3)]
+    load = workloads.load_workload().benchmarks[0]  # DocVQA: 4 or 5 questions per page
+    rows = workloads.sample_rows(load, seed=3, scale=0.05)
+    shards = [workloads.shard_rows(rows, (i, 3)) for i in range(3)]
     keys = [[r.key for r in shard] for shard in shards]
     assert sorted(k for shard in keys for k in shard) == sorted(r.key for r in rows)
     images = [{r.image_id for r in shard} for shard in shards]
     assert not (images[0] & images[1]) and not (images[1] & images[2]) and not (images[0] & images[2])
     sizes = [len(s) for s in shards]
     assert max(sizes) - min(sizes) <= 5
-    assert bench.shard_rows(rows, (0, 1)) == rows
+    assert workloads.shard_rows(rows, (0, 1)) == rows
     assert bench.parse_shard("1/2") == (1, 2)
     for bad in ("2/2", "a/b", "1"):
         with pytest.raises(argparse.ArgumentTypeError):
@@ -220,7 +221,7 @@ def test_model_costs_count_the_tiny_model():
     from lavender_checks.synthetic.tiny import build_tiny_model, build_tiny_processor
 
     model = build_tiny_model(build_tiny_processor().tokenizer)
-    costs = bench.model_costs(model)
+    costs = project.model_costs(model)
     text = model.model.language_model
     expected = sum(p.numel() for n, p in text.named_parameters() if not n.startswith("embed_tokens"))
     expected += model.lm_head.weight.numel()
@@ -264,7 +265,7 @@ def test_whole_harness_on_the_tiny_model(tmp_path, capsys):
     assert report["equivalence"]["fast_hf_vision"]["fraction"] == 1.0
     assert report["fast"]["warmup"]["seconds"] > 0
     runs = report["fast"]["per_run"]
-    assert sorted(runs) == sorted(f"{v}/{b}" for v in ("base", "lavender") for b in bench.BENCHMARK_ORDER)
+    assert sorted(runs) == sorted(f"{v}/{b}" for v in ("base", "lavender") for b in workloads.BENCHMARK_ORDER)
     for run in runs.values():
         assert run["images"] == run["distinct_image_ids"]
         assert run["chunks"] == run["full_chunks"] == 1  # a whole benchmark is one call
@@ -278,7 +279,7 @@ def test_whole_harness_on_the_tiny_model(tmp_path, capsys):
     assert sum(part["seconds"] for part in breakdown.values()) == pytest.approx(figures["fast_projected_minutes"] * 60)
     assert breakdown["vision"]["seconds"] > 0 and breakdown["decode"]["floor_seconds"] is None
     assert any("capped at 12" in note for note in report["notes"])
-    assert set(report["plain"]["per_benchmark"]) == set(bench.BENCHMARK_ORDER)
+    assert set(report["plain"]["per_benchmark"]) == set(workloads.BENCHMARK_ORDER)
 
 
 def test_breakdown_script_explains_a_saved_report(tmp_path, capsys):
@@ -291,7 +292,7 @@ def test_breakdown_script_explains_a_saved_report(tmp_path, capsys):
            "drain_seconds": 0.0, "drain_rows": 0, "slots": 4, "new_tokens": 5,
            "stats": {"seconds": {"vision": 5.0, "prefill": 1.0, "prep_wait": 0.0}}}
     fast = {"per_run": {"base/MME": run}}
-    fast["projection"] = bench.project_fast(fast["per_run"])
+    fast["projection"] = project.project_fast(fast["per_run"])
     limit = {"image_seconds": 25.0, "prefill_seconds": 5.0, "decode_seconds": 10.0, "cross_kv_read_seconds": 10.0}
     report = tmp_path / "r.json"
     report.write_text(json.dumps({"device": "card", "scale": 0.1, "fast": fast, "figures": {"card_limit": limit}}))

@@ -1,7 +1,8 @@
 """The main job: configuration, options, the data flow, shards and their barrier, the command.
 
 Most tests drive the real pipeline (mini benchmarks, runner, store, scorers, gate) with a
-stand-in model pair that answers instantly and counts what it was asked; the end-to-end
+stand-in model pair and a registered stand-in engine that answers instantly and counts what
+it was asked; the end-to-end
 test of ``lavender-checks run`` loads the real tiny pair.
 """
 
@@ -23,6 +24,7 @@ import pytest
 from lavender_checks import FIXTURES, REPO_ROOT, cli
 from lavender_checks.run import pipeline
 from lavender_checks.benchmarks import benchmark_names
+from lavender_checks.engines import register_engine
 from lavender_checks.gate.verdicts import load_reference
 from lavender_checks.run.pipeline import RunConfig, RunInputError, ShardBarrier
 
@@ -38,33 +40,55 @@ class StandInProcessor:
 
 
 class StandInPair:
-    """A ModelPair that answers at once: "Yes" for base, the row's key for Lavender, and
-    records every request it generated (shared between pairs through ``ledger``)."""
+    """A ModelPair stand-in: the processor and fingerprints a run reads. Its engine
+    (``StandInEngine``) answers with ``answer`` and records every request it generated in
+    ``ledger`` (shared between pairs through ``ledger``)."""
 
-    def __init__(self, ledger: list | None = None, fail_on: str | None = None):
+    def __init__(self, ledger: list | None = None, fail_on: str | None = None, answer=None):
         self.processor = StandInProcessor()
         self.base_fingerprint = "b" * 64
         self.adapter_fingerprint = "a" * 64
         self.ledger = ledger if ledger is not None else []
         self.fail_on = fail_on
+        # "Yes" for base, the row's key for Lavender
+        self.answer = answer or (lambda request, variant: "Yes" if variant == "base" else f"answer {request.key}")
         self.lock = threading.Lock()
-
-    def generate(self, requests, variant, *, batch_size, on_batch=None, progress=False):
-        if self.fail_on == variant:
-            raise RuntimeError("CUDA out of memory (stand-in)")
-        out = {r.key: ("Yes" if variant == "base" else f"answer {r.key}") for r in requests}
-        with self.lock:
-            self.ledger.extend((variant, r.key, r.text) for r in requests)
-        if on_batch is not None:
-            on_batch(out)
-        return out
 
     def describe(self):
         return {"stand_in": True}
 
 
+class StandInEngine:
+    """The engine "stand-in": answers at once, in batches of ``batch_size`` rows."""
+
+    name = "stand-in"
+
+    def __init__(self, pair: StandInPair, *, batch_size: int = 8, **_):
+        self.pair, self.batch_size = pair, batch_size
+
+    def plan(self, keys, image_key_of):
+        return [list(keys[i:i + self.batch_size]) for i in range(0, len(keys), self.batch_size)]
+
+    def generate(self, requests, variant, on_finish=None):
+        if self.pair.fail_on == variant:
+            raise RuntimeError("CUDA out of memory (stand-in)")
+        out = {r.key: self.pair.answer(r, variant) for r in requests}
+        with self.pair.lock:
+            self.pair.ledger.extend((variant, r.key, r.text) for r in requests)
+        if on_finish is not None:
+            on_finish(list(out.items()))
+        return out
+
+    def describe(self):
+        return {"name": self.name}
+
+
+register_engine(StandInEngine.name, StandInEngine)
+
+
 def stand_in_config(tmp_path: Path, **options) -> RunConfig:
     options.setdefault("store", tmp_path / "store")
+    options.setdefault("engine", StandInEngine.name)
     return RunConfig(**options)
 
 
@@ -187,14 +211,9 @@ def test_a_second_run_reads_the_store_and_generates_nothing(tmp_path):
 
 
 def test_the_xlsx_round_trip_is_applied_before_scoring(tmp_path):
-    class SaysNone(StandInPair):
-        def generate(self, requests, variant, **kw):
-            out = {r.key: "None" for r in requests}  # a pandas NA token: VLMEvalKit reads 'nan'
-            kw["on_batch"](out)
-            return out
-
+    says_none = StandInPair(answer=lambda request, variant: "None")  # a pandas NA token: VLMEvalKit reads 'nan'
     run = pipeline.collect_results(stand_in_config(tmp_path, benchmarks=("ChartQA_TEST",)),
-                                   pair=SaysNone(), progress=False)
+                                   pair=says_none, progress=False)
     samples = run.results["ChartQA_TEST"]["base"].samples
     assert set(samples["prediction"]) == {"nan"}
     assert set(run.predictions["ChartQA_TEST"]["base"].values()) == {"None"}  # as generated

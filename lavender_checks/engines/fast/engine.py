@@ -84,6 +84,17 @@ class FastGenerator:
                                   pad_id=_pad_token_id(processor, base))
         self.last_stats = FastGenStats()
 
+    @property
+    def config(self) -> FastGenConfig:
+        return self._config
+
+    @config.setter
+    def config(self, value: FastGenConfig) -> None:
+        """A new config applies from the next call on (buffers already sized stay)."""
+        self._config = value
+        if hasattr(self, "runner"):
+            self.runner.config = value
+
     def slot_bytes(self, cache_len: int) -> int:
         """GPU bytes one slot's caches take at ``cache_len`` self-attention positions."""
         return self.runner.slot_bytes(cache_len)
