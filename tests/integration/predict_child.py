@@ -1,4 +1,4 @@
-"""Runs of ``runner.predict`` on the tiny model in processes that a test can kill, for
+"""Runs of ``predict_run`` on the tiny model in processes that a test can kill, for
 tests/integration/test_resume_after_kill.py.
 
     python -m tests.integration.predict_child --profile P --benchmark NAME --lmu-root DIR --limit N --batch-size K
@@ -51,18 +51,18 @@ def main(argv: list[str] | None = None) -> int:
 
     tiny = ensure_tiny_checkpoints()
     pair = load_pair(tiny.base, tiny.adapter, device="cpu")
-    if args.slots:
-        from lavender_checks.engines.fast.engine import FastGenConfig
+    from lavender_checks.engines import make_engine
+    from lavender_checks.engines.fast.config import FastGenConfig
 
-        pair.fast_config = FastGenConfig(max_slots=args.slots)
+    engine = make_engine(args.engine, pair, batch_size=args.batch_size,
+                         fast_config=FastGenConfig(max_slots=args.slots) if args.slots else None)
     profile = load_profile(args.profile)
     frame = subset(load_benchmark_frame(args.benchmark, args.lmu_root), args.benchmark, limit=args.limit)
 
     def run(store: str, result: str) -> int:
         try:
-            outcome = predict_run(pair, args.benchmark, frame, profile, args.variant, PredictionStore(store),
-                                  lmu_root=args.lmu_root, batch_size=args.batch_size, progress=False,
-                                  engine=args.engine)
+            outcome = predict_run(pair, engine, args.benchmark, frame, profile, args.variant,
+                                  PredictionStore(store), lmu_root=args.lmu_root, progress=False)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr, flush=True)
             return 130

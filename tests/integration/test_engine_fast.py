@@ -1,11 +1,12 @@
-"""``--engine fast``: the fast greedy engine (fastgen.py) as the runner's engine.
+"""``--engine fast``: the fast greedy engine as a run's engine.
 
 On the tiny model on CPU a run with the fast engine computes exactly what a run with the
-default engine computes (predictions and scores, every mini benchmark, both variants);
+batched engine computes (predictions and scores, every mini benchmark, both variants);
 either engine resumes a store the other one filled without generating a stored row again;
-what the fast engine cannot take goes to the default engine. With stand-in pairs: the
-runner groups rows by image, never cuts a chunk inside a group, binds one loader per row,
-stores rows as they are reported, and leaves the default engine's batches as they were.
+what the fast engine cannot take goes to the batched engine. With stand-in engines (the real
+engines' plans, answers at once): the run groups rows by image, never cuts a chunk inside a
+group, binds one loader per row, stores rows as they are reported, and leaves the batched
+engine's batches as they were.
 
 The engines are compared with each other, never with recorded strings: the tiny model's
 outputs are not fixed.
@@ -20,18 +21,23 @@ from pathlib import Path
 import pytest
 from tests.helpers import chat, sample_image
 
-from lavender_checks import FIXTURES
-from lavender_checks.engines import batched as generation
-from lavender_checks.run import pipeline
+from lavender_checks import FIXTURES, engines
 from lavender_checks.benchmarks import benchmark_names
 from lavender_checks.data import image_key, load_benchmark_frame, load_image
+from lavender_checks.engines import batched as generation
+from lavender_checks.engines import make_engine, register_engine
+from lavender_checks.engines.batched import BatchedEngine
+from lavender_checks.engines.fast import FastEngine
+from lavender_checks.engines.fast.config import DEFAULT_CHUNK_ROWS
 from lavender_checks.engines.request import GenerationRequest
-from lavender_checks.run.pipeline import RunConfig, RunInputError
-from lavender_checks.run.store import PredictionStore
 from lavender_checks.profiles import load_profile
-from lavender_checks.run.predict import DEFAULT_CHUNK_ROWS, predict_run
+from lavender_checks.run import pipeline
+from lavender_checks.run.pipeline import RunConfig, RunInputError
+from lavender_checks.run.predict import predict_run
+from lavender_checks.run.store import PredictionStore
 
 MINI = FIXTURES / "lmudata-mini"
+FAST_LOGGER = "lavender_checks.engines.fast"
 
 
 class Stop(RuntimeError):
@@ -39,52 +45,54 @@ class Stop(RuntimeError):
 
 
 class Recording:
-    """A model pair that passes every call on to ``pair`` and records it: the engine asked
-    for and the keys asked, and the keys reported back. With ``stop_after`` it raises
-    ``Stop`` once that many rows have been reported (and stored by the runner)."""
+    """An engine that passes every call on to ``engine`` and records it: the keys asked, and
+    the keys reported back. With ``stop_after`` it raises ``Stop`` once that many rows have
+    been reported (and stored by the run)."""
 
-    def __init__(self, pair, stop_after: int | None = None):
-        self._pair = pair
+    def __init__(self, engine, stop_after: int | None = None):
+        self.engine = engine
+        self.name = engine.name
         self.stop_after = stop_after
-        self.calls: list[tuple[str, list]] = []
+        self.calls: list[list] = []
         self.reported: list = []
 
-    def __getattr__(self, name):
-        return getattr(self._pair, name)
+    def plan(self, keys, image_key_of):
+        return self.engine.plan(keys, image_key_of)
 
-    def generate(self, requests, variant, *, on_batch=None, **options):
-        self.calls.append((options.get("engine", "generate"), [r.key for r in requests]))
+    def describe(self):
+        return self.engine.describe()
+
+    def generate(self, requests, variant, on_finish=None):
+        self.calls.append([r.key for r in requests])
 
         def report(finished):
-            finished = list(finished)
-            on_batch(finished)
+            on_finish(finished)
             self.reported.extend(key for key, _ in finished)
             if self.stop_after is not None and len(self.reported) >= self.stop_after:
                 raise Stop(f"stopped after {len(self.reported)} rows")
 
-        return self._pair.generate(requests, variant, on_batch=report, **options)
+        return self.engine.generate(requests, variant, on_finish=report)
 
     @property
     def asked(self) -> list:
-        return [key for _, keys in self.calls for key in keys]
-
-
-@pytest.fixture()
-def pair(tiny_pair, monkeypatch):
-    """The shared tiny pair, with a fallback record of this test's own."""
-    monkeypatch.setattr(tiny_pair, "engine_fallbacks", [])
-    return tiny_pair
+        return [key for keys in self.calls for key in keys]
 
 
 # ----------------------------------------------------------------------- the same run, faster
 
 
-def test_a_fast_engine_run_computes_what_a_default_engine_run_computes(pair, tmp_path):
+def test_a_fast_engine_run_computes_what_a_batched_engine_run_computes(tiny_pair, tmp_path, monkeypatch):
     runs, recorders = {}, {}
+    real = engines.make_engine
+
+    def recording(name, pair, **options):  # the engine the run makes from its name, recorded
+        recorders[name] = Recording(real(name, pair, **options))
+        return recorders[name]
+
+    monkeypatch.setattr(engines, "make_engine", recording)
     for engine, chunk_rows in (("generate", None), ("fast", 20)):
-        recorders[engine] = Recording(pair)
         config = RunConfig(store=tmp_path / engine, engine=engine, chunk_rows=chunk_rows)
-        runs[engine] = pipeline.collect_results(config, pair=recorders[engine], progress=False)
+        runs[engine] = pipeline.collect_results(config, pair=tiny_pair, progress=False)
     default, fast = runs["generate"], runs["fast"]
 
     assert set(fast.predictions) == set(benchmark_names())
@@ -99,11 +107,11 @@ def test_a_fast_engine_run_computes_what_a_default_engine_run_computes(pair, tmp
 
     # Each engine really did the work: every row asked of it, none handed over.
     rows = sum(len(v) for bench in default.predictions.values() for v in bench.values())
-    assert {engine for engine, _ in recorders["fast"].calls} == {"fast"}
-    assert {engine for engine, _ in recorders["generate"].calls} == {"generate"}
+    assert isinstance(recorders["fast"].engine, FastEngine)
+    assert isinstance(recorders["generate"].engine, BatchedEngine)
     assert len(recorders["fast"].asked) == len(recorders["generate"].asked) == rows
-    assert pair.engine_fallbacks == []
-    assert pair.fast_engine is not None and pair.fast_engine.last_stats.rows > 0
+    assert recorders["fast"].engine.fallbacks == []
+    assert recorders["fast"].engine.generator.last_stats.rows > 0
 
     # The engine is recorded, but it does not name the run.
     assert fast.metadata["engine"] == {"name": "fast", "chunk_rows": 20, "fallbacks": []}
@@ -116,31 +124,40 @@ def test_a_fast_engine_run_computes_what_a_default_engine_run_computes(pair, tmp
 
 
 @pytest.mark.parametrize("first, second", [("generate", "fast"), ("fast", "generate")])
-def test_either_engine_resumes_a_store_the_other_filled(pair, tmp_path, first, second):
+def test_either_engine_resumes_a_store_the_other_filled(tiny_pair, tmp_path, first, second):
     benchmark = "MMBench_DEV_EN"  # rotations of one image: the fast engine's chunks regroup rows
     frame = load_benchmark_frame(benchmark, MINI)
     frame = frame[frame["index"] % 1_000_000 < 6]  # six questions with their rotations
     profile = load_profile("seed-report")
 
-    def run(engine, store, recorder):
-        return predict_run(recorder, benchmark, frame, profile, "lavender", PredictionStore(store),
-                           lmu_root=MINI, batch_size=4, engine=engine,
-                           chunk_rows=8 if engine == "fast" else None, progress=False)
+    def run(engine, store, stop_after=None):
+        recorder = Recording(make_engine(engine, tiny_pair, batch_size=4, chunk_rows=8 if engine == "fast" else None),
+                             stop_after=stop_after)
+        return recorder, predict_run(tiny_pair, recorder, benchmark, frame, profile, "lavender",
+                                     PredictionStore(store), lmu_root=MINI, progress=False)
 
-    interrupted = Recording(pair, stop_after=1)  # stops after its first report
     with pytest.raises(Stop):
-        run(first, tmp_path / "store", interrupted)
-    stored = set(interrupted.reported)
+        run(first, tmp_path / "store", stop_after=1)  # stops after its first report
+    stored = {key for key in frame["index"]
+              if key in PredictionStore(tmp_path / "store").log(_only_key(tmp_path / "store")).existing()}
     assert 0 < len(stored) < len(frame)
 
-    resumed = Recording(pair)
-    outcome = run(second, tmp_path / "store", resumed)
+    resumed, outcome = run(second, tmp_path / "store")
     assert set(resumed.asked) == set(frame["index"]) - stored  # no stored row generated again
     assert len(resumed.asked) == len(set(resumed.asked))
     assert (outcome.reused, outcome.generated, outcome.recomputed) == (len(stored), len(frame) - len(stored), 0)
 
-    whole = run(first, tmp_path / "whole", Recording(pair))
+    _, whole = run(first, tmp_path / "whole")
     assert outcome.predictions == whole.predictions
+
+
+def _only_key(store: Path):
+    import json
+
+    from lavender_checks.run.store import StoreKey
+
+    (key_file,) = store.rglob("key.json")
+    return StoreKey(**json.loads(key_file.read_text()))
 
 
 # ------------------------------------------------------------------------------------ fallback
@@ -166,6 +183,11 @@ def _one_image(processor, key: str, seed: int) -> GenerationRequest:
                              images=[sample_image(seed)], max_new_tokens=12)
 
 
+@pytest.fixture()
+def pair(tiny_pair):
+    return tiny_pair
+
+
 def _spy_on_default_engine(monkeypatch) -> list[list[GenerationRequest]]:
     calls = []
     real = generation.generate
@@ -184,12 +206,13 @@ def test_a_request_without_exactly_one_image_goes_to_the_default_engine(pair, mo
     expected = generation.generate(pair, requests, "lavender", batch_size=2, progress=False)
     calls = _spy_on_default_engine(monkeypatch)
     reported = []
-    with caplog.at_level(logging.WARNING, logger="lavender_checks.model"):
-        got = pair.generate(requests, "lavender", batch_size=2, on_batch=reported.extend, progress=False,
-                            engine="fast")
+    engine = FastEngine(pair, batch_size=2)
+    with caplog.at_level(logging.WARNING, logger=FAST_LOGGER):
+        got = engine.generate(requests, "lavender", on_finish=reported.extend)
     assert got == expected and dict(reported) == expected
     assert [r.key for call in calls for r in call] == ["a", "odd", "b"]
-    assert any(reason in fallback for fallback in pair.engine_fallbacks)
+    assert any(reason in fallback for fallback in engine.fallbacks)
+    assert engine.describe()["fallbacks"] == engine.fallbacks
     assert f"'odd' {reason}" in caplog.text
 
 
@@ -206,11 +229,12 @@ def test_a_generation_setting_the_fast_engine_cannot_reproduce_goes_to_the_defau
     lazy = [GenerationRequest(key=r.key, text=r.text, images=[loader(r)], max_new_tokens=r.max_new_tokens)
             for r in requests]
     calls = _spy_on_default_engine(monkeypatch)
-    plain = pair.generate(lazy, "base", batch_size=2, progress=False, engine="fast")
-    assert pair.fast_engine is not None and calls == []
+    engine = FastEngine(pair, batch_size=2)
+    plain = engine.generate(lazy, "base")
+    assert engine.generator is not None and calls == []
 
-    # Forbid every row's first token (a logits processor fastgen lacks): the answers must change.
-    first_tokens = sorted({ids[0] for ids in pair.fast_engine.generate_ids(requests, "base").values()})
+    # Forbid every row's first token (a logits processor the fast engine lacks): the answers must change.
+    first_tokens = sorted({ids[0] for ids in engine.generator.generate_ids(requests, "base").values()})
     config = pair.base_model.generation_config
     before = config.suppress_tokens
     monkeypatch.setattr(config, "suppress_tokens", first_tokens)
@@ -218,11 +242,11 @@ def test_a_generation_setting_the_fast_engine_cannot_reproduce_goes_to_the_defau
     assert expected != plain
     calls.clear()
     opened.clear()
-    with caplog.at_level(logging.WARNING, logger="lavender_checks.model"):
-        got = pair.generate(lazy, "base", batch_size=2, progress=False, engine="fast")
+    with caplog.at_level(logging.WARNING, logger=FAST_LOGGER):
+        got = engine.generate(lazy, "base")
     assert got == expected
-    assert pair.fast_engine is None
-    assert len(pair.engine_fallbacks) == 1 and "suppress_tokens" in pair.engine_fallbacks[0]
+    assert engine.generator is None
+    assert len(engine.fallbacks) == 1 and "suppress_tokens" in engine.fallbacks[0]
     assert "suppress_tokens" in caplog.text
     # The loaders were opened batch by batch, each request once, and generate saw images.
     assert [len(call) for call in calls] == [2, 2, 1] and sorted(opened) == sorted(r.key for r in requests)
@@ -231,16 +255,16 @@ def test_a_generation_setting_the_fast_engine_cannot_reproduce_goes_to_the_defau
     # The setting gone, the fast engine is built again and used: no call to the default engine.
     monkeypatch.setattr(config, "suppress_tokens", before)
     calls.clear()
-    assert pair.generate(lazy, "base", batch_size=2, progress=False, engine="fast") == plain
-    assert pair.fast_engine is not None and calls == []
+    assert engine.generate(lazy, "base") == plain
+    assert engine.generator is not None and calls == []
 
 
 def test_an_unknown_engine_is_refused(pair):
     with pytest.raises(ValueError, match="unknown generation engine 'slow'"):
-        pair.generate([_one_image(pair.processor, "a", 1)], "base", engine="slow")
+        make_engine("slow", pair)
 
 
-# ------------------------------------------------------------------ the runner, with stand-ins
+# -------------------------------------------------------------------- the run, with stand-ins
 
 
 class StandInProcessor:
@@ -249,57 +273,64 @@ class StandInProcessor:
 
 
 class StandInPair:
-    """Answers at once and records each call: its keys, images and options. ``one_by_one``
-    reports rows one at a time, as the fast engine does when they finish apart."""
+    """What a run reads of a pair: its processor and fingerprints."""
 
-    def __init__(self, one_by_one: bool = False, stop_after: int | None = None):
+    def __init__(self):
         self.processor = StandInProcessor()
         self.base_fingerprint, self.adapter_fingerprint = "b" * 64, "a" * 64
+
+    def describe(self):
+        return {"stand_in": True}
+
+
+class Answering:
+    """Answers at once and records each call: its keys and images. ``one_by_one`` reports rows
+    one at a time, as the fast engine does when they finish apart."""
+
+    def __init__(self, pair=None, *, one_by_one: bool = False, stop_after: int | None = None, **options):
+        super().__init__(pair if pair is not None else StandInPair(), **options)
         self.calls: list[dict] = []
         self.one_by_one = one_by_one
         self.stop_after = stop_after
         self.reported = 0
 
-    def answer(self, request) -> str:
-        return f"answer {request.key}"
-
-    def record(self, requests, options):
+    def generate(self, requests, variant, on_finish=None):
         self.calls.append({"keys": [r.key for r in requests], "images": [r.images for r in requests],
-                           "options": options})
-
-    def generate(self, requests, variant, *, on_batch=None, **options):
-        self.record(requests, options)
-        out = {r.key: self.answer(r) for r in requests}
+                           "image_keys": [r.image_key for r in requests]})
+        out = {r.key: f"answer {r.key}" for r in requests}
         pieces = [[item] for item in out.items()] if self.one_by_one else [list(out.items())]
         for piece in pieces:
-            on_batch(piece)
+            on_finish(piece)
             self.reported += len(piece)
             if self.stop_after is not None and self.reported >= self.stop_after:
                 raise Stop("stopped")
         return out
 
 
-class WithoutEngines(StandInPair):
-    """A pair from before engines existed: its generate takes no ``engine``."""
-
-    def generate(self, requests, variant, *, batch_size, on_batch=None, progress=False):
-        return super().generate(requests, variant, on_batch=on_batch, batch_size=batch_size, progress=progress)
+class FastPlan(Answering, FastEngine):
+    """The fast engine's chunks, answered at once."""
 
 
-def _predict(pair, benchmark, store, **options):
-    return predict_run(pair, benchmark, load_benchmark_frame(benchmark, MINI), load_profile("seed-report"),
-                       "lavender", PredictionStore(store), lmu_root=MINI, progress=False, **options)
+class BatchedPlan(Answering, BatchedEngine):
+    """The batched engine's batches, answered at once."""
+
+
+register_engine("answers-fast", FastPlan)
+
+
+def _predict(engine, benchmark, store):
+    return predict_run(engine.pair, engine, benchmark, load_benchmark_frame(benchmark, MINI),
+                       load_profile("seed-report"), "lavender", PredictionStore(store), lmu_root=MINI,
+                       progress=False)
 
 
 @pytest.mark.parametrize("name, chunk_rows", [("MMBench_DEV_EN", 7), ("MME", 5), ("DocVQA_VAL", 10)])
 def test_fast_chunks_keep_an_images_rows_together_with_one_loader_per_row(tmp_path, name, chunk_rows):
     frame = load_benchmark_frame(name, MINI)
-    pair = StandInPair()
-    run = _predict(pair, name, tmp_path / "store", engine="fast", chunk_rows=chunk_rows, batch_size=3)
-    assert {call["options"]["engine"] for call in pair.calls} == {"fast"}
-    assert all(call["options"]["batch_size"] == 3 for call in pair.calls)
+    engine = FastPlan(chunk_rows=chunk_rows, batch_size=3)
+    run = _predict(engine, name, tmp_path / "store")
 
-    chunks = [call["keys"] for call in pair.calls]
+    chunks = [call["keys"] for call in engine.calls]
     asked = [key for chunk in chunks for key in chunk]
     assert sorted(asked) == sorted(frame["index"]) and run.predictions == {i: f"answer {i}" for i in frame["index"]}
     keys = {index: image_key(frame, index) for index in frame["index"]}
@@ -316,49 +347,51 @@ def test_fast_chunks_keep_an_images_rows_together_with_one_loader_per_row(tmp_pa
         rows = [index for index in asked if keys[index] == key]
         assert rows == sorted(rows, key=positions.get)
 
-    # Every image is a loader, bound to its own row: it gives that row's pixels.
-    for call in pair.calls:
-        for index, images in zip(call["keys"], call["images"]):
-            assert len(images) == 1 and callable(images[0])
+    # Every image is a loader, bound to its own row: it gives that row's pixels; the request
+    # carries the row's image key.
+    for call in engine.calls:
+        for index, images, key in zip(call["keys"], call["images"], call["image_keys"]):
+            assert len(images) == 1 and callable(images[0]) and key == keys[index]
             assert images[0]().tobytes() == load_image(frame, index, name, MINI).tobytes()
 
 
 def test_mmbench_rotations_share_a_chunk_that_frame_order_would_split(tmp_path):
     frame = load_benchmark_frame("MMBench_DEV_EN", MINI)
-    pair = StandInPair()
-    _predict(pair, "MMBench_DEV_EN", tmp_path / "store", engine="fast", batch_size=8)
-    assert len(pair.calls) == 1 and len(pair.calls[0]["keys"]) == len(frame) <= DEFAULT_CHUNK_ROWS
-    first_chunk = StandInPair()
-    _predict(first_chunk, "MMBench_DEV_EN", tmp_path / "other", engine="fast", chunk_rows=8, batch_size=8)
+    engine = FastPlan(batch_size=8)
+    _predict(engine, "MMBench_DEV_EN", tmp_path / "store")
+    assert len(engine.calls) == 1 and len(engine.calls[0]["keys"]) == len(frame) <= DEFAULT_CHUNK_ROWS
+    first_chunk = FastPlan(chunk_rows=8, batch_size=8)
+    _predict(first_chunk, "MMBench_DEV_EN", tmp_path / "other")
     assert first_chunk.calls[0]["keys"][:4] == [0, 1_000_000, 2_000_000, 3_000_000]
 
 
-def test_the_default_engine_batches_as_before(tmp_path):
+def test_the_batched_engine_batches_as_before(tmp_path):
     frame = load_benchmark_frame("MMBench_DEV_EN", MINI)
-    pair = WithoutEngines()
-    run = _predict(pair, "MMBench_DEV_EN", tmp_path / "store", batch_size=8)
+    engine = BatchedPlan(batch_size=8)
+    run = _predict(engine, "MMBench_DEV_EN", tmp_path / "store")
     order = list(frame["index"])
-    assert [call["keys"] for call in pair.calls] == [order[i:i + 8] for i in range(0, len(order), 8)]
-    assert all(not callable(image) for call in pair.calls for images in call["images"] for image in images)
+    assert [call["keys"] for call in engine.calls] == [order[i:i + 8] for i in range(0, len(order), 8)]
     assert run.generated == len(frame)
 
 
 def test_fast_rows_are_stored_as_they_are_reported(tmp_path):
-    stopped = StandInPair(one_by_one=True, stop_after=5)
+    stopped = FastPlan(one_by_one=True, stop_after=5, batch_size=8)
     with pytest.raises(Stop):
-        _predict(stopped, "DocVQA_VAL", tmp_path / "store", engine="fast", batch_size=8)
+        _predict(stopped, "DocVQA_VAL", tmp_path / "store")
     assert len(stopped.calls) == 1 and len(stopped.calls[0]["keys"]) == 24  # all in one chunk...
-    rerun = WithoutEngines()
-    outcome = _predict(rerun, "DocVQA_VAL", tmp_path / "store", batch_size=8)
+    rerun = BatchedPlan(batch_size=8)
+    outcome = _predict(rerun, "DocVQA_VAL", tmp_path / "store")
     assert outcome.reused == 5  # ... and the five rows reported before the stop were kept
     assert sorted(k for call in rerun.calls for k in call["keys"]) == sorted(stopped.calls[0]["keys"][5:])
 
 
-def test_a_bad_chunk_size_or_engine_is_refused(tmp_path):
+def test_a_bad_chunk_size_or_engine_is_refused():
     with pytest.raises(ValueError, match="chunk_rows must be at least 1"):
-        _predict(StandInPair(), "MME", tmp_path, engine="fast", chunk_rows=0)
+        make_engine("fast", StandInPair(), chunk_rows=0)
     with pytest.raises(ValueError, match="unknown generation engine 'slow'"):
-        _predict(StandInPair(), "MME", tmp_path, engine="slow")
+        make_engine("slow", StandInPair())
+    with pytest.raises(ValueError, match="built in"):
+        register_engine("fast", FastPlan)
 
 
 # ------------------------------------------------------------------------- options and config
@@ -388,38 +421,12 @@ def test_bad_engine_options_are_refused(options, message):
         RunConfig(**options)
 
 
-def test_a_pair_that_knows_no_engines_runs_batched_generate_and_the_report_says_so(tmp_path):
-    from lavender_checks.run.predict import engine_of
-
-    class Plain(StandInPair):  # generate() without an engine keyword, as pairs before engines
-        def generate(self, requests, variant, *, batch_size=8, on_batch=None, progress=True):
-            return super().generate(requests, variant, on_batch=on_batch, batch_size=batch_size)
-
-        def describe(self):
-            return {"stand_in": True}
-
-    class Wrapper:  # passes every option on
-        def generate(self, requests, variant, **options):
-            return {}
-
-    assert engine_of(Plain(), "fast") == "generate" and engine_of(Wrapper(), "fast") == "fast"
-    assert engine_of(StandInPair(), "generate") == "generate"
-    config = RunConfig(store=tmp_path / "store", benchmarks=("MME",), reference=pipeline.SEED_REFERENCE)
-    plain = Plain()
-    run = pipeline.collect_results(config, pair=plain, progress=False)
-    assert run.metadata["engine"] == {"name": "generate", "asked": "fast"}
-    assert all(len(call["keys"]) <= 8 for call in plain.calls)  # batches of batch_size, not chunks
-
-
-def test_the_report_names_the_engine(tmp_path):
-    class Answers(StandInPair):
-        def describe(self):
-            return {"stand_in": True}
-
-    config = RunConfig(store=tmp_path / "store", engine="fast", benchmarks=("ChartQA_TEST",),
+def test_the_report_names_the_engine_used_and_the_one_asked_for(tmp_path):
+    config = RunConfig(store=tmp_path / "store", engine="answers-fast", benchmarks=("ChartQA_TEST",),
                        reference=pipeline.SEED_REFERENCE)
-    run = pipeline.collect_results(config, pair=Answers(), progress=False)
-    assert run.metadata["engine"] == {"name": "fast", "chunk_rows": DEFAULT_CHUNK_ROWS, "fallbacks": []}
+    run = pipeline.collect_results(config, pair=StandInPair(), progress=False)
+    assert run.metadata["engine"] == {"name": "fast", "chunk_rows": DEFAULT_CHUNK_ROWS, "fallbacks": [],
+                                      "asked": "answers-fast"}
     path = pipeline.write_run_report(run, pipeline.judge_run(run), reports_root=tmp_path / "reports")
     report = (Path(path) / "report.md").read_text(encoding="utf-8")
     assert "- engine:\n" in report and "  - name: `fast`" in report
@@ -436,7 +443,7 @@ def test_a_broken_image_mid_run_names_its_row_and_the_finished_rows_stay_stored(
     import pandas as pd
 
     from lavender_checks.data import DataError
-    from lavender_checks.engines.fast.engine import FastGenConfig
+    from lavender_checks.engines.fast.config import FastGenConfig
     from lavender_checks.model import load_pair
     from lavender_checks.run.store import StoreKey
 
@@ -453,11 +460,12 @@ def test_a_broken_image_mid_run_names_its_row_and_the_finished_rows_stay_stored(
         frame = load_benchmark_frame("DocVQA_VAL", root)
 
     pair = load_pair(tiny_checkpoints.base, tiny_checkpoints.adapter, device="cpu")
-    pair.fast_config = FastGenConfig(max_slots=2, prep_threads=1)  # rows finish and are stored one by one
+    # two slots: rows finish and are stored one by one
+    engine = make_engine("fast", pair, fast_config=FastGenConfig(max_slots=2, prep_threads=1))
     store = PredictionStore(tmp_path / "store")
     with pytest.raises(DataError) as err:
-        predict_run(pair, "DocVQA_VAL", frame, load_profile("seed-report"), "lavender", store,
-                    lmu_root=root, progress=False, engine="fast")
+        predict_run(pair, engine, "DocVQA_VAL", frame, load_profile("seed-report"), "lavender", store,
+                    lmu_root=root, progress=False)
     message = str(err.value)
     assert str(tsv) in message and f"index {broken}" in message and "column 'image'" in message
     (key_file,) = (tmp_path / "store").rglob("key.json")

@@ -1,4 +1,4 @@
-"""Real processes, really killed: a run of the tiny model through ``runner.predict`` is
+"""Real processes, really killed: a run of the tiny model through ``predict_run`` is
 SIGKILLed twice and interrupted with SIGINT (Ctrl-C) once, each time in the middle of
 generating; a rerun then completes it. Every prediction must be stored exactly once and
 equal what an uninterrupted run produces. Both engines: batched generate (batches of 2) and

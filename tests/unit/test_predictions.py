@@ -164,7 +164,7 @@ def test_non_string_prediction_is_refused_and_nothing_written(tmp_path):
     assert log.existing() == {}
 
 
-# -- through runner.predict, with a stand-in model: what is reused, what is generated -------
+# -- through predict_run, with a stand-in model and engine: what is reused, what is generated
 
 class TemplateProcessor:
     """Stands in for the processor: the chat text is the prompt text with a marker."""
@@ -184,15 +184,28 @@ class EchoPair:
         self.calls = []
         self.interrupt_after = interrupt_after
 
-    def generate(self, requests, variant, *, batch_size, on_batch, progress):
-        assert len(requests) <= batch_size and not progress
+    def generate(self, requests, variant, on_finish):
+        """What its engine (``EchoEngine``) answers."""
         if self.interrupt_after is not None and len(self.calls) == self.interrupt_after:
             raise KeyboardInterrupt
         self.calls.append([r.key for r in requests])
         adapter = "none" if variant == "base" else self.adapter_fingerprint[:1]
         finished = [(r.key, f"{variant}/{adapter}/{r.max_new_tokens}/{r.text[-12:]}") for r in requests]
-        on_batch(finished)
+        on_finish(finished)
         return dict(finished)
+
+
+def echo_engine(pair, batch_size):
+    from lavender_checks.engines.batched import BatchedEngine
+
+    class EchoEngine(BatchedEngine):
+        """The batched engine's batches (frame order, ``batch_size`` rows), answered by the pair."""
+
+        def generate(self, requests, variant, on_finish=None):
+            assert len(requests) <= self.batch_size
+            return self.pair.generate(requests, variant, on_finish)
+
+    return EchoEngine(pair, batch_size=batch_size)
 
 
 @pytest.fixture(scope="module")
@@ -209,9 +222,8 @@ def run(pair, frame, store, profile="seed-report", variant="lavender", batch_siz
     from lavender_checks.run.predict import predict_run
 
     profile = load_profile(profile) if isinstance(profile, str) else profile
-    return predict_run(pair, "MME", frame, profile, variant, store,
-                       lmu_root=FIXTURES / "lmudata-mini", batch_size=batch_size,
-                       progress=False, **kwargs)
+    return predict_run(pair, echo_engine(pair, batch_size), "MME", frame, profile, variant, store,
+                       lmu_root=FIXTURES / "lmudata-mini", progress=False, **kwargs)
 
 
 def test_rerun_reuses_everything(tmp_path, mme_frame):
@@ -293,23 +305,29 @@ def test_interrupt_keeps_finished_batches(tmp_path, mme_frame):
     assert result.reused == 8 and pair.calls == [[8, 9]]
 
 
-def test_images_are_loaded_batch_by_batch(tmp_path, mme_frame, monkeypatch):
+def test_images_go_to_the_engine_as_loaders_of_their_rows(tmp_path, mme_frame, monkeypatch):
+    """The run opens no image itself (a whole benchmark's images do not fit in memory): each
+    request carries a loader bound to its row, which the engine opens when it needs it."""
     import lavender_checks.data as data
 
     loaded = []
     real = data.load_image
     monkeypatch.setattr(data, "load_image", lambda frame, index, *a: loaded.append(index) or real(frame, index, *a))
     pair = EchoPair()
+    seen = []
     original = pair.generate
 
     def generate(requests, *args, **kwargs):
-        # When a batch is generated, only the images of it and earlier batches were opened.
-        assert loaded == [k for call in pair.calls for k in call] + [r.key for r in requests]
+        seen.extend(requests)
         return original(requests, *args, **kwargs)
 
     pair.generate = generate
-    run(pair, mme_frame, PredictionStore(tmp_path), engine="generate")
-    assert len(pair.calls) == 3
+    run(pair, mme_frame, PredictionStore(tmp_path))
+    assert loaded == [] and len(pair.calls) == 3
+    for request in seen:
+        (image,) = request.images
+        assert callable(image) and image().tobytes() == real(mme_frame, request.key, "MME").tobytes()
+    assert loaded == [r.key for r in seen]
 
 
 def test_profile_that_generation_cannot_honour_is_refused(tmp_path, mme_frame):
@@ -348,8 +366,8 @@ def test_frame_without_recorded_md5_uses_the_tsv_md5(tmp_path, mme_frame):
 
 def test_keys_that_were_not_asked_for_are_refused(tmp_path, mme_frame):
     class Stranger(EchoPair):
-        def generate(self, requests, variant, *, batch_size, on_batch, progress):
-            on_batch([(999_999, "from nowhere")])
+        def generate(self, requests, variant, on_finish):
+            on_finish([(999_999, "from nowhere")])
             return {999_999: "from nowhere"}
 
     with pytest.raises(RuntimeError, match="not asked for: \\[999999\\]"):
