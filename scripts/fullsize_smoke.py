@@ -32,7 +32,8 @@ def main() -> int:
     from PIL import Image
 
     from lavender_checks.synthetic.fullsize import fullsize_pair
-    from lavender_checks.engines.batched import GenerationRequest
+    from lavender_checks.engines.batched import generate
+    from lavender_checks.engines.request import GenerationRequest
     from lavender_checks.prompts import Prompt, chat_text
 
     if args.tiny_cpu:  # the script's own check: the same calls on the tiny pair, no timings worth reading
@@ -72,7 +73,7 @@ def main() -> int:
 
     figures = []
     # warm-up: kernels, allocator
-    pair.generate(requests(2, "warm"), "base", batch_size=2, progress=False)
+    generate(pair, requests(2, "warm"), "base", batch_size=2, progress=False)
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         rows = 4 if batch_size == 1 else max(args.rows, batch_size)
         for variant in ("base", "lavender"):
@@ -80,7 +81,7 @@ def main() -> int:
             cuda.reset_peak_memory_stats()
             cuda.synchronize()
             t0 = time.perf_counter()
-            preds = pair.generate(reqs, variant, batch_size=batch_size, progress=False)
+            preds = generate(pair, reqs, variant, batch_size=batch_size, progress=False)
             cuda.synchronize()
             seconds = time.perf_counter() - t0
             assert set(preds) == {r.key for r in reqs}, "a row came back without its prediction"
