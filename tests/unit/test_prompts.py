@@ -91,6 +91,13 @@ def test_chat_text_refuses_token_ids():
         chat_text(TemplateRecorder(result=[1, 2, 3]), Prompt("q", True))
 
 
+# -- snapshots: the exact text for one row of each mini benchmark under each profile ---------
+
+# One row per benchmark; MMBench's has a hint, so every line of its prompt shows.
+SNAPSHOT_ROWS = {"DocVQA_VAL": 1, "ChartQA_TEST": 0, "MMBench_DEV_EN": 1, "MME": 0}
+
+
+@pytest.fixture(scope="module")
 def tiny_processor():
     from transformers import AutoProcessor
 
