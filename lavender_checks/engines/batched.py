@@ -1,8 +1,8 @@
 """Batched greedy generation of one variant (base or Lavender), with VLMEvalKit's outputs.
 
 ``generate(pair, requests, variant)`` returns, for each request, the string VLMEvalKit's
-``llama_vision`` would have stored had it run that request alone; ``BatchedEngine`` is the
-same as the registered engine ``"generate"``:
+``llama_vision`` would have stored had it run that request alone (``BatchedEngine``, the
+registered engine ``"generate"``, runs it batch by batch for a run):
 
 * the processor is called as VLMEvalKit calls it: ``processor(images, text)`` without
   ``add_special_tokens=False``. The chat-templated text already starts with
@@ -32,7 +32,6 @@ batch runs one variant; the base variant runs inside ``disable_adapter()``.
 from __future__ import annotations
 
 import copy
-import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -50,8 +49,6 @@ from lavender_checks.engines.request import (
 
 if TYPE_CHECKING:
     from lavender_checks.model import ModelPair
-
-log = logging.getLogger(__name__)
 
 
 class GenerationOOMError(RuntimeError):

@@ -46,8 +46,18 @@ from lavender_checks.speed.measure import (
     run_plain_section,
     run_warmup,
 )
-from lavender_checks.speed.project import figures, model_costs, project_fast, project_one_sample
-from lavender_checks.speed.subject import build_fullsize_subject, build_tiny_subject, peak_gib, reset_peak
+from lavender_checks.speed.project import (
+    figures,
+    model_costs,
+    project_fast,
+    project_one_sample,
+)
+from lavender_checks.speed.subject import (
+    build_fullsize_subject,
+    build_tiny_subject,
+    peak_gib,
+    reset_peak,
+)
 from lavender_checks.speed.workload import (
     RequestMaker,
     Workload,
@@ -57,6 +67,7 @@ from lavender_checks.speed.workload import (
     shard_rows,
     workload_totals,
 )
+
 
 def add_workload_arguments(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     """The workload and the fast path's knobs; returns their actions (``bench-gpus`` hands

@@ -7,8 +7,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from lavender_checks.speed.subject import FORCE_NEVER_EOS, Subject, peak_gib, reset_peak, sync
+from lavender_checks.speed.subject import (
+    FORCE_NEVER_EOS,
+    Subject,
+    peak_gib,
+    reset_peak,
+    sync,
+)
 from lavender_checks.speed.workload import RequestMaker, Workload, sample_rows
+
 
 def measure_card(device: Any) -> dict:
     """Copy bandwidth (bytes read + written) and bf16 matrix rate, measured as METHOD.md says."""

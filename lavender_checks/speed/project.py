@@ -8,6 +8,7 @@ from typing import Any
 
 from lavender_checks.speed.workload import Workload
 
+
 def model_costs(model: Any) -> dict:
     """Bytes read per decode step (text decoder + lm_head, LoRA included) and FLOPs per image
     (vision tower over all tile slots, projector, cross-attention keys/values)."""

@@ -81,8 +81,8 @@ def build_fullsize_subject(workload: Workload, args) -> Subject:
     """The full-size architecture with random weights on CUDA, and a random adapter."""
     import torch
 
-    from lavender_checks.synthetic.fullsize import fullsize_pair
     from lavender_checks.model import resolve_device
+    from lavender_checks.synthetic.fullsize import fullsize_pair
 
     device = resolve_device(args.device)
     if args.dtype == "float32" and device.type == "cuda":

@@ -20,7 +20,11 @@ from typing import Any
 from lavender_checks.engines import FAST_ENGINE
 from lavender_checks.engines.fast.config import DEFAULT_CHUNK_ROWS, FastGenConfig
 from lavender_checks.engines.fast.scheduler import pack_groups
-from lavender_checks.engines.request import GenerationRequest, OnFinish, pair_greedy_settings
+from lavender_checks.engines.request import (
+    GenerationRequest,
+    OnFinish,
+    pair_greedy_settings,
+)
 
 log = logging.getLogger(__name__)
 

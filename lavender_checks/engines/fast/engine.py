@@ -32,12 +32,20 @@ from typing import Any
 
 from lavender_checks.engines.fast import mllama
 from lavender_checks.engines.fast.config import FastGenConfig
-from lavender_checks.engines.fast.inputs import EncodedImage, load_and_encode, prepare_rows
+from lavender_checks.engines.fast.inputs import (
+    EncodedImage,
+    load_and_encode,
+    prepare_rows,
+)
 from lavender_checks.engines.fast.rules import GreedyRules, greedy_copy
 from lavender_checks.engines.fast.runner import ModelRunner
 from lavender_checks.engines.fast.scheduler import Row, Scheduler
 from lavender_checks.engines.fast.stats import FastGenStats
-from lavender_checks.engines.request import OnFinish, decode_output, pair_greedy_settings
+from lavender_checks.engines.request import (
+    OnFinish,
+    decode_output,
+    pair_greedy_settings,
+)
 from lavender_checks.model import BASE_VARIANT
 
 

@@ -10,6 +10,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+
 class UnsupportedGenerationSetting(ValueError):
     """The generation config asks for logits processing the fast path does not reproduce."""
 
