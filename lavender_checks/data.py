@@ -775,8 +775,10 @@ def subset(
 ) -> pd.DataFrame:
     """Part of a benchmark frame, always made of whole resampling units (``resampling_units``).
 
-    * ``limit=N``: the first N units in file order. For a benchmark with a stratum column
-      (ChartQA split, MMBench category, MME subtask) the first units of each stratum are taken
+    * ``limit=N``: N units, drawn at random (a hash of (seed, unit), as for ``fraction``): a
+      file's order is no random order (VLMEvalKit's files come sorted by source or subtask),
+      and the gate reads a subset as a random sample of the benchmark. For a benchmark with a
+      stratum column (ChartQA split, MMBench category, MME subtask) each stratum gives one unit
       in turn, and never fewer than one per stratum (N is raised, with a warning): then every
       per-stratum metric is computed, and MME, whose VLMEvalKit rating fails on a missing
       subtask, stays scoreable.
@@ -831,13 +833,14 @@ def subset(
                     f"{spec.stratum} is represented", UserWarning, stacklevel=2,
                 )
             picked: list = []
-            for turn in range(max(len(v) for v in strata.values())):
-                for members in strata.values():
+            drawn = [sorted(members, key=lambda u: _hash_rank(seed, u)) for members in strata.values()]
+            for turn in range(max(len(v) for v in drawn)):
+                for members in drawn:
                     if turn < len(members) and len(picked) < wanted:
                         picked.append(members[turn])
             keep = set(picked)
         else:
-            keep = set(order[:limit])
+            keep = set(sorted(order, key=lambda u: _hash_rank(seed, u))[:limit])
         chosen = [u for u in order if u in keep]
     elif fraction is not None:
         keep = set()
@@ -857,7 +860,7 @@ def subset(
     mask = np.fromiter((u in keep_units for u in units), dtype=bool, count=len(units))
     result = frame[mask].reset_index(drop=True)
     record = {"limit": limit, "fraction": fraction, "shard": shard,
-              "seed": seed if fraction is not None else None, "units": len(chosen),
+              "seed": seed if fraction is not None or limit is not None else None, "units": len(chosen),
               "rows": int(mask.sum())}
     info = frame.attrs.get("lmudata")
     base = dict(info) if info is not None else {"benchmark": spec.name}

@@ -40,6 +40,8 @@ class Ratio:
 
     The arrays are aligned with the rows of ``ScoreResult.units``. With every weight ``w``
     equal to 1 the sum of a metric's terms is its value; the bootstrap draws other weights.
+    Every unit's ``numerator`` lies in ``[0, denominator]`` (a unit's score is a fraction):
+    the gate's variance bound for a subset relies on it.
     """
 
     numerator: np.ndarray
@@ -60,6 +62,9 @@ class ScoreResult:
     units: one row per resampling unit: ``unit``, ``stratum``, ``correct`` (float: the
         unit's own score; for MMBench the group hit, for MME the pair's mean question score).
     forms: metric key -> list of Ratio terms over ``units`` (for the paired bootstrap).
+    population: stratum -> resampling units of the whole benchmark (``Benchmark.population``
+        of its TSV), when the scored rows may be a part of it; None: the rows scored are the
+        whole benchmark. The gate widens a subset's bands by the rows it did not score.
     """
 
     benchmark: str
@@ -67,6 +72,7 @@ class ScoreResult:
     samples: pd.DataFrame
     units: pd.DataFrame
     forms: dict[str, list[Ratio]] = field(default_factory=dict)
+    population: dict[Any, int] | None = None
 
 
 class Benchmark(ABC):
@@ -94,6 +100,29 @@ class Benchmark(ABC):
         (``lavender_checks.vlmeval_io.roundtrip``). ``meta`` is the benchmark TSV, when at
         hand, to check that every predicted index belongs to the benchmark.
         """
+
+    def population(self, frame: pd.DataFrame) -> dict[Any, int]:
+        """Resampling units per stratum of a whole benchmark frame (its TSV, or a complete
+        prediction file), keyed as the scorer keys ``ScoreResult.units["stratum"]``: the
+        stratum column's value, or ``"all"`` where the benchmark (or the frame) has none.
+        Units follow ``spec.unit``: the question, the MMBench circular group (index modulo
+        1,000,000) or the MME image."""
+        if self.spec.unit == "question":
+            units = frame["index"]
+        elif self.spec.unit == "circular_group":
+            units = pd.to_numeric(frame["index"], errors="coerce") % 1_000_000
+        elif self.spec.unit == "image_pair":
+            units = frame["image_path"]
+        else:
+            raise ValueError(f"{self.name}: unknown resampling unit {self.spec.unit!r}")
+        column = self.spec.stratum
+        if column and column in frame.columns:
+            strata = frame[column].map(lambda v: v if isinstance(v, str) else str(v))
+        else:
+            strata = pd.Series("all", index=frame.index)
+        pairs = pd.DataFrame({"unit": units.to_numpy(), "stratum": strata.to_numpy()})
+        first = pairs.drop_duplicates("unit")  # a unit belongs to the stratum of its first row
+        return {stratum: int(count) for stratum, count in first["stratum"].value_counts(sort=False).items()}
 
     def __repr__(self) -> str:
         return f"<Benchmark {self.name}>"

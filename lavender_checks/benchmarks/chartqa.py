@@ -44,7 +44,8 @@ class ChartQA(Benchmark):
         units = pd.DataFrame({"unit": indices, "stratum": strata, "correct": scores.copy()})
         if "question" in predictions.columns:  # for reviewers reading flips
             samples["question"] = predictions["question"].to_numpy()
-        return ScoreResult(benchmark=name, metrics=metrics, samples=samples, units=units, forms=forms)
+        return ScoreResult(benchmark=name, metrics=metrics, samples=samples, units=units, forms=forms,
+                           population=None if meta is None else self.population(meta))
 
 
 BENCHMARK_CLASS = ChartQA

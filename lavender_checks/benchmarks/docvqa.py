@@ -44,7 +44,8 @@ class DocVQA(Benchmark):
             if column in predictions.columns:
                 samples[column] = predictions[column].to_numpy()
         units = pd.DataFrame({"unit": indices, "stratum": strata, "correct": scores.copy()})
-        return ScoreResult(benchmark=name, metrics=metrics, samples=samples, units=units, forms=forms)
+        return ScoreResult(benchmark=name, metrics=metrics, samples=samples, units=units, forms=forms,
+                           population=None if meta is None else self.population(meta))
 
 
 BENCHMARK_CLASS = DocVQA

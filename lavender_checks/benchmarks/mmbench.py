@@ -155,7 +155,8 @@ class MMBench(Benchmark):
         for column in ("question", "split", "category", "l2-category"):
             if column in frame.columns:
                 samples[column] = frame[column].to_numpy()
-        return ScoreResult(benchmark=name, metrics=metrics, samples=samples, units=units, forms=forms)
+        return ScoreResult(benchmark=name, metrics=metrics, samples=samples, units=units, forms=forms,
+                           population=None if meta is None else self.population(meta))
 
     def _aggregate(self, frame: pd.DataFrame, groups: np.ndarray, main_positions: np.ndarray,
                    hits: np.ndarray, rotations: np.ndarray, logs: list[str]):

@@ -77,7 +77,8 @@ class MME(Benchmark):
         })
         if "question" in predictions.columns:  # for reviewers reading flips
             samples["question"] = predictions["question"].to_numpy()
-        return ScoreResult(benchmark=name, metrics=metrics, samples=samples, units=units, forms=forms)
+        return ScoreResult(benchmark=name, metrics=metrics, samples=samples, units=units, forms=forms,
+                           population=None if meta is None else self.population(meta))
 
     def _check_complete(self, stats: dict[str, dict[str, list[int]]], indices: np.ndarray) -> None:
         name = self.name

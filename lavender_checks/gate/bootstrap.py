@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,7 +32,8 @@ from lavender_checks.benchmarks.base import Ratio, ScoreResult
 __all__ = [
     "BootstrapResult", "Interval", "PairingError", "bootstrap_weights", "metric_from_forms",
     "metric_forms", "paired_bootstrap", "paired_bootstrap_many", "bootstrap_interval",
-    "bootstrap_intervals",
+    "bootstrap_intervals", "SubsetSampling", "subset_sampling", "paired_subset_sampling",
+    "result_subset_sampling",
 ]
 
 # A metric is named by a key of ScoreResult.forms, or by a sequence of keys whose forms
@@ -329,3 +332,162 @@ def bootstrap_interval(
     """The percentile interval of one metric of one result."""
     return bootstrap_intervals(result, {"metric": metric}, n_resamples=n_resamples,
                                confidence=confidence, seed=seed)["metric"]
+
+
+# ------------------------------------------------------------------ subsets of a benchmark
+
+
+@dataclass(frozen=True)
+class SubsetSampling:
+    """How far a subset's metric may lie from the whole benchmark's, for the rows not run.
+
+    A run on a subset (``--limit``, ``--fraction``, one shard) measures a sample of the
+    benchmark: within each stratum ``h``, ``n_h`` of its ``N_h`` units, drawn without
+    replacement. Its metric ``M`` estimates the whole benchmark's value ``F``, and
+    ``M − F`` has two parts:
+
+    * ``bias``: a term that pools several strata (an MMBench ``Overall``) weights them by
+      the subset's counts, not the benchmark's, when strata are sampled at different rates
+      (``--limit`` takes the same number from each). Estimated as ``M − M_w``, with ``M_w``
+      the stratified estimate that weights every unit by ``N_h / n_h``.
+    * ``sd``: the standard deviation of ``M_w`` around ``F`` (linearised ratio estimator of
+      stratified sampling without replacement): ``Σ_h N_h² (1 − n_h/N_h) s_h² / n_h``,
+      ``s_h²`` the variance of the units' linearised contributions in stratum ``h``. A
+      sample's variance says nothing for one unit, and too little when its units all scored
+      alike or a rare kind of unit showed up once or never (which a small sample shows
+      often and the whole stratum rarely). So ``s_h²`` is at least ``range² · p̃(1 − p̃)``,
+      the variance of a two-valued contribution whose rarer value has Agresti–Coull's
+      frequency for none seen, ``p̃ = (z²/2) / (n_h + z²)``: close to the largest variance a
+      bounded contribution can have (range² / 4, p(1 − p) at p = ½) for one unit, and
+      shrinking as the sample grows. Each unit's score lies in [0, 1], so its contribution
+      spans ``range = scale · den / D``, and a gain's twice that.
+
+    The whole benchmark gives ``sd = bias = 0``.
+    """
+
+    sd: float
+    bias: float
+    n_units: int  # units of the metric in the subset
+    n_population: int  # units of the metric's strata in the whole benchmark
+    bounded_strata: tuple[str, ...] = ()  # strata whose variance is the least one allowed
+
+    @property
+    def fraction(self) -> float:
+        return self.n_units / self.n_population if self.n_population else 1.0
+
+
+
+
+def _stratum_codes(strata: np.ndarray, population: Mapping[Any, int]) -> tuple[list, np.ndarray, np.ndarray]:
+    """The distinct sampled strata, each unit's position among them, and each one's N_h."""
+    labels, codes = [], np.empty(len(strata), dtype=np.intp)
+    seen: dict[Any, int] = {}
+    for i, value in enumerate(strata):
+        key = "all" if value is None or (isinstance(value, float) and np.isnan(value)) else value
+        if key not in seen:
+            seen[key] = len(labels)
+            labels.append(key)
+        codes[i] = seen[key]
+    sampled = np.bincount(codes, minlength=len(labels))
+    # A stratum the population does not know (a frame without the stratum column) is taken
+    # as complete: nothing can be said of rows nobody listed.
+    sizes = np.array([max(int(population.get(k, 0)), int(sampled[j])) for j, k in enumerate(labels)])
+    return labels, codes, sizes
+
+
+def subset_sampling(
+    parts: Sequence[tuple[Sequence[Ratio], float]],
+    strata: np.ndarray,
+    population: Mapping[Any, int],
+    confidence: float = 0.95,
+) -> SubsetSampling:
+    """``SubsetSampling`` of ``Σ sign · metric(terms)`` over ``parts`` = [(terms, sign), ...].
+
+    One part is a metric of one model; the gain is ``[(lavender, +1), (base, −1)]``, whose
+    units are paired (same order). ``strata`` gives each unit's stratum, ``population``
+    each stratum's units in the whole benchmark (``Benchmark.population``).
+    """
+    labels, codes, sizes = _stratum_codes(np.asarray(strata, dtype=object), population)
+    n_sampled = np.bincount(codes, minlength=len(labels)).astype(np.float64)
+    expansion = (sizes / np.maximum(n_sampled, 1))[codes]  # N_h / n_h of each unit's stratum
+    n_all = len(codes)
+    contribution = np.zeros(n_all)
+    span = np.zeros(n_all)
+    inside = np.zeros(n_all, dtype=bool)
+    bias = 0.0
+    for terms, sign in parts:
+        for term in terms:
+            num = np.asarray(term.numerator, dtype=np.float64)
+            den = np.asarray(term.denominator, dtype=np.float64)
+            if len(num) != n_all or len(den) != n_all:
+                raise ValueError(f"a Ratio term covers {len(num)} units, the strata {n_all}")
+            if np.any(num < -1e-12) or np.any(num > den + 1e-12):
+                raise ValueError("a Ratio term has a unit whose numerator is outside [0, denominator]")
+            if den.sum() == 0:
+                continue
+            inside |= den != 0
+            total = float(expansion @ den)  # the whole benchmark's denominator, estimated
+            weighted = float(expansion @ num) / total
+            bias += sign * term.scale * (num.sum() / den.sum() - weighted)
+            contribution += sign * term.scale * (num - weighted * den) / total
+            span += term.scale * den / total
+    _check_confidence(confidence)
+    z2 = NormalDist().inv_cdf(0.5 + confidence / 2.0) ** 2
+    variance = 0.0
+    bounded = []
+    for j, label in enumerate(labels):
+        members = (codes == j) & inside
+        n_h, size = int(members.sum()), int(sizes[j])
+        if n_h == 0 or n_h >= size:
+            continue  # the metric does not touch this stratum, or the run has all of it
+        values = contribution[members]
+        s2 = float(values.var(ddof=1)) if n_h > 1 else 0.0
+        rare = (z2 / 2.0) / (n_h + z2)
+        least = float(np.max(span[members])) ** 2 * rare * (1.0 - rare)
+        if s2 < least:
+            s2 = least
+            bounded.append(str(label))
+        variance += size * size * (1.0 - n_h / size) * s2 / n_h
+    touched = {codes[i] for i in np.flatnonzero(inside)}
+    return SubsetSampling(sd=float(np.sqrt(variance)), bias=float(bias), n_units=int(inside.sum()),
+                          n_population=int(sum(int(sizes[j]) for j in touched)),
+                          bounded_strata=tuple(bounded))
+
+
+def paired_subset_sampling(
+    base: ScoreResult,
+    lavender: ScoreResult,
+    metrics: Mapping[str, MetricSpec],
+    population: Mapping[Any, int],
+    confidence: float = 0.95,
+) -> dict[str, dict[str, SubsetSampling]]:
+    """name -> {"base", "lavender", "gain"} -> ``SubsetSampling``, units paired as in
+    ``paired_bootstrap_many`` (raises ``PairingError`` on different units)."""
+    position = _pair(base, lavender)
+    strata = _strata_of(base)
+    out = {}
+    for name, spec in metrics.items():
+        base_terms = metric_forms(base, spec)
+        lav_terms = _reordered(metric_forms(lavender, spec), position)
+        out[name] = {
+            "base": subset_sampling([(base_terms, 1.0)], strata, population, confidence),
+            "lavender": subset_sampling([(lav_terms, 1.0)], strata, population, confidence),
+            "gain": subset_sampling([(lav_terms, 1.0), (base_terms, -1.0)], strata, population,
+                                    confidence),
+        }
+    return out
+
+
+def result_subset_sampling(result: ScoreResult, metrics: Mapping[str, MetricSpec],
+                           population: Mapping[Any, int], confidence: float = 0.95
+                           ) -> dict[str, SubsetSampling]:
+    """name -> ``SubsetSampling`` of one result's metrics on their own."""
+    strata = _strata_of(result)
+    return {name: subset_sampling([(metric_forms(result, spec), 1.0)], strata, population, confidence)
+            for name, spec in metrics.items()}
+
+
+def _strata_of(result: ScoreResult) -> np.ndarray:
+    if "stratum" in result.units.columns:
+        return result.units["stratum"].to_numpy(dtype=object)
+    return np.full(len(result.units), "all", dtype=object)

@@ -5,9 +5,24 @@ The reference (``fixtures/reported/*.toml``) holds the numbers a report printed,
 verdicts per row: base, Lavender and gain (Lavender − base).
 
 A verdict's band is centred on the reported number. Its half-width is the half-width of the
-percentile bootstrap interval of the *measured* quantity (``stats``: units resampled within
+percentile bootstrap interval of the *measured* quantity (``bootstrap``: units resampled within
 strata, base and Lavender paired), at the reference's confidence level, and never below the
 row's floor (the report prints two decimals, so the floor is at least the printing's step).
+
+A run on a subset of a benchmark (``ScoreResult.population`` says how large the whole is)
+measures a sample of it, while the reported number is the whole benchmark's. Its band adds
+the sampling error of the rows it did not run (``bootstrap.SubsetSampling``) to the run's own
+noise: ``sqrt((h · sqrt(n/N))² + (z · sd)²) + |bias|``, where ``h · sqrt(n/N)`` is the
+bootstrap half-width scaled to the whole benchmark's N units (what a full run's band would
+be), ``sd`` and ``bias`` those of the subset's estimate of the whole benchmark. A subset's
+numbers always differ from the whole's, and a run passes only if all its verdicts do, so
+``z`` is the normal quantile of the confidence shared out over the m subset verdicts of the
+run (Bonferroni: two-sided 1 − (1 − confidence) / m): a run that reproduces the report fails
+on some subset with a probability below 1 − confidence, not once in twenty verdicts. At N = n
+the band is the full run's; a stratum of one unit, or whose units all scored alike, gets
+close to the largest variance its bounded scores allow instead of none
+(``bootstrap.SubsetSampling``).
+The band is clipped to the metric's range (a percentage lies in [0, 100]).
 
 Modes:
   ``reproduce``      every quantity two-sided: ``|measured − reported| ≤ half-width``.
@@ -22,6 +37,7 @@ from __future__ import annotations
 
 import math
 import tomllib
+from statistics import NormalDist
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +46,10 @@ from typing import Any
 from lavender_checks import FIXTURES
 from lavender_checks import benchmarks as registry
 from lavender_checks.benchmarks.base import BenchmarkSpec, ScoreResult
-from lavender_checks.gate.bootstrap import Interval, PairingError, bootstrap_intervals, paired_bootstrap_many
+from lavender_checks.gate.bootstrap import (
+    Interval, PairingError, SubsetSampling, bootstrap_intervals, paired_bootstrap_many,
+    paired_subset_sampling, result_subset_sampling,
+)
 
 __all__ = [
     "DEFAULT_REFERENCE", "MODES", "QUANTITIES", "GateSettings", "Reference", "ReferenceFileError",
@@ -342,6 +361,15 @@ class Verdict:
     confidence: float
     paired: bool  # True when the interval came from the paired bootstrap
     reason: str = ""  # why a verdict is missing
+    # A subset of the benchmark (None: the whole of it was run):
+    population_n: int | None = None  # units of the metric in the whole benchmark
+    sampling_sd: float | None = None  # sd of the subset's estimate of the whole benchmark
+    sampling_bias: float | None = None  # subset metric − its stratified estimate
+    bounded_strata: tuple[str, ...] = ()  # strata whose variance is the least one allowed
+
+    @property
+    def subset(self) -> bool:
+        return self.population_n is not None and self.n is not None and self.n < self.population_n
 
     @property
     def one_sided(self) -> bool:
@@ -359,11 +387,19 @@ class Verdict:
         band = f"[{fmt(lo)}, +inf)" if math.isinf(hi) else f"[{fmt(lo)}, {fmt(hi)}]"
         method = "paired bootstrap" if self.paired else "bootstrap"
         rule = "reported − " if math.isinf(hi) else "reported ± "
+        n = f"n={self.n} of {self.population_n}" if self.subset else f"n={self.n}"
+        subset = ""
+        if self.subset:
+            bounded = (f", least variance in {', '.join(self.bounded_strata)}"
+                       if self.bounded_strata else "")
+            subset = (f"; subset: {self.n} of {self.population_n} {self.unit_kind}s run, sd of its "
+                      f"estimate of the whole {self.sampling_sd:.3f}, bias {self.sampling_bias:+.3f}"
+                      f"{bounded}")
         return (
             f"{head}: measured {fmt(self.measured)}, reported {fmt(self.reported)}, band {band}, "
-            f"n={self.n} {self.unit_kind}s\n"
+            f"{n} {self.unit_kind}s\n"
             f"    band = {rule}{self.half_width:.2f} ({self.confidence * 100:g}% {method} half-width "
-            f"{self.bootstrap_half_width:.3f}, floor {self.floor:g}), {self.mode}"
+            f"{self.bootstrap_half_width:.3f}{subset}, floor {self.floor:g}), {self.mode}"
             f"{', one-sided' if math.isinf(hi) else ''}"
         )
 
@@ -383,6 +419,8 @@ class _Measured:
     interval: Interval | None = None
     paired: bool = False
     reason: str = ""
+    sampling: SubsetSampling | None = None
+    upper: float = math.inf  # the metric's largest value: the sum of its terms' scales
 
 
 def measured_value(result: ScoreResult, parts: tuple[str, ...]) -> float:
@@ -434,6 +472,9 @@ def _measure_benchmark(
                 m.reason = f"the {quantity} result for {benchmark} gives {' + '.join(row.parts)} = {value}"
                 continue
             m.value = value  # a real number even when its band cannot be computed
+            terms = [t for k in row.parts for t in result.forms.get(k, [])]
+            if terms:
+                m.upper = float(sum(t.scale for t in terms))  # each term lies in [0, scale]
             m.reason = _band_problem(result, row.parts, quantity)
             if not m.reason:
                 usable[quantity].append(row)
@@ -441,6 +482,7 @@ def _measure_benchmark(
         g = out[(row.id, "gain")] = _Measured()
         if b.value is not None and l.value is not None:
             g.value = l.value - b.value
+        g.upper = min(b.upper, l.upper)
         g.reason = "; ".join(dict.fromkeys(r for r in (b.reason, l.reason) if r))
 
     both = [row for row in usable["base"] if row in usable["lavender"]]
@@ -468,11 +510,55 @@ def _measure_benchmark(
             # A difference of two different unit sets is no paired gain: no number is given.
             out[(row.id, "gain")].value = None
             out[(row.id, "gain")].reason = pairing_problem
+    _add_subset_sampling(out, results, usable, both if not pairing_problem else [],
+                         reference.gate.confidence)
     return out
 
 
+def _add_subset_sampling(out: dict[tuple[str, str], _Measured], results: dict[str, ScoreResult | None],
+                         usable: dict[str, list[ReferenceRow]], paired_rows: list[ReferenceRow],
+                         confidence: float) -> None:
+    """The sampling error of a subset (``ScoreResult.population``) for every banded quantity."""
+    populations = [r.population for r in results.values() if r is not None and r.population]
+    if not populations:
+        return  # the rows scored are the whole benchmark
+    population = populations[0]
+    if paired_rows:
+        sampled = paired_subset_sampling(results["base"], results["lavender"],
+                                         {row.id: row.parts for row in paired_rows}, population,
+                                         confidence)
+        for row in paired_rows:
+            for quantity, sampling in sampled[row.id].items():
+                out[(row.id, quantity)].sampling = sampling
+    for quantity, result in results.items():
+        alone = [row for row in usable[quantity] if out[(row.id, quantity)].sampling is None]
+        if alone:
+            sampled_alone = result_subset_sampling(result, {row.id: row.parts for row in alone},
+                                                   result.population or population, confidence)
+            for row in alone:
+                out[(row.id, quantity)].sampling = sampled_alone[row.id]
+
+
+def _metric_range(quantity: str, upper: float) -> tuple[float, float]:
+    """Where a quantity can lie: a metric in [0, the sum of its terms' scales] (a percentage
+    in [0, 100], an MME subtask in [0, 200]), a gain in [−that, +that]."""
+    return (-upper, upper) if quantity == "gain" else (0.0, upper)
+
+
+def band_half_width(interval: Interval, sampling: SubsetSampling | None, floor: float,
+                    subset_verdicts: int = 1) -> float:
+    """The band's half-width: the bootstrap's, widened for a subset (module docstring);
+    ``subset_verdicts``: how many verdicts of the run share the confidence."""
+    if sampling is None or sampling.n_units >= sampling.n_population:
+        return max(interval.half_width, floor)
+    alpha = (1.0 - interval.confidence) / max(1, subset_verdicts)
+    z = NormalDist().inv_cdf(1.0 - alpha / 2.0)
+    run_noise = interval.half_width * math.sqrt(sampling.fraction)
+    return max(math.hypot(run_noise, z * sampling.sd) + abs(sampling.bias), floor)
+
+
 def _judge_one(row: ReferenceRow, quantity: str, measured: _Measured, mode: str,
-               spec: BenchmarkSpec, confidence: float) -> Verdict:
+               spec: BenchmarkSpec, confidence: float, subset_verdicts: int) -> Verdict:
     reported = row.reported(quantity)
     common = dict(
         row_id=row.id, benchmark=row.benchmark, metric=row.metric, label=row.label, table=row.table,
@@ -485,7 +571,8 @@ def _judge_one(row: ReferenceRow, quantity: str, measured: _Measured, mode: str,
                        n=measured.interval.n_units if measured.interval else None,
                        reason=measured.reason or "no interval")
     interval = measured.interval
-    half_width = max(interval.half_width, row.floor)
+    sampling = measured.sampling
+    half_width = band_half_width(interval, sampling, row.floor, subset_verdicts)
     slack = _FLOAT_SLACK * max(1.0, abs(reported))
     one_sided = mode == "no-regression" and quantity in ("lavender", "gain")
     if one_sided:
@@ -494,9 +581,15 @@ def _judge_one(row: ReferenceRow, quantity: str, measured: _Measured, mode: str,
     else:
         band = (reported - half_width, reported + half_width)
         ok = abs(measured.value - reported) <= half_width + slack
+    low, high = _metric_range(quantity, measured.upper)
+    band = (max(band[0], low), band[1] if math.isinf(band[1]) else min(band[1], high))
+    subset = {}
+    if sampling is not None and sampling.n_units < sampling.n_population:
+        subset = dict(population_n=sampling.n_population, sampling_sd=sampling.sd,
+                      sampling_bias=sampling.bias, bounded_strata=sampling.bounded_strata)
     return Verdict(**common, status="pass" if ok else "fail", measured=measured.value, band=band,
                    half_width=half_width, bootstrap_half_width=interval.half_width,
-                   n=interval.n_units)
+                   n=interval.n_units, **subset)
 
 
 def judge(
@@ -536,11 +629,13 @@ def judge(
         rows = [row for row in reference.rows if row.benchmark == benchmark]
         measured.update(_measure_benchmark(benchmark, rows, base, lavender, reference, n_resamples, seed,
                                            (missing_reasons or {}).get(benchmark)))
+    subset_verdicts = sum(1 for m in measured.values() if m.interval is not None
+                          and m.sampling is not None and m.sampling.n_units < m.sampling.n_population)
     for row in reference.rows:
         spec = benchmark_spec(row.benchmark)
         for quantity in QUANTITIES:
             verdicts.append(_judge_one(row, quantity, measured[(row.id, quantity)], mode, spec,
-                                       reference.gate.confidence))
+                                       reference.gate.confidence, subset_verdicts))
     return verdicts
 
 
@@ -565,7 +660,7 @@ def summary_table(verdicts: list[Verdict]) -> str:
         if v.status == "missing":
             status += f" ({v.reason})" if len(v.reason) <= 60 else f" ({v.reason[:57]}...)"
         lines.append((v.row_id, v.quantity, num(v.measured, signed), num(v.reported, signed), band,
-                      "-" if v.n is None else str(v.n), status))
+                      "-" if v.n is None else f"{v.n}/{v.population_n}" if v.subset else str(v.n), status))
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines)]
     right = {2, 3, 5}  # numbers line up on the right
 

@@ -637,12 +637,16 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
             continue
         frames = {v: read_prediction_file(paths[v]) for v in VARIANTS}
         meta = _optional_meta(bench, meta_root)
+        whole = frames
         if config.limit is not None or config.fraction is not None:
             frames = {v: subset(f, bench, limit=config.limit, fraction=config.fraction)
                       for v, f in frames.items()}
         _check_paired(benchmark, {v: list(frames[v]["index"]) for v in VARIANTS},
                       {v: str(paths[v]) for v in VARIANTS})
         results[benchmark] = {v: bench.score(frames[v], meta=meta) for v in VARIANTS}
+        if meta is None and whole is not frames:  # the files are the whole: a subset's bands widen
+            for v in VARIANTS:
+                results[benchmark][v].population = bench.population(whole["base"])
         predictions[benchmark] = {v: dict(zip(frames[v]["index"].tolist(),
                                               frames[v]["prediction"].map(str).tolist()))
                                   for v in VARIANTS}

@@ -409,10 +409,12 @@ def assert_whole_units(part, full, name):
             set(full["index"][units == unit])
 
 
-def test_limit_takes_first_units_whole():
+def test_limit_draws_units_at_random_whole_and_in_file_order():
     docvqa = mini("DocVQA_VAL")
-    assert data.subset(docvqa, "DocVQA_VAL", limit=5)["index"].tolist() == \
-        docvqa["index"].tolist()[:5]
+    part = data.subset(docvqa, "DocVQA_VAL", limit=5)["index"].tolist()
+    assert len(part) == 5 and part == sorted(part) and part != docvqa["index"].tolist()[:5]
+    assert part == data.subset(docvqa, "DocVQA_VAL", limit=5)["index"].tolist()  # deterministic
+    assert set(part) <= set(data.subset(docvqa, "DocVQA_VAL", limit=8)["index"])  # nested
     mmbench = mini("MMBench_DEV_EN")
     with pytest.warns(UserWarning, match="raised to 20"):
         part = data.subset(mmbench, "MMBench_DEV_EN", limit=3)

@@ -163,3 +163,79 @@ def test_bad_inputs_are_explained():
     dup = question_result([1, 0], ids=["x", "x"])
     with pytest.raises(ValueError, match="duplicate unit ids"):
         paired_bootstrap(dup, dup, "Overall", n_resamples=10, seed=0)
+
+
+# ------------------------------------------------------------------ subsets of a benchmark
+
+from lavender_checks.gate.bootstrap import subset_sampling  # noqa: E402
+
+
+def _mean_form(values):
+    values = np.asarray(values, dtype=float)
+    return [Ratio(values, np.ones_like(values), 100.0)]
+
+
+def test_the_whole_benchmark_has_no_sampling_error():
+    values = np.array([1, 0, 1, 1, 0, 1.0])
+    s = subset_sampling([(_mean_form(values), 1.0)], np.array(["a"] * 3 + ["b"] * 3), {"a": 3, "b": 3})
+    assert (s.sd, s.bias, s.n_units, s.n_population, s.bounded_strata) == (0.0, 0.0, 6, 6, ())
+
+
+def test_the_sd_is_that_of_sampling_without_replacement():
+    """Monte Carlo: the sd of a random half's mean around the full mean."""
+    rng = np.random.default_rng(1)
+    population = (rng.random(400) < 0.7).astype(float)
+    full = population.mean() * 100
+    means, sds = [], []
+    for _ in range(2000):
+        pick = rng.choice(400, size=100, replace=False)
+        sample = population[pick]
+        means.append(sample.mean() * 100 - full)
+        sds.append(subset_sampling([(_mean_form(sample), 1.0)], np.array(["all"] * 100), {"all": 400}).sd)
+    assert np.mean(sds) == pytest.approx(np.std(means), rel=0.1)
+    # Closed form: 100 * sqrt((1 - n/N) s^2 / n).
+    assert sds[0] > 0
+
+
+def _least(n, span=1.0, z=1.959963984540054):
+    rare = (z * z / 2) / (n + z * z)
+    return span * span * rare * (1 - rare)
+
+
+def test_one_unit_or_no_spread_gets_close_to_the_worst_case_variance():
+    # One unit of a stratum of 10: N^2 (1 - 1/N) / 1 * (scale / N)^2 * p(1 - p), p = 0.4.
+    one = subset_sampling([(_mean_form([1.0]), 1.0)], np.array(["a"]), {"a": 10})
+    assert one.sd == pytest.approx(100 * np.sqrt(0.9 * _least(1)))
+    assert 0.23 < _least(1) <= 0.25 and one.bounded_strata == ("a",)
+    # Five units all right: no spread, the least variance again; a gain spans twice the range.
+    alike = subset_sampling([(_mean_form([1.0] * 5), 1.0)], np.array(["a"] * 5), {"a": 10})
+    assert alike.sd == pytest.approx(100 * np.sqrt(0.5 / 5 * _least(5)))
+    gain = subset_sampling([(_mean_form([1.0] * 5), 1.0), (_mean_form([1.0] * 5), -1.0)],
+                           np.array(["a"] * 5), {"a": 10})
+    assert gain.sd == pytest.approx(2 * alike.sd)
+
+
+def test_a_rare_unit_seen_once_does_not_shrink_the_band_to_nothing():
+    # 1 wrong of 100 in the sample: the sample variance 0.0099 is below the least variance.
+    values = np.ones(100)
+    values[0] = 0.0
+    s = subset_sampling([(_mean_form(values), 1.0)], np.array(["a"] * 100), {"a": 200})
+    assert s.bounded_strata == ("a",)
+    assert s.sd == pytest.approx(100 * np.sqrt(0.5 / 100 * _least(100)))
+    spread = (np.arange(100) % 2).astype(float)  # half right: the sample's own variance
+    t = subset_sampling([(_mean_form(spread), 1.0)], np.array(["a"] * 100), {"a": 200})
+    assert t.bounded_strata == () and t.sd == pytest.approx(100 * np.sqrt(0.5 / 100 * spread.var(ddof=1)))
+
+
+def test_strata_sampled_at_different_rates_give_a_bias():
+    # Two strata of 100 units each, all right in "a", all wrong in "b"; the subset takes
+    # 1 of "a" and 3 of "b": its mean is 25 %, the stratified estimate 50 %.
+    values = np.array([1.0, 0.0, 0.0, 0.0])
+    s = subset_sampling([(_mean_form(values), 1.0)], np.array(["a", "b", "b", "b"]), {"a": 100, "b": 100})
+    assert s.bias == pytest.approx(25.0 - 50.0)
+    assert (s.n_units, s.n_population) == (4, 200)
+
+
+def test_a_numerator_beyond_its_denominator_is_refused():
+    with pytest.raises(ValueError, match="outside"):
+        subset_sampling([([Ratio(np.array([2.0]), np.array([1.0]))], 1.0)], np.array(["a"]), {"a": 2})

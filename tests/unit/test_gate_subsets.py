@@ -1,0 +1,159 @@
+"""Gating a subset of a full-size benchmark (issue 12, item 1).
+
+Synthetic per-sample predictions at the real benchmarks' sizes (DocVQA_VAL 5,349 questions,
+ChartQA_TEST 2 × 1,250, MME 1,187 image pairs), scored by the real scorers. The reference is
+the unshifted model's numbers on the whole benchmark: a subset of that model must pass, and a
+model whose accuracy is lower by 8 points must fail once the subset is large enough.
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lavender_checks.benchmarks import get_benchmark, get_spec
+from lavender_checks.benchmarks.base import Ratio, ScoreResult
+from lavender_checks.data import subset
+from lavender_checks.gate.verdicts import judge, load_reference
+
+ACCURACY = {"base": 0.55, "lavender": 0.62}
+SHIFT = 0.08
+MME_PAIRS = {"OCR": 20, "artwork": 200, "celebrity": 170, "color": 30, "count": 30, "existence": 30,
+             "landmark": 200, "position": 30, "posters": 147, "scene": 200,
+             "code_reasoning": 20, "commonsense_reasoning": 70, "numerical_calculation": 20,
+             "text_translation": 20}
+
+
+def _docvqa(n):
+    return pd.DataFrame({"index": np.arange(n), "question": [f"q{i}" for i in range(n)],
+                         "answer": [f"['word{i}']" for i in range(n)]})
+
+
+def _chartqa(n):
+    half = n // 2
+    return pd.DataFrame({"index": np.arange(n), "question": [f"q{i}" for i in range(n)],
+                         "answer": [f"label{i}" for i in range(n)],
+                         "split": ["test_human"] * half + ["test_augmented"] * (n - half)})
+
+
+def _mme():
+    rows = []
+    for category, pairs in MME_PAIRS.items():
+        for p in range(pairs):
+            for answer in ("Yes", "No"):
+                rows.append({"index": len(rows), "question": f"{category} {p} {answer}?",
+                             "answer": answer, "category": category,
+                             "image_path": f"{category}/{p:04d}.jpg"})
+    return pd.DataFrame(rows)
+
+
+FRAMES = {"DocVQA_VAL": _docvqa, "ChartQA_TEST": _chartqa, "MME": lambda n: _mme()}
+ROWS = {"DocVQA_VAL": ["Overall"], "ChartQA_TEST": ["test_human", "test_augmented", "Overall"],
+        "MME": ["perception", "reasoning", "total"]}
+
+
+def _wrong(answer):
+    return {"Yes": "No", "No": "Yes"}.get(answer, "zzzzzzzzzzzzzzzz")
+
+
+def _predictions(meta, variant, shift, seed):
+    draw = np.random.default_rng(seed).random(len(meta))  # the same draw for both variants: paired
+    correct = draw < ACCURACY[variant] - shift
+    right = meta["answer"].map(lambda a: a.strip("[]'"))
+    return meta.assign(prediction=[r if c else _wrong(r) for r, c in zip(right, correct)])
+
+
+@pytest.fixture(scope="module")
+def full_size():
+    out = {}
+    for seed, (name, build) in enumerate(FRAMES.items()):
+        meta = build(get_spec(name).rows)
+        assert len(meta) == get_spec(name).rows
+        out[name] = {shift: {v: _predictions(meta, v, shift, seed) for v in ACCURACY}
+                     for shift in (0.0, SHIFT)}
+        out[name]["meta"] = meta
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(full_size, tmp_path_factory):
+    """The unshifted model's whole-benchmark numbers as a reference file."""
+    lines = ['[run]', '[gate]', 'confidence = 0.95', 'n_resamples = 400', 'seed = 1',
+             'consistency_tolerance = 0.01', '[gate.floor]', 'percent = 0.01', 'score = 0.01',
+             '[derived.MME]', 'total = ["perception", "reasoning"]']
+    for name, metrics in ROWS.items():
+        bench = get_benchmark(name)
+        scores = {v: bench.score(full_size[name][0.0][v]).metrics for v in ACCURACY}
+        scores = {v: {**m, "total": m.get("perception", 0) + m.get("reasoning", 0)} for v, m in scores.items()}
+        for metric in metrics:
+            b, l = round(scores["base"][metric], 2), round(scores["lavender"][metric], 2)
+            lines += ["[[row]]", 'table = "t"', f'benchmark = "{name}"', f'metric = "{metric}"',
+                      f"base = {b:.2f}", f"lavender = {l:.2f}", f"delta = {l - b:.2f}"]
+    path = tmp_path_factory.mktemp("ref") / "full-size.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return load_reference(path)
+
+
+def _judge(full_size, reference, shift, **pick):
+    results = {}
+    for name in FRAMES:
+        bench, meta = get_benchmark(name), full_size[name]["meta"]
+        results[name] = {v: bench.score(subset(full_size[name][shift][v], bench, **pick), meta=meta)
+                         for v in ACCURACY}
+    return judge(reference, results)
+
+
+@pytest.mark.parametrize("pick", [dict(fraction=0.5), dict(fraction=0.1), dict(limit=30), dict(limit=1)],
+                         ids=str)
+def test_the_model_that_gave_the_reference_passes_on_a_subset(full_size, reference, pick):
+    verdicts = _judge(full_size, reference, 0.0, **pick)
+    failed = [v.message() for v in verdicts if v.status != "pass"]
+    assert not failed, "\n".join(failed)
+    assert all(v.subset for v in verdicts)
+
+
+def test_the_whole_benchmark_is_no_subset(full_size, reference):
+    verdicts = _judge(full_size, reference, 0.0)
+    assert all(v.status == "pass" and not v.subset and v.sampling_sd is None for v in verdicts)
+
+
+def test_a_model_8_points_lower_fails_on_half_the_benchmark(full_size, reference):
+    verdicts = {(v.row_id, v.quantity): v for v in _judge(full_size, reference, SHIFT, fraction=0.5)}
+    for row_id in ("DocVQA_VAL-Overall", "ChartQA_TEST-Overall", "ChartQA_TEST-test_human",
+                   "MME-perception", "MME-total"):
+        for quantity in ("base", "lavender"):
+            assert verdicts[(row_id, quantity)].status == "fail", verdicts[(row_id, quantity)].message()
+    # The gain did not move: it still passes.
+    assert verdicts[("DocVQA_VAL-Overall", "gain")].status == "pass"
+
+
+def test_subset_bands_widen_as_the_subset_shrinks(full_size, reference):
+    widths = [{(v.row_id, v.quantity): v.half_width for v in _judge(full_size, reference, 0.0, **pick)}
+              for pick in (dict(), dict(fraction=0.5), dict(fraction=0.1))]
+    for key in widths[0]:
+        assert widths[0][key] <= widths[1][key] <= widths[2][key], key
+
+
+def _one_stratum_result(values, ids, population):
+    values = np.asarray(values, dtype=float)
+    units = pd.DataFrame({"unit": ids, "stratum": ["all"] * len(ids), "correct": values})
+    return ScoreResult("DocVQA_VAL", {"Overall": float(values.mean() * 100)},
+                       pd.DataFrame({"index": ids, "unit": ids, "score": values}), units,
+                       {"Overall": [Ratio(values, np.ones_like(values))]}, population=population)
+
+
+def test_a_subset_of_one_unit_has_a_wide_band_not_the_floor(tmp_path):
+    path = tmp_path / "ref.toml"
+    path.write_text("\n".join(['[run]', '[gate]', 'confidence = 0.95', 'n_resamples = 200', 'seed = 1',
+                               'consistency_tolerance = 0.01', '[gate.floor]', 'percent = 0.01',
+                               '[[row]]', 'table = "t"', 'benchmark = "DocVQA_VAL"', 'metric = "Overall"',
+                               'base = 40.00', 'lavender = 45.00', 'delta = 5.00']) + "\n")
+    ref = load_reference(path)
+    one = {"base": _one_stratum_result([1.0], [7], {"all": 24}),
+           "lavender": _one_stratum_result([1.0], [7], {"all": 24})}
+    verdicts = {v.quantity: v for v in judge(ref, {"DocVQA_VAL": one})}
+    # Without the population the band is the floor and a correct model fails.
+    whole = {k: _one_stratum_result([1.0], [7], None) for k in one}
+    assert {v.status for v in judge(ref, {"DocVQA_VAL": whole})} == {"fail"}
+    assert all(v.status == "pass" for v in verdicts.values()), [v.message() for v in verdicts.values()]
+    assert verdicts["base"].band == (0.0, 100.0)  # clipped to the percentage's range
+    assert "1 of 24" in verdicts["base"].message() and "least variance in all" in verdicts["base"].message()
