@@ -83,6 +83,7 @@ def _print_table(benchmark: str, source: Path, rows: int, metrics: dict[str, flo
 
 def main(args: argparse.Namespace) -> int:
     from lavender_checks.benchmarks import UnknownBenchmark, get_benchmark
+    from lavender_checks.benchmarks.signature import SignatureMismatch, check_questions, check_signature
     from lavender_checks.benchmarks.vlmeval_common import ScoringInputError
     from lavender_checks.vlmeval_io import PredictionFileError, read_prediction_file
 
@@ -95,8 +96,18 @@ def main(args: argparse.Namespace) -> int:
     source = Path(args.predictions_file)
     try:
         frame = read_prediction_file(source)
+        # Another benchmark's file would be scored without a word (its rows, this benchmark's
+        # metric keys): refuse it, saying what it looks like.
+        check_signature(frame, benchmark.name, str(source))
         meta = _read_meta(Path(args.meta)) if args.meta else None
+        if meta is not None:
+            check_signature(meta, benchmark.name, f"--meta {args.meta}")
         result = benchmark.score(frame, meta)
+        if meta is not None:
+            check_questions(frame, meta, str(source), f"--meta {args.meta}")
+    except SignatureMismatch as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_ERROR
     except (FileNotFoundError, PredictionFileError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_ERROR

@@ -10,7 +10,7 @@ from pathlib import Path
 from lavender_checks.benchmarks.base import Benchmark, BenchmarkSpec, Ratio, ScoreResult
 
 __all__ = ["Benchmark", "BenchmarkSpec", "Ratio", "ScoreResult", "UnknownBenchmark",
-           "get_benchmark", "get_spec", "benchmark_names", "all_benchmarks"]
+           "get_benchmark", "get_spec", "benchmark_names", "all_benchmarks", "signature_of"]
 
 _METADATA = Path(__file__).with_name("benchmarks.toml")
 
@@ -21,9 +21,21 @@ class UnknownBenchmark(KeyError):
 
 
 @cache
-def _specs() -> dict[str, BenchmarkSpec]:
+def _raw() -> dict:
     with _METADATA.open("rb") as fh:
-        raw = tomllib.load(fh)
+        return tomllib.load(fh)
+
+
+def signature_of(name: str) -> dict:
+    """``[<name>.signature]`` of ``benchmarks.toml``: what every file of the benchmark shows
+    (used by ``benchmarks.signature``)."""
+    get_spec(name)
+    return _raw()[name].get("signature", {})
+
+
+@cache
+def _specs() -> dict[str, BenchmarkSpec]:
+    raw = _raw()
     specs = {}
     for name, entry in raw.items():
         specs[name] = BenchmarkSpec(

@@ -609,6 +609,7 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
     The benchmark TSV, when LMUData has it, checks the indices (and gives MMBench its answers,
     as in VLMEvalKit)."""
     from lavender_checks.data import provenance, subset
+    from lavender_checks.benchmarks.signature import check_signature
     from lavender_checks.vlmeval_io import find_prediction_file, read_prediction_file
 
     started = time.time()
@@ -636,6 +637,8 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
             results[benchmark] = {v: None for v in VARIANTS}
             continue
         frames = {v: read_prediction_file(paths[v]) for v in VARIANTS}
+        for v in VARIANTS:  # a file of another benchmark is refused, naming what it looks like
+            check_signature(frames[v], benchmark, str(paths[v]))
         meta = _optional_meta(bench, meta_root)
         whole = frames
         if config.limit is not None or config.fraction is not None:

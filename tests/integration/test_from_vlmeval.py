@@ -303,6 +303,14 @@ def test_a_removed_gain_still_fails_on_half_the_files(tmp_path, seed_frames):
                                                         ("gain", "fail")}
 
 
+def test_a_file_of_another_benchmark_is_refused(tmp_path, seed_frames):
+    from lavender_checks.benchmarks.signature import SignatureMismatch
+
+    work = write_run(tmp_path / "outputs", {"DocVQA_VAL": dict(seed_frames["ChartQA_TEST"])})
+    with pytest.raises(SignatureMismatch, match="is not a DocVQA_VAL file: .*it looks like ChartQA_TEST"):
+        gate(work, benchmarks=("DocVQA_VAL",))
+
+
 @pytest.fixture(scope="module")
 def chartqa_only(seed_frames) -> dict[str, dict[str, pd.DataFrame]]:
     return {"ChartQA_TEST": seed_frames["ChartQA_TEST"]}

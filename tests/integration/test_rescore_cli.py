@@ -165,3 +165,60 @@ def test_registered_in_the_cli():
         pytest.skip(f"the full CLI needs {err.name}")
     args = parser.parse_args(["score", "MME", "x.xlsx", "--json"])
     assert args.benchmark == "MME" and args.json
+
+
+# ----------------------------------------------- a file of another benchmark (issue 12 item 2)
+
+MINI = REPO_ROOT / "fixtures" / "lmudata-mini"
+
+
+def _mini_predictions(tmp_path, benchmark: str, **edits) -> "Path":
+    """A VLMEvalKit prediction file of the mini benchmark (its TSV, answers as predictions)."""
+    frame = pd.read_csv(MINI / f"{benchmark}.tsv", sep="\t").drop(columns=["image"])
+    frame["prediction"] = frame["answer"].astype(str)
+    for column, (position, value) in edits.items():
+        frame.loc[position, column] = value
+    path = tmp_path / f"m_{benchmark}.xlsx"
+    _vlmevalkit_xlsx(frame, path)
+    return path
+
+
+@pytest.mark.parametrize("named, actual", [
+    ("DocVQA_VAL", "ChartQA_TEST"), ("MMBench_DEV_EN", "DocVQA_VAL"), ("MME", "MMBench_DEV_EN"),
+    ("ChartQA_TEST", "MME"), ("DocVQA_VAL", "MME"), ("MMBench_DEV_EN", "ChartQA_TEST"),
+])
+def test_another_benchmarks_file_is_refused_naming_it(tmp_path, capsys, named, actual):
+    path = _mini_predictions(tmp_path, actual)
+    assert _run([named, str(path), "--json"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"{path} is not a {named} file" in captured.err
+    assert f"it looks like {actual}" in captured.err
+
+
+@pytest.mark.parametrize("name", ["DocVQA_VAL", "ChartQA_TEST", "MMBench_DEV_EN", "MME"])
+def test_every_mini_file_is_its_own_benchmarks(tmp_path, capsys, name):
+    path = _mini_predictions(tmp_path, name)
+    assert _run([name, str(path), "--json", "--meta", str(MINI / f"{name}.tsv")]) == 0
+
+
+def test_a_meta_tsv_of_another_benchmark_is_refused(tmp_path, capsys):
+    path = _mini_predictions(tmp_path, "ChartQA_TEST")
+    assert _run(["ChartQA_TEST", str(path), "--meta", str(MINI / "MME.tsv")]) == 1
+    err = capsys.readouterr().err
+    assert f"--meta {MINI / 'MME.tsv'} is not a ChartQA_TEST file" in err and "it looks like MME" in err
+
+
+def test_a_question_that_is_not_the_tsvs_is_refused(tmp_path, capsys):
+    path = _mini_predictions(tmp_path, "ChartQA_TEST", question=(3, "How many pears were sold?"))
+    assert _run(["ChartQA_TEST", str(path), "--meta", str(MINI / "ChartQA_TEST.tsv")]) == 1
+    err = capsys.readouterr().err
+    assert "1 row(s) whose question is not the one of --meta" in err
+    assert "index 3: 'How many pears were sold?' in the file" in err
+
+
+def test_an_unknown_split_is_refused(tmp_path, capsys):
+    path = _mini_predictions(tmp_path, "ChartQA_TEST", split=(0, "val"))
+    assert _run(["ChartQA_TEST", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "column 'split' has 'val', none of ChartQA_TEST's" in err and "looks like none of" in err
