@@ -471,7 +471,7 @@ def _check_identity(spec, tsv, digest, rows, md5_matches, rows_match, synthetic,
     )
     if strict:
         raise DataMismatchError(message)
-    warnings.warn(message + " Strict checking turns this into an error.", DataMismatchWarning,
+    warnings.warn(message + " --strict-data (lavender-checks run, pytest) turns this into an error.", DataMismatchWarning,
                   stacklevel=3)
 
 

@@ -2,7 +2,8 @@
 
 - ``report.md``: the seed report's shape (scope, overall comparison, ChartQA splits, MMBench
   categories, MME increases and decreases), with measured and reported numbers, bands and
-  verdicts on every row; missing rows say "missing" and why.
+  verdicts on every row; missing rows say "missing" and why. Data that is not what the
+  reference was measured on is said above everything else.
 - ``report.json``: all of it, machine-readable, plus every metric of every benchmark measured.
 - ``gains.png``: measured vs reported gain per reference row, with bands, one panel per unit.
 - ``flips.jsonl``: one line per resampling unit whose score changed between base and Lavender.
@@ -30,8 +31,10 @@ import pandas as pd
 
 from lavender_checks import benchmarks as registry
 from lavender_checks.benchmarks.base import ScoreResult
-from lavender_checks.gate.verdicts import (QUANTITIES, STATUSES, Reference, ReferenceRow, Verdict, benchmark_spec, measured_value,
-                   summary_table)
+from lavender_checks.gate.verdicts import (
+    QUANTITIES, STATUSES, Reference, ReferenceRow, Verdict, benchmark_spec, measured_value,
+    noncomparable, noncomparable_notice, summary_table,
+)
 from lavender_checks.model import VARIANTS
 
 __all__ = ["RUN_ID_PATTERN", "new_run_id", "write_report", "latest_run"]
@@ -274,18 +277,22 @@ def _table(rows: list[ReferenceRow], by_row, first: str, label=lambda r: r.label
 
 
 def _ranked_tables(rows: list[ReferenceRow], by_row) -> list[str]:
-    """The seed report's MME layout: rows sorted by Δ, increases (Δ > 0) then the rest."""
+    """The seed report's MME layout: rows sorted by Δ, increases, decreases, then the rows
+    whose Δ prints as ±0.00 (neither)."""
     measured = [r for r in rows if by_row[r.id]["gain"].measured is not None]
     unmeasured = [r for r in rows if by_row[r.id]["gain"].measured is None]
     measured.sort(key=lambda r: by_row[r.id]["gain"].measured, reverse=True)
-    up = [r for r in measured if by_row[r.id]["gain"].measured > 0]
-    down = [r for r in measured if by_row[r.id]["gain"].measured <= 0]
+    printed = {r.id: round(by_row[r.id]["gain"].measured, 2) for r in measured}  # as the table shows it
+    up = [r for r in measured if printed[r.id] > 0]
+    down = [r for r in measured if printed[r.id] < 0]
+    same = [r for r in measured if printed[r.id] == 0]
     lines: list[str] = []
-    for title, chunk in (("Top increases", up), ("Decreases", down), ("Not measured", unmeasured)):
+    for title, chunk in (("Top increases", up), ("Decreases", down), ("No change", same),
+                         ("Not measured", unmeasured)):
         if chunk:
             if lines:
                 lines.append("")
-            lines += [f"**{title}** (sorted by measured Δ):" if title != "Not measured"
+            lines += [f"**{title}** (sorted by measured Δ):" if title in ("Top increases", "Decreases")
                       else f"**{title}**:", ""]
             lines += _table(chunk, by_row, "Metric")
     return lines
@@ -314,9 +321,13 @@ def _markdown(run_id: str, created: str, reference: Reference, verdicts: list[Ve
     counts = {s: sum(v.status == s for v in verdicts) for s in STATUSES}
     modes = ", ".join(sorted({v.mode for v in verdicts})) or "-"
     g = reference.gate
-    out = [
-        f"# Lavender regression report: run {run_id}",
-        "",
+    out = [f"# Lavender regression report: run {run_id}", ""]
+    problems = noncomparable(reference, metadata)
+    if problems:  # before anything else: the verdicts below do not test the reference
+        allowed = bool((metadata.get("config") or {}).get("allow_noncomparable"))
+        head, *reasons = noncomparable_notice(problems, allowed).splitlines()
+        out += [f"> **{head}**", ">"] + [f"> - {line.strip()}" for line in reasons] + [""]
+    out += [
         f"Written {created}. Mode: **{modes}**. Verdicts: **{counts['pass']} pass, "
         f"{counts['fail']} fail, {counts['missing']} missing**.",
         "",
@@ -324,10 +335,15 @@ def _markdown(run_id: str, created: str, reference: Reference, verdicts: list[Ve
         f"ones in brackets. Bands are centred on the reported number; their half-width is the "
         f"{g.confidence * 100:g}% percentile bootstrap half-width of the measured quantity "
         f"({g.n_resamples} resamples of units within strata, base and Lavender paired, seed "
-        f"{g.seed}), never below the row's floor. n counts the resampling units behind a metric.",
+        f"{g.seed}), never below the row's floor. n counts the resampling units behind a metric; "
+        f"on a subset, `n of N` and the band also covers the rows not run.",
         "",
     ]
-    # Results first, as in the seed report; the run's full details close the report.
+    # Scope first (reports/README.md): what was run, and what the reference ran.
+    out += ["## Scope", "", "### This run", ""]
+    out += _bullets(metadata) or ["- (no run metadata given)"]
+    out += ["", "### The reference run (as its report states)", ""]
+    out += _bullets(reference.run) or ["- (not stated)"]
     tables = list(dict.fromkeys(r.table for r in reference.rows))
     for table in tables:
         rows = [r for r in reference.rows if r.table == table]
@@ -366,11 +382,7 @@ def _markdown(run_id: str, created: str, reference: Reference, verdicts: list[Ve
                        f"{_fmt(m['delta'], signed=True)} | {m['reference_row'] or '-'} |")
         out.append("")
 
-    out += ["## Scope", "", "### This run", ""]
-    out += _bullets(metadata) or ["- (no run metadata given)"]
-    out += ["", "### The reference run (as its report states)", ""]
-    out += _bullets(reference.run) or ["- (not stated)"]
-    out += ["", "## Files", "",
+    out += ["## Files", "",
             "- `report.json`: everything above, machine-readable.",
             "- `gains.png`: measured vs reported gain per row, with the gain bands.",
             "- `flips.jsonl`: one line per unit whose score changed between base and Lavender."]
@@ -508,7 +520,9 @@ def write_report(
         "run_id": run_id,
         "created": created,
         "modes": sorted({v.mode for v in verdicts}),
-        "summary": {**counts, "passed": counts["fail"] == 0 and counts["missing"] == 0},
+        "summary": {**counts, "passed": counts["fail"] == 0 and counts["missing"] == 0,
+                    "comparable": not noncomparable(reference, metadata),
+                    "noncomparable": noncomparable(reference, metadata)},
         "metadata": metadata,
         "reference": {
             "path": reference.path,

@@ -53,8 +53,8 @@ from lavender_checks.gate.bootstrap import (
 
 __all__ = [
     "DEFAULT_REFERENCE", "MODES", "QUANTITIES", "GateSettings", "Reference", "ReferenceFileError",
-    "ReferenceRow", "Verdict", "benchmark_spec", "judge", "load_reference", "measured_value",
-    "summary_table",
+    "ReferenceRow", "Verdict", "benchmark_spec", "data_mismatch", "judge", "load_reference",
+    "measured_value", "noncomparable", "noncomparable_notice", "summary_table",
 ]
 
 DEFAULT_REFERENCE = FIXTURES / "reported" / "seed-report.toml"
@@ -637,6 +637,61 @@ def judge(
             verdicts.append(_judge_one(row, quantity, measured[(row.id, quantity)], mode, spec,
                                        reference.gate.confidence, subset_verdicts))
     return verdicts
+
+
+# ------------------------------------------------------------------------ comparable data
+
+
+def data_mismatch(reference: Reference, benchmark: str, info: Mapping[str, Any] | None) -> str:
+    """Why the TSV that ``info`` describes (``data.provenance``) is not the data the reference's
+    numbers came from: the file the reference recorded (``[run] lmu_data_md5``), else
+    VLMEvalKit's (its DATASET_MD5). '' when it is, or when no TSV was read."""
+    if not info or not info.get("md5"):
+        return ""
+    recorded = (reference.run.get("lmu_data_md5") or {}).get(benchmark)
+    expected = recorded or info.get("md5_expected")
+    if not expected or info["md5"] == expected:
+        return ""
+    whose = f"the {benchmark} TSV {reference.path.name} was recorded from" if recorded \
+        else f"VLMEvalKit's {benchmark} TSV"
+    rows, rows_expected = info.get("rows_in_file"), info.get("rows_expected")
+    rows_note = ""
+    if rows is not None:
+        rows_note = f", {rows} rows" + (f" (VLMEvalKit's has {rows_expected})"
+                                        if rows_expected is not None and not recorded else "")
+    synthetic = " (the synthetic mini benchmark)" if info.get("synthetic") else ""
+    return (f"{info.get('tsv', 'the TSV')}{synthetic} is not {whose}: md5 {info['md5']} "
+            f"(expected {expected}){rows_note}")
+
+
+def noncomparable(reference: Reference, metadata: Mapping[str, Any]) -> dict[str, str]:
+    """benchmark -> why its numbers cannot be compared with the reference's, from a run's
+    metadata (``data``: the provenance of each TSV read; under --from-vlmeval, of the TSV
+    that checked the files, when there was one)."""
+    out = {}
+    for benchmark, info in (metadata.get("data") or {}).items():
+        if benchmark not in reference.benchmarks or not isinstance(info, Mapping):
+            continue
+        if "md5" not in info and isinstance(info.get("meta"), Mapping):
+            info = info["meta"]
+        why = data_mismatch(reference, benchmark, info)
+        if why:
+            out[benchmark] = why
+    return out
+
+
+def noncomparable_notice(problems: Mapping[str, str], allowed: bool) -> str:
+    """The lines that close the console output (and open report.md) of such a run."""
+    if not problems:
+        return ""
+    consequence = ("--allow-noncomparable was given: the verdicts above count, but they do not "
+                   "test the report's numbers" if allowed else
+                   "its verdicts do not test the report's numbers, so the run fails; "
+                   "--allow-noncomparable gates it anyway, --strict-data refuses such data "
+                   "before any work")
+    lines = [f"NOT COMPARABLE with the reference: {consequence}."]
+    lines += [f"  {benchmark}: {why}" for benchmark, why in problems.items()]
+    return "\n".join(lines)
 
 
 def summary_table(verdicts: list[Verdict]) -> str:

@@ -90,6 +90,9 @@ class RunConfig:
     # How predictions are generated; not what they are, so not part of label().
     engine: str = DEFAULT_ENGINE
     chunk_rows: int | None = None  # rows per fast-engine call; None: the fast engine's default
+    # Data that is not what the reference was measured on (gate.verdicts.noncomparable):
+    strict_data: bool = False  # refuse it before any work
+    allow_noncomparable: bool = False  # gate it anyway (the report still says so first)
 
     def __post_init__(self) -> None:
         for name in ("base_model", "lora", "lmu_data", "reference", "store", "from_vlmeval"):
@@ -246,8 +249,8 @@ RUN_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
                     help="reproduce: every number within its band; no-regression: the gain and "
                          "Lavender may also be better (default reproduce)")),
     ("--limit", dict(type=int, metavar="N", default=None,
-                     help="only the first N units of every benchmark (questions, MMBench circular "
-                          "groups, MME image pairs), taken stratum by stratum")),
+                     help="only N units of every benchmark (questions, MMBench circular groups, "
+                          "MME image pairs), drawn at random stratum by stratum")),
     ("--fraction", dict(type=float, metavar="F", default=None,
                         help="only a fraction F of every benchmark's units, in every stratum")),
     ("--batch-size", dict(type=int, metavar="N", default=DEFAULT_BATCH_SIZE,
@@ -274,6 +277,12 @@ RUN_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
                           help="with --engine fast: rows handed to the engine at a time, grouped by "
                                "image (default: a whole benchmark); an interrupted run keeps every "
                                "finished row")),
+    ("--strict-data", dict(action="store_true", default=False,
+                           help="refuse, before any work, a TSV that is not the one the reference's "
+                                "numbers came from (VLMEvalKit's: md5, row count)")),
+    ("--allow-noncomparable", dict(action="store_true", default=False,
+                                   help="gate a run on such data anyway (without it the run fails, "
+                                        "saying why)")),
 )
 
 # Where reports go; not part of what a run computes, so not a RunConfig field.
@@ -387,12 +396,24 @@ def _load_data(config: RunConfig, root: Path, shard: tuple[int, int] | None
             missing[name] = f"{tsv} does not exist"
             continue
         full = load_benchmark_frame(bench, root)
+        if config.strict_data:
+            _refuse_noncomparable(config, name, full)
         selected = subset(full, bench, limit=config.limit, fraction=config.fraction, shard=shard)
         data[name] = _BenchmarkData(full=full, selected=selected, tsv=tsv)
     if not data:
         raise RunInputError(f"none of the benchmark TSVs is in {root}: "
                             + "; ".join(missing.values()))
     return data, missing
+
+
+def _refuse_noncomparable(config: RunConfig, benchmark: str, frame) -> None:
+    """--strict-data: a TSV that is not the reference's data is an input error, before any work."""
+    from lavender_checks.data import provenance
+    from lavender_checks.gate.verdicts import data_mismatch, load_reference
+
+    why = data_mismatch(load_reference(config.reference_path()), benchmark, provenance(frame))
+    if why:
+        raise RunInputError(f"--strict-data: {why}; its scores are not comparable with the reference")
 
 
 def _collect_generated(config: RunConfig, pair: Any, load_pair: Callable[[], Any] | None,
@@ -640,6 +661,8 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
         for v in VARIANTS:  # a file of another benchmark is refused, naming what it looks like
             check_signature(frames[v], benchmark, str(paths[v]))
         meta = _optional_meta(bench, meta_root)
+        if meta is not None and config.strict_data:
+            _refuse_noncomparable(config, benchmark, meta)
         whole = frames
         if config.limit is not None or config.fraction is not None:
             frames = {v: subset(f, bench, limit=config.limit, fraction=config.fraction)
@@ -819,6 +842,7 @@ class GateOutcome:
     reference: Any  # gate.Reference
     verdicts: list  # gate.Verdict, in the reference's order
     report: Path | None = None
+    noncomparable: dict = field(default_factory=dict)  # benchmark -> why its data is not the reference's
 
     @property
     def passed(self) -> bool:
@@ -840,11 +864,12 @@ class GateOutcome:
 def judge_run(run: RunResults, reference: Any = None) -> GateOutcome:
     """Verdicts of every reference row (``reference``: a loaded gate.Reference, else the
     run's reference file)."""
-    from lavender_checks.gate.verdicts import judge, load_reference
+    from lavender_checks.gate.verdicts import judge, load_reference, noncomparable
 
     reference = reference if reference is not None else load_reference(run.config.reference_path())
     return GateOutcome(reference, judge(reference, run.results, mode=run.config.gate_mode,
-                                          missing_reasons=run.missing))
+                                          missing_reasons=run.missing),
+                       noncomparable=noncomparable(reference, run.metadata))
 
 
 def write_run_report(run: RunResults, outcome: GateOutcome, *, reports_root: Path = REPORTS) -> Path:
@@ -1003,11 +1028,16 @@ def main(args) -> int:
     except input_errors() as exc:
         print(f"lavender-checks run: {exc}", file=sys.stderr)
         return 2
+    from lavender_checks.gate.verdicts import noncomparable_notice
+
     print(outcome.table())
     for benchmark, reason in run.missing.items():
         print(f"missing {benchmark}: {reason}")
     print(f"report: {path}")
-    return 0 if outcome.passed else 1
+    problems = outcome.noncomparable
+    if problems:  # last, where a reader looks first
+        print(noncomparable_notice(problems, config.allow_noncomparable))
+    return 0 if outcome.passed and (not problems or config.allow_noncomparable) else 1
 
 
 TINY_REFERENCE_DESCRIPTION = (

@@ -157,7 +157,8 @@ def gate_outcome(run_results, worker_barrier, pytestconfig) -> pipeline.GateOutc
     if worker_barrier is None or worker_barrier.claim("report"):
         pipeline.write_run_report(run_results, outcome, reports_root=pytestconfig.getoption("reports"))
         summary = {"table": outcome.table(), "report": str(outcome.report),
-                   "missing": dict(run_results.missing)}
+                   "missing": dict(run_results.missing), "noncomparable": dict(outcome.noncomparable),
+                   "allow_noncomparable": run_results.config.allow_noncomparable}
         pytestconfig.stash[_GATE_SUMMARY] = summary
         if hasattr(pytestconfig, "workeroutput"):
             pytestconfig.workeroutput[_WORKER_OUTPUT_KEY] = summary
@@ -184,3 +185,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for benchmark, reason in summary["missing"].items():
         terminalreporter.write_line(f"missing {benchmark}: {reason}")
     terminalreporter.write_line(f"report: {summary['report']}")
+    if summary.get("noncomparable"):  # last, where a reader looks first
+        from lavender_checks.gate.verdicts import noncomparable_notice
+
+        terminalreporter.write_line(noncomparable_notice(summary["noncomparable"],
+                                                         summary["allow_noncomparable"]), red=True)

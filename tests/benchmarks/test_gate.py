@@ -9,6 +9,10 @@ suite generated the predictions: the run could not compute it here (a TSV absent
 LMUData, a subset without that category), which says nothing about the model. With
 ``--from-vlmeval`` it fails instead: the folder was named as the evidence of a VLMEvalKit run,
 and a gate over it must not turn green on files that are not there.
+
+A benchmark whose TSV is not the data the reference's numbers came from (md5; see
+``gate.verdicts.noncomparable``) fails each of its cases with the reason, unless
+``--allow-noncomparable`` is given.
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ def pytest_generate_tests(metafunc):
 
 def _judge(outcome: pipeline.GateOutcome, config: pipeline.RunConfig, row_id: str, quantity: str):
     verdict = outcome.verdict(row_id, quantity)
+    why = outcome.noncomparable.get(verdict.benchmark)
+    if why and not config.allow_noncomparable:
+        # A verdict on other data says nothing about the report: no silent pass.
+        pytest.fail(f"NOT COMPARABLE with the reference: {why} (--allow-noncomparable gates it "
+                    f"anyway; --strict-data refuses it before any work)", pytrace=False)
     if verdict.status == "missing":
         if config.from_vlmeval is not None:
             pytest.fail(verdict.message(), pytrace=False)

@@ -101,10 +101,11 @@ def test_files_are_written(written):
 def test_markdown_has_the_seed_reports_sections(written, run_inputs):
     md = (written / "report.md").read_text(encoding="utf-8")
     headings = [line for line in md.splitlines() if line.startswith("## ")]
-    # Results first (as in the seed report), the run's details after them.
-    assert headings == ["## Overall comparison", "## ChartQA breakdown",
+    # Scope first (as reports/README.md lays it out), then the results.
+    assert headings == ["## Scope", "## Overall comparison", "## ChartQA breakdown",
                         "## MMBench (selected sub-scores, %)", "## MME", "## Verdicts",
-                        "## Every metric measured", "## Scope", "## Files"]
+                        "## Every metric measured", "## Files"]
+    assert "NOT COMPARABLE" not in md  # no data was described
     assert "`abc123`" in md and "`def456`" in md and "`f00d`" in md  # fingerprints and profile
     assert "lxasqjc/lavender-llama-3.2-11b-lora" in md  # the reference run's settings
     # Missing rows say so, and why.
@@ -127,11 +128,12 @@ def test_mme_rows_are_ranked_by_measured_gain(written, run_inputs):
             current = line.strip("*: ").split("**")[0]
         elif line.startswith("| ") and not line.startswith(("| Metric", "| ---")):
             gains.setdefault(current, []).append(float(line.split(" | ")[3]))
-    assert set(gains) <= {"Top increases", "Decreases"} and gains
+    assert set(gains) <= {"Top increases", "Decreases", "No change"} and gains
     for values in gains.values():
         assert values == sorted(values, reverse=True)
     assert all(g > 0 for g in gains.get("Top increases", []))
-    assert all(g <= 0 for g in gains.get("Decreases", []))
+    assert all(g < 0 for g in gains.get("Decreases", []))  # a +0.00 row is no decrease
+    assert all(g == 0 for g in gains.get("No change", []))
     assert sum(len(v) for v in gains.values()) == 12
 
 
@@ -213,3 +215,42 @@ def test_run_ids_sort_by_time_and_do_not_collide():
     a, b, c = new_run_id(t0), new_run_id(t0), new_run_id(t1)
     assert re.fullmatch(r"20261127-090501-[0-9a-f]{8}", a)
     assert a != b and max(a, b) < c
+
+
+def test_an_unchanged_mme_row_is_listed_as_no_change(run_inputs, tmp_path):
+    reference, _, results, metadata, _ = run_inputs
+    same = dict(results)
+    same["MME"] = {"base": results["MME"]["base"], "lavender": results["MME"]["base"]}
+    verdicts = judge(reference, same, n_resamples=N_RESAMPLES)
+    md = (write_report(tmp_path, None, reference, verdicts, same, metadata) / "report.md").read_text()
+    section = md.split("## MME\n", 1)[1].split("\n## ", 1)[0]
+    assert "**Decreases**" not in section and "**No change**:" in section
+    assert "+0.00 |" in section.split("**No change**:", 1)[1]
+
+
+def test_data_that_is_not_the_references_is_said_first(run_inputs, tmp_path):
+    """Issue 12 item 3: a TSV that is not VLMEvalKit's opens report.md and report.json says so."""
+    reference, verdicts, results, metadata, _ = run_inputs
+    data = {"ChartQA_TEST": {"tsv": "/data/ChartQA_TEST.tsv", "md5": "0" * 32,
+                             "md5_expected": "c902e0aa9be5582a7aad6dcf52734b42", "rows_in_file": 2499,
+                             "rows_expected": 2500}}
+    written = write_report(tmp_path, None, reference, verdicts, results, {**metadata, "data": data})
+    md = (written / "report.md").read_text(encoding="utf-8")
+    lines = md.splitlines()
+    assert lines[2].startswith("> **NOT COMPARABLE with the reference: its verdicts do not test")
+    assert "/data/ChartQA_TEST.tsv is not VLMEvalKit's ChartQA_TEST TSV: md5 0000" in lines[4]
+    assert "2499 rows (VLMEvalKit's has 2500)" in lines[4]
+    summary = json.loads((written / "report.json").read_text())["summary"]
+    assert summary["comparable"] is False and "ChartQA_TEST" in summary["noncomparable"]
+    allowed = {**metadata, "data": data, "config": {"allow_noncomparable": True}}
+    md = (write_report(tmp_path, None, reference, verdicts, results, allowed) / "report.md").read_text()
+    assert "--allow-noncomparable was given" in md.splitlines()[2]
+
+
+def test_percent_bands_never_go_below_zero(run_inputs):
+    _, verdicts, _, _, _ = run_inputs
+    for v in verdicts:
+        if v.band is not None and v.quantity != "gain":
+            assert v.band[0] >= 0, v.message()
+        if v.band is not None and v.metric_unit == "percent" and v.quantity != "gain":
+            assert v.band[1] <= 100, v.message()
