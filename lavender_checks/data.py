@@ -409,6 +409,14 @@ def load_benchmark_frame(
         rows_without_image = int((~keep).sum())
         frame = frame[keep].reset_index(drop=True)
     index_text = _normalise_index(frame, read_from)
+    if not pd.api.types.is_integer_dtype(frame["index"]):
+        # VLMEvalKit would keep string indices, but the four benchmarks' files have integer
+        # ones and their scorers need them: refused here, naming the file, before any model.
+        bad = [p for p, text in enumerate(index_text) if not _INT_LIKE.fullmatch(text)]
+        raise DataError(
+            f"{read_from}: column 'index' holds {index_text[bad[0]]!r} in data row "
+            f"{_data_row_numbers(bad[:1])}, not an integer ({len(bad)} such row(s)); "
+            f"VLMEvalKit's {spec.name} file indexes rows by integers")
     owners = _resolve_references(frame, index_text, read_from) if "image" in frame.columns else {}
     if localized == "emulated":
         folder = root_path / "images" / Path(spec.tsv).stem

@@ -4,7 +4,7 @@ that the adapter really loaded.
 ``load_pair(base, adapter)`` returns a ``ModelPair``: one ``MllamaForConditionalGeneration``
 wrapped by peft, so that the base variant is the same model inside ``disable_adapter()``.
 Nothing from a model folder is ever executed: no ``trust_remote_code``, and weights are read
-from safetensors only unless ``allow_pickle=True``.
+from safetensors only (``allow_pickle=True`` of the Python API aside; no command offers it).
 
 Why the checks are this strict: peft only *warns* about adapter keys that match no module
 ("Found missing adapter keys") and drops unexpected keys silently, and transformers 4.52
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import struct
 import warnings
@@ -66,6 +67,11 @@ _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 BASE_VARIANT = "base"
 LAVENDER_VARIANT = "lavender"
 VARIANTS = (BASE_VARIANT, LAVENDER_VARIANT)
+
+
+class AdapterBaseWarning(UserWarning):
+    """The adapter's config names a base model that does not look like the one loaded."""
+
 
 class ModelLoadError(RuntimeError):
     """A model or adapter folder that cannot be used as it is; the message says why."""
@@ -249,6 +255,12 @@ def _check_base_folder(base: Path, allow_pickle: bool) -> _Weights:
     if weights.safetensors:
         for path in weights.files:
             read_safetensors_header(path)
+    if not (base / "tokenizer.json").is_file():
+        # Without it transformers falls back to a sentencepiece path and fails with a text
+        # about sentencepiece that names no file.
+        raise ModelLoadError(
+            f"{base} has no tokenizer.json: the Llama 3.2 Vision tokenizer is read from that file "
+            "(it is in the model's Hugging Face repository, next to config.json); copy it there")
     return weights
 
 
@@ -271,8 +283,9 @@ def _find_weight_files(folder: Path, allow_pickle: bool) -> _Weights:
         if not allow_pickle:
             raise ModelLoadError(
                 f"{folder} has only pickle weights ({pickles[0].name}); loading pickle files can execute "
-                "code, so only safetensors are read. Convert the weights to safetensors, or pass "
-                "allow_pickle=True if you trust the files."
+                "code, so only safetensors are read. Convert them once, where you trust the files: "
+                "load the folder with transformers and save_pretrained() it (safetensors is its "
+                "default format), or take the safetensors files from the model's Hugging Face repository."
             )
         return _Weights(tuple(pickles), False)
     raise ModelLoadError(f"{folder} has no model weights (model.safetensors or model.safetensors.index.json)")
@@ -402,6 +415,7 @@ def _load_processor(base: Path):
 
 def _attach_adapter(pair: ModelPair, folder: Path, allow_pickle: bool, check_logits: bool) -> None:
     weights_file = _check_adapter_folder(folder, allow_pickle)
+    _warn_if_adapter_names_another_base(folder, pair)
     pair.adapter_fingerprint = _fingerprint_adapter(folder, weights_file)
     tensors = _load_adapter_tensors(weights_file)
     module_names = {name for name, _ in pair.model.named_modules()}
@@ -416,6 +430,11 @@ def _attach_adapter(pair: ModelPair, folder: Path, allow_pickle: bool, check_log
     pair.lora_modules_by_tower = count_by_tower(loaded)
     if check_logits:
         change = adapter_logit_change(pair)
+        if not math.isfinite(change):
+            raise ModelLoadError(
+                f"{folder}: with the adapter the logits of a fixed input are not finite "
+                f"(max |difference| = {change}): its weights overflow in {pair.dtype}; "
+                "try --dtype float32, or export the adapter again")
         if not change > 0.0:
             raise ModelLoadError(
                 f"{folder}: the adapter loads but does not change the logits on a fixed input "
@@ -437,7 +456,10 @@ def _check_adapter_folder(folder: Path, allow_pickle: bool) -> Path:
         if not allow_pickle:
             raise ModelLoadError(
                 f"{folder} has only a pickle adapter ({pickle_file.name}); loading pickle files can execute "
-                "code, so only safetensors are read. Convert it, or pass allow_pickle=True if you trust it."
+                "code, so only safetensors are read. Convert it once, where you trust the file: "
+                f"python -c \"import torch; from safetensors.torch import save_file; "
+                f"save_file(torch.load('{pickle_file}', weights_only=True), "
+                f"'{folder / 'adapter_model.safetensors'}')\""
             )
         return pickle_file
     raise ModelLoadError(f"{folder} has no adapter weights (adapter_model.safetensors)")
@@ -469,7 +491,41 @@ def _load_adapter_tensors(weights_file: Path) -> dict:
     bad = [key for key in tensors if not key.startswith("base_model.")]
     if bad:
         raise ModelLoadError(f"{weights_file}: keys without peft's 'base_model.' prefix, e.g. {bad[:3]}")
+    broken = [key for key, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if broken:
+        raise ModelLoadError(
+            f"{weights_file}: {len(broken)} of {len(tensors)} adapter tensors hold NaN or infinite "
+            f"values (e.g. {broken[:3]}): the adapter is broken (a diverged training run, or a "
+            "failed export); export it again from a good checkpoint")
     return tensors
+
+
+# A model size in a name: "Llama-3.1-8B" -> 8, "Llama-3.2-11B-Vision-Instruct" -> 11.
+_SIZE_IN_NAME = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)b(?![a-z])", re.IGNORECASE)
+
+
+def _warn_if_adapter_names_another_base(folder: Path, pair: ModelPair) -> None:
+    """adapter_config.json's base_model_name_or_path is only a name (folders get renamed), so a
+    mismatch warns, naming both: a size in the name that is not the loaded model's, or a Llama
+    that is not a Vision one (the base is always Mllama)."""
+    name = _read_json(folder / "adapter_config.json").get("base_model_name_or_path")
+    if not isinstance(name, str) or not name.strip():
+        return
+    last = name.rstrip("/").split("/")[-1].lower()
+    if last == pair.base_path.name.lower():
+        return
+    billions = sum(p.numel() for p in pair.model.parameters()) / 1e9
+    reasons = []
+    size = _SIZE_IN_NAME.search(last)
+    if size and abs(float(size.group(1)) - billions) > 0.25 * max(float(size.group(1)), billions):
+        reasons.append(f"a {size.group(1)}B model, while the base has {billions:.1f}B parameters")
+    if "llama" in last and not any(word in last for word in ("vision", "mllama")):
+        reasons.append("a Llama without Vision, while the base is Mllama (Llama 3.2 Vision)")
+    if reasons:
+        warnings.warn(
+            f"{folder / 'adapter_config.json'}: base_model_name_or_path is {name!r} "
+            f"({'; '.join(reasons)}), but the base model loaded is {pair.base_path}: the adapter "
+            "may have been trained for another model", AdapterBaseWarning, stacklevel=4)
 
 
 def _module_of(key: str) -> str:

@@ -171,7 +171,23 @@ def read_prediction_file(path: str | os.PathLike) -> pd.DataFrame:
         raise PredictionFileError(
             f"{path}: no {' or '.join(repr(c) for c in missing)} column; columns found: "
             f"{', '.join(map(str, frame.columns)) or '(none)'}")
+    _check_integer_index(frame, path)
     return frame
+
+
+def _check_integer_index(frame: pd.DataFrame, path: Path) -> None:
+    """The four benchmarks index rows by integers (MMBench's circular copies by main + k·1e6);
+    a file whose index is not one is named here, not by a scorer that knows no file."""
+    if pd.api.types.is_integer_dtype(frame["index"]):
+        return
+    for position, value in enumerate(frame["index"].tolist()):
+        if isinstance(value, bool) or not (
+                isinstance(value, (int, np.integer))
+                or (isinstance(value, (float, np.floating)) and float(value).is_integer())
+                or (isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value))):
+            raise PredictionFileError(
+                f"{path}: data row {position + 1} column 'index' holds {value!r}, not an integer "
+                "(VLMEvalKit's DocVQA, ChartQA, MMBench and MME files index rows by integers)")
 
 
 # --------------------------------------------------------------------------------------

@@ -116,8 +116,9 @@ def test_pickle_weights_need_allow_pickle(tiny_checkpoints, tmp_path):
 
     torch.save(load_file(base / "model.safetensors"), base / "pytorch_model.bin")
     (base / "model.safetensors").unlink()
-    with pytest.raises(ModelLoadError, match="allow_pickle=True"):
+    with pytest.raises(ModelLoadError, match="only safetensors are read. Convert them once") as err:
         load_pair(base)
+    assert "allow_pickle" not in str(err.value)  # no command offers it
     pair = load_pair(base, tiny_checkpoints.adapter, allow_pickle=True)
     assert pair.lora_modules_applied == 14
 
@@ -213,8 +214,10 @@ def test_pickle_adapter_needs_allow_pickle(tiny_checkpoints, tmp_path):
     adapter = _copy(tiny_checkpoints.adapter, tmp_path / "adapter")
     torch.save(load_file(adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
     (adapter / "adapter_model.safetensors").unlink()
-    with pytest.raises(ModelLoadError, match="allow_pickle=True"):
+    with pytest.raises(ModelLoadError, match="only safetensors are read. Convert it once") as err:
         load_pair(tiny_checkpoints.base, adapter)
+    assert "allow_pickle" not in str(err.value)  # no command offers it
+    assert f"save_file(torch.load('{adapter / 'adapter_model.bin'}', weights_only=True)" in str(err.value)
     assert load_pair(tiny_checkpoints.base, adapter, allow_pickle=True).lora_modules_applied == 14
 
 
@@ -241,3 +244,47 @@ def test_base_fingerprint_tells_apart_checkpoints_that_differ_only_in_weight_val
     same = load_pair(tiny_checkpoints.base, device="cpu", check_logits=False).base_fingerprint
     assert load_pair(tiny_checkpoints.base, device="cpu", check_logits=False).base_fingerprint == same
     assert load_pair(copy, device="cpu", check_logits=False).base_fingerprint != same
+
+
+# ------------------------------------------------------------ issue 12 item 13: clear messages
+
+
+def test_adapter_with_nan_weights_says_so(tiny_checkpoints, tmp_path):
+    adapter = tiny._rewrite_adapter(tiny_checkpoints.adapter, tmp_path / "nan", lambda key: key,
+                                    lambda key, t: t.fill_(float("nan")) if ".lora_B." in key else t)
+    with pytest.raises(ModelLoadError, match="adapter tensors hold NaN or infinite values") as err:
+        load_pair(tiny_checkpoints.base, adapter)
+    assert str(adapter / "adapter_model.safetensors") in str(err.value)
+    assert "lora_B" in str(err.value) and "export it again" in str(err.value)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("meta-llama/Llama-3.1-8B", "a 8B model, while the base has 0.0B parameters; a Llama without Vision"),
+    ("meta-llama/Llama-3.2-90B-Vision-Instruct", "a 90B model"),
+])
+def test_adapter_naming_another_base_model_warns_naming_both(tiny_checkpoints, tmp_path, name, expected):
+    adapter = _copy(tiny_checkpoints.adapter, tmp_path / "adapter")
+    _edit_json(adapter / "adapter_config.json", base_model_name_or_path=name)
+    with pytest.warns(UserWarning, match="base_model_name_or_path") as caught:
+        load_pair(tiny_checkpoints.base, adapter)
+    text = str(caught[0].message)
+    assert repr(name) in text and expected in text and str(tiny_checkpoints.base) in text
+
+
+def test_adapter_naming_its_own_base_does_not_warn(tiny_checkpoints, tmp_path):
+    import warnings
+
+    adapter = _copy(tiny_checkpoints.adapter, tmp_path / "adapter")
+    _edit_json(adapter / "adapter_config.json", base_model_name_or_path="some/place/base")  # the folder's name
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        load_pair(tiny_checkpoints.base, adapter)
+        load_pair(tiny_checkpoints.base, tiny_checkpoints.adapter)  # "tiny-mllama"
+
+
+def test_missing_tokenizer_json_names_the_folder(tiny_checkpoints, tmp_path):
+    base = _copy(tiny_checkpoints.base, tmp_path / "base")
+    (base / "tokenizer.json").unlink()
+    with pytest.raises(ModelLoadError, match="has no tokenizer.json") as err:
+        load_pair(base)
+    assert str(base) in str(err.value) and "sentencepiece" not in str(err.value)

@@ -167,9 +167,12 @@ def test_pandas_na_tokens_become_nan_and_rows_without_image_are_dropped(tmp_path
     assert data.provenance(loaded)["rows_in_file"] == 3
 
 
-def test_int_like_string_indices_become_int_and_others_stay_strings(tmp_path):
-    write_tsv(tmp_path, "DocVQA_VAL.tsv", vqa_frame([b64(picture())] * 2, indices=["5", "x7"]))
-    assert load_quietly("DocVQA_VAL", tmp_path)["index"].tolist() == ["5", "x7"]
+def test_int_like_string_indices_become_int_and_others_are_refused_naming_the_file(tmp_path):
+    path = write_tsv(tmp_path, "DocVQA_VAL.tsv", vqa_frame([b64(picture())] * 2, indices=["5", "x7"]))
+    # VLMEvalKit would keep them as strings; the scorers need integers: refused at load.
+    with pytest.raises(data.DataError, match="column 'index' holds 'x7' in data row 2, not an integer") as err:
+        load_quietly("DocVQA_VAL", tmp_path)
+    assert str(path) in str(err.value)
     write_tsv(tmp_path, "DocVQA_VAL.tsv", vqa_frame([b64(picture())] * 2, indices=[5, 12]))
     loaded = load_quietly("DocVQA_VAL", tmp_path)
     assert loaded["index"].tolist() == [5, 12]

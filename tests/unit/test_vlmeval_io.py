@@ -206,3 +206,14 @@ def test_find_reports_where_it_looked(tmp_path):
     message = str(info.value)
     assert "m_MME.{xlsx,tsv,csv,json,jsonl}" in message
     assert str(run) in message and str(tmp_path / "m") in message
+
+
+@pytest.mark.parametrize("suffix", [".xlsx", ".tsv", ".json"])
+def test_an_index_that_is_not_an_integer_names_the_file(tmp_path, suffix):
+    frame = pd.DataFrame({"index": ["0", "1", "x2"], "prediction": ["a", "b", "c"]})
+    path = write_prediction_file(frame, tmp_path / f"m_ChartQA_TEST{suffix}")
+    with pytest.raises(PredictionFileError) as err:
+        read_prediction_file(path)
+    assert str(err.value).startswith(f"{path}: data row 3 column 'index' holds 'x2', not an integer")
+    ok = write_prediction_file(frame.iloc[:2], tmp_path / f"ok{suffix}")
+    assert read_prediction_file(ok)["index"].tolist() == [0, 1]
