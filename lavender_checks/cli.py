@@ -1,5 +1,9 @@
-"""The `lavender-checks` command. Each subcommand lives in its own module, imported lazily
-so that `score` never pays for importing torch."""
+"""Regression gate for Llama-3.2-11B-Vision-Instruct with and without the Lavender LoRA
+adapter, scored as VLMEvalKit scores DocVQA_VAL, ChartQA_TEST, MMBench_DEV_EN and MME.
+With no options, `lavender-checks run` gates the built-in tiny pair on the mini benchmarks."""
+
+# Each subcommand lives in its own module, imported lazily so that `score` never pays for
+# importing torch.
 
 from __future__ import annotations
 

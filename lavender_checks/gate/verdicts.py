@@ -694,8 +694,9 @@ def noncomparable_notice(problems: Mapping[str, str], allowed: bool) -> str:
     return "\n".join(lines)
 
 
-def summary_table(verdicts: list[Verdict]) -> str:
-    """Fixed-width text for the terminal: one line per verdict, then the counts."""
+def summary_table(verdicts: list[Verdict], only_problems: bool = False) -> str:
+    """Fixed-width text for the terminal: one line per verdict (``only_problems``: per verdict
+    that did not pass, e.g. under --quiet), then the counts."""
     def num(v: float | None, signed: bool) -> str:
         if v is None:
             return "-"
@@ -704,6 +705,8 @@ def summary_table(verdicts: list[Verdict]) -> str:
     header = ("row", "quantity", "measured", "reported", "band", "n", "status")
     lines = []
     for v in verdicts:
+        if only_problems and v.status == "pass":
+            continue
         signed = v.quantity == "gain"
         if v.band is None:
             band = "-"
@@ -723,7 +726,8 @@ def summary_table(verdicts: list[Verdict]) -> str:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w)
                          for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
-    out = [fmt(header), fmt(["-" * w for w in widths])] + [fmt(cells) for cells in lines]
+    out = ([fmt(header), fmt(["-" * w for w in widths])] + [fmt(cells) for cells in lines]
+           if lines or not only_problems else [])
     counts = {s: sum(v.status == s for v in verdicts) for s in STATUSES}
     modes = sorted({v.mode for v in verdicts})
     out.append(f"{counts['pass']} pass, {counts['fail']} fail, {counts['missing']} missing"

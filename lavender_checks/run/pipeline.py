@@ -855,10 +855,10 @@ class GateOutcome:
                 return verdict
         raise KeyError(f"no verdict for {row_id} {quantity} (reference {self.reference.path})")
 
-    def table(self) -> str:
+    def table(self, only_problems: bool = False) -> str:
         from lavender_checks.gate.verdicts import summary_table
 
-        return summary_table(self.verdicts)
+        return summary_table(self.verdicts, only_problems=only_problems)
 
 
 def judge_run(run: RunResults, reference: Any = None) -> GateOutcome:
@@ -987,7 +987,8 @@ def _repo_relative(path: Path) -> str:
 
 def add_arguments(parser) -> None:
     add_run_options(parser.add_argument)
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (transformers' included); only the verdicts that did not pass")
     parser.add_argument("--write-reference", type=Path, metavar="FILE", default=None,
                         help="record this run's numbers as a reference file (the rows of --reference, "
                              "default seed-report.toml) instead of gating it")
@@ -1008,6 +1009,15 @@ def input_errors() -> tuple[type[BaseException], ...]:
             ModelLoadError, PredictionStoreError, ProfileError, PredictionFileError)
 
 
+def _quiet_library_progress() -> None:
+    """--quiet: transformers' and huggingface_hub's progress bars (loading weights) off too."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when they are first imported
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
 def main(args) -> int:
     try:
         config = config_from_options(lambda dest: getattr(args, dest))
@@ -1016,6 +1026,8 @@ def main(args) -> int:
         return 2
     if not args.quiet:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+    else:
+        _quiet_library_progress()
     if args.write_reference is not None:
         return _record_reference(config, args)
     try:
@@ -1030,7 +1042,7 @@ def main(args) -> int:
         return 2
     from lavender_checks.gate.verdicts import noncomparable_notice
 
-    print(outcome.table())
+    print(outcome.table(only_problems=args.quiet))
     for benchmark, reason in run.missing.items():
         print(f"missing {benchmark}: {reason}")
     print(f"report: {path}")
