@@ -287,7 +287,7 @@ def test_gate_fails_only_the_rows_whose_gain_was_removed(tmp_path, seed_frames):
 def test_a_subset_of_a_reproducing_run_passes(seed_run, pick):
     """Issue 12 item 1: the files are the whole benchmark (no LMUData here), so a subset's
     bands account for the rows it did not score."""
-    run, outcome = gate(seed_run, **pick)
+    _, outcome = gate(seed_run, **pick)
     failing = [v.message() for v in outcome.verdicts if v.status != "pass"]
     assert failing == []
     assert all(v.subset for v in outcome.verdicts)
@@ -296,7 +296,7 @@ def test_a_subset_of_a_reproducing_run_passes(seed_run, pick):
 def test_a_removed_gain_still_fails_on_half_the_files(tmp_path, seed_frames):
     frames = {"ChartQA_TEST": dict(seed_frames["ChartQA_TEST"])}
     frames["ChartQA_TEST"]["lavender"] = frames["ChartQA_TEST"]["base"]
-    run, outcome = gate(write_run(tmp_path / "outputs", frames), benchmarks=("ChartQA_TEST",),
+    _, outcome = gate(write_run(tmp_path / "outputs", frames), benchmarks=("ChartQA_TEST",),
                         fraction=0.5)
     chartqa = [v for v in outcome.verdicts if v.benchmark == "ChartQA_TEST"]
     assert {(v.quantity, v.status) for v in chartqa} == {("base", "pass"), ("lavender", "fail"),

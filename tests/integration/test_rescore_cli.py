@@ -172,7 +172,7 @@ def test_registered_in_the_cli():
 MINI = REPO_ROOT / "fixtures" / "lmudata-mini"
 
 
-def _mini_predictions(tmp_path, benchmark: str, **edits) -> "Path":
+def _mini_predictions(tmp_path, benchmark: str, **edits):
     """A VLMEvalKit prediction file of the mini benchmark (its TSV, answers as predictions)."""
     frame = pd.read_csv(MINI / f"{benchmark}.tsv", sep="\t").drop(columns=["image"])
     frame["prediction"] = frame["answer"].astype(str)

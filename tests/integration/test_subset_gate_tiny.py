@@ -31,7 +31,7 @@ def _gate(store, tiny_pair, **pick):
 @pytest.mark.parametrize("pick", [dict(limit=n) for n in (1, 2, 3, 5, 8, 13, 20)]
                          + [dict(fraction=f) for f in (0.1, 0.25, 0.5, 0.75)], ids=str)
 def test_the_tiny_pair_passes_its_reference_on_any_subset(store, tiny_pair, pick):
-    run, outcome = _gate(store, tiny_pair, **pick)
+    _, outcome = _gate(store, tiny_pair, **pick)
     failing = [v.message() for v in outcome.verdicts if v.status != "pass"]
     assert failing == []
     assert any(v.subset for v in outcome.verdicts)

@@ -167,7 +167,7 @@ def test_bad_inputs_are_explained():
 
 # ------------------------------------------------------------------ subsets of a benchmark
 
-from lavender_checks.gate.bootstrap import subset_sampling  # noqa: E402
+from lavender_checks.gate.bootstrap import subset_sampling
 
 
 def _mean_form(values):
