@@ -77,7 +77,7 @@ class RunConfig:
     profile: str = DEFAULT_PROFILE
     reference: Path | None = None  # None: tiny-mini.toml for the tiny pair, else seed-report.toml
     gate_mode: str = "reproduce"
-    limit: int | None = None  # the first N resampling units of every benchmark (data.subset)
+    limit: int | None = None  # N resampling units of every benchmark, drawn per stratum (data.subset)
     fraction: float | None = None  # a fraction of every benchmark's units, per stratum
     batch_size: int = DEFAULT_BATCH_SIZE
     store: Path | None = None  # None: the prediction store's default folder
