@@ -34,6 +34,9 @@ from lavender_checks.run import pipeline
 
 _GATE_SUMMARY = pytest.StashKey[dict]()
 _WORKER_OUTPUT_KEY = "lavender_gate"
+_SNAPSHOT_ACCOUNTS = pytest.StashKey[list]()
+_SNAPSHOT_OUTPUT_KEY = "lavender_snapshots"
+_SNAPSHOT_DIFF = pytest.StashKey[str]()
 
 
 # ----------------------------------------------------------------------------- GPUs and xdist
@@ -165,15 +168,44 @@ def gate_outcome(run_results, worker_barrier, pytestconfig) -> pipeline.GateOutc
     return outcome
 
 
+def _snapshot_accounts(config: pytest.Config) -> list:
+    if _SNAPSHOT_ACCOUNTS not in config.stash:
+        config.stash[_SNAPSHOT_ACCOUNTS] = []
+    return config.stash[_SNAPSHOT_ACCOUNTS]
+
+
+@pytest.fixture(scope="session")
+def snapshot_accounts(pytestconfig) -> list:
+    """Where the snapshot cases put their accounts (gate.snapshots.compare); at the end of the
+    session they go to reports/<run-id>/snapshot-diff.md and .json."""
+    accounts = _snapshot_accounts(pytestconfig)
+    if hasattr(pytestconfig, "workeroutput"):
+        pytestconfig.workeroutput[_SNAPSHOT_OUTPUT_KEY] = accounts
+    return accounts
+
+
 # ----------------------------------------------------------------------------- terminal summary
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error):
-    """Controller: keep the summary of the worker that wrote the report."""
+    """Controller: keep the summary of the worker that wrote the report, and every worker's
+    snapshot accounts."""
     summary = getattr(node, "workeroutput", {}).get(_WORKER_OUTPUT_KEY)
     if summary is not None:
         node.config.stash[_GATE_SUMMARY] = summary
+    _snapshot_accounts(node.config).extend(getattr(node, "workeroutput", {}).get(_SNAPSHOT_OUTPUT_KEY, []))
+
+
+def pytest_sessionfinish(session):
+    """The snapshot accounts of the whole session, into the run's report folder."""
+    config = session.config
+    summary, accounts = config.stash.get(_GATE_SUMMARY, None), config.stash.get(_SNAPSHOT_ACCOUNTS, None)
+    if hasattr(config, "workeroutput") or not accounts or summary is None or not summary.get("report"):
+        return
+    from lavender_checks.gate.snapshots import write_account
+
+    config.stash[_SNAPSHOT_DIFF] = str(write_account(summary["report"], accounts)[0])
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -185,6 +217,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for benchmark, reason in summary["missing"].items():
         terminalreporter.write_line(f"missing {benchmark}: {reason}")
     terminalreporter.write_line(f"report: {summary['report']}")
+    if _SNAPSHOT_DIFF in config.stash:
+        terminalreporter.write_line(f"snapshot diff: {config.stash[_SNAPSHOT_DIFF]}")
     if summary.get("noncomparable"):  # last, where a reader looks first
         from lavender_checks.gate.verdicts import noncomparable_notice
 

@@ -1,0 +1,91 @@
+"""The benchmark snapshots through syrupy: the file format and the review of one case.
+
+``BenchmarkSnapshotExtension`` is syrupy's JSON extension with ``snapshots.dumps`` as its
+serializer (fixed key order, one row per line; still a ``.json`` file where syrupy puts one).
+``review`` compares through syrupy itself, so ``--snapshot-update``, the ``snapshot report
+summary`` and unused-snapshot detection behave as for any syrupy snapshot, and returns the
+account of what changed instead of syrupy's text diff. Uses only what syrupy has had since
+4.x: ``SnapshotAssertion.__eq__``, ``.executions`` (``AssertionResult.recalled_data``,
+``.created``, ``.updated``, ``.exception``), ``.update_snapshots``, ``.test_location``,
+``.index`` and the extension's ``get_location``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from syrupy.extensions.json import JSONSnapshotExtension
+
+from lavender_checks.gate import snapshots
+from lavender_checks.gate.snapshots import Current
+
+__all__ = ["BenchmarkSnapshotExtension", "Review", "review"]
+
+
+class BenchmarkSnapshotExtension(JSONSnapshotExtension):
+    """JSON written by ``snapshots.dumps``; syrupy's include/exclude/matcher do not apply."""
+
+    def serialize(self, data: Any, **_options: Any) -> str:
+        return snapshots.dumps(data)
+
+
+@dataclass
+class Review:
+    account: dict[str, Any] | None  # None: nothing to account for (no snapshot, no result)
+    outcome: str  # "pass", "fail" or "skip"
+    message: str = ""
+
+    def settle(self) -> None:
+        """Pass, or end the test: a failure prints the account, nothing else."""
+        if self.outcome == "fail":
+            pytest.fail(self.message, pytrace=False)
+        if self.outcome == "skip":
+            pytest.skip(self.message)
+
+
+def review(assertion: Any, current: Current | None, *, verdicts: list[dict[str, Any]] = (),
+           case: str = "", missing_reason: str = "", report: Path | None = None) -> Review:
+    """Match ``current`` (this run's snapshot of one benchmark; None when the run has no result
+    for it) against the accepted file through ``assertion`` (syrupy's ``snapshot`` fixture with
+    ``BenchmarkSnapshotExtension``), and account for any difference.
+
+    report: the run's report folder, named in a failure message (None: not known here)."""
+    settings = snapshots.SETTINGS
+    location = str(assertion.extension.get_location(test_location=assertion.test_location,
+                                                    index=assertion.index))
+    shown = Path(location).relative_to(Path.cwd()) if Path(location).is_relative_to(Path.cwd()) else location
+    where = f"{report}/snapshot-diff.md" if report is not None else "snapshot-diff.md in the run's report folder"
+    if current is None:
+        # Nothing to assert: a skipped case keeps its file (syrupy does not call it unused).
+        path = Path(location)
+        if not path.is_file():
+            return Review(None, "skip", f"no result and no accepted snapshot: {missing_reason}")
+        accepted = snapshots.parse(path.read_text(encoding="utf-8"), location)
+        account = snapshots.compare(accepted, None, case=case, location=str(shown), missing_reason=missing_reason)
+        if assertion.update_snapshots:
+            return Review(account, "skip", f"{missing_reason}; its accepted snapshot {shown} is kept "
+                                           "(delete it by hand if the benchmark is gone for good)")
+        return Review(account, "fail", snapshots.markdown([account], rows_per_group=settings.message_rows)
+                      + f"\nfull account: {where}")
+
+    matched = assertion == current.snapshot
+    result = assertion.executions[max(assertion.executions)]
+    if result.exception is not None:
+        raise result.exception
+    recalled = result.recalled_data
+    accepted = snapshots.parse(recalled, location) if recalled is not None else None
+    account = snapshots.compare(accepted, current, verdicts=verdicts, case=case, location=str(shown))
+    if result.created:
+        account["status"] = "created"
+    elif result.updated and account["status"] == "unchanged":
+        # The same content in another layout (e.g. an older format): rewritten, nothing to review.
+        account["notes"].append("rewritten in the current format; no content changed")
+    elif result.updated:
+        account["status"] = "updated"
+    if matched:
+        return Review(account, "pass")
+    return Review(account, "fail", snapshots.markdown([account], rows_per_group=settings.message_rows)
+                  + f"\nfull account: {where}; accept with --snapshot-update after review")
