@@ -355,6 +355,14 @@ def _row_kind(accepted: tuple[Any, Any] | None, now: tuple[Any, Any] | None) -> 
     return None
 
 
+def _accepted_text(canary: Mapping[str, Any] | None, variant: str, row: tuple[Any, Any] | None) -> str | None:
+    """The accepted full answer where the canary kept it and it is the one the digest names."""
+    if canary is None or row is None or canary.get(variant) is None:
+        return None
+    text = canary[variant]
+    return text if row[1] is None or digest(text, len(row[1])) == row[1] else None
+
+
 def compare(accepted: Mapping[str, Any] | None, current: Current | None, *,
             verdicts: Iterable[Mapping[str, Any]] = (), case: str = "", location: str = "",
             missing_reason: str = "") -> dict[str, Any]:
@@ -417,7 +425,7 @@ def compare(accepted: Mapping[str, Any] | None, current: Current | None, *,
                     "index": index, "variant": variant,
                     "group": current.groups.get(index, (a_canary or {}).get("group", "")),
                     "question": current.questions.get(index, (a_canary or {}).get("question", "")),
-                    "accepted_answer": a_canary.get(variant) if a_canary else None,
+                    "accepted_answer": _accepted_text(a_canary, variant, a),
                     "accepted_digest": a[1] if a else None, "accepted_score": a[0] if a else None,
                     "new_answer": current.answers[variant].get(index) if n else None,
                     "new_digest": n[1] if n else None, "new_score": n[0] if n else None,
