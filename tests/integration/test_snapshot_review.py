@@ -39,16 +39,21 @@ def run_results():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> pipeline.RunResults:
-    """The built-in tiny pair on the mini MME, as the gate computes it."""
-    config = pipeline.RunConfig(benchmarks=("MME",), store=tmp_path_factory.mktemp("snapshot-review-store"))
-    return pipeline.collect_results(config, progress=False)
+def tiny_run() -> pipeline.RunResults:
+    """The built-in tiny pair on the mini MME, as the gate computes it (through the default
+    prediction store, which the gate's own run of tests/benchmarks fills too)."""
+    return pipeline.collect_results(pipeline.RunConfig(benchmarks=("MME",)), progress=False,
+                                    writer="snapshot-review")
 
 
 @pytest.fixture
-def suite(pytester, tiny_run, tmp_path):
+def suite(pytester, tiny_run, tmp_path, monkeypatch):
     """A copy of the snapshot gate; ``run(results, *args)`` runs it on ``results`` (default: the
     tiny run) and returns (pytester result, the run's report folder)."""
+    # When this suite runs under xdist, the inner session must not take itself for a worker
+    # (the plugin and syrupy read these).
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)
     pytester.makeconftest("")  # replaced by run()
     shutil.copy(REPO_ROOT / "tests" / "benchmarks" / "test_snapshots.py", pytester.path / "test_snapshots.py")
     shutil.copytree(SNAPSHOTS, pytester.path / "__snapshots__" / "test_snapshots")

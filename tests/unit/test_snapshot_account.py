@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -208,3 +209,14 @@ def test_row_scores_keep_integers_short_and_fractions_rounded():
     assert snapshots._row_score(1.0, 4) == 1 and isinstance(snapshots._row_score(1.0, 4), int)
     assert snapshots._row_score(0.123456, 4) == 0.1235 and snapshots._row_score(np.nan, 4) is None
     assert snapshots._row_score(-0.0, 4) == 0
+
+
+def test_no_accepted_file_and_no_result_read_as_what_to_do():
+    base, lavender, preds = _pair()
+    current = _snap(base, lavender, preds)
+    new = compare(None, current)
+    assert new["status"] == "new" and "--snapshot-update" in snapshots.markdown([new])
+    removed = compare(json.loads(dumps(current.snapshot)), None, missing_reason="/x/B.tsv does not exist")
+    text = snapshots.markdown([removed])
+    assert text.startswith("### B: removed from the run") and "/x/B.tsv does not exist" in text
+    assert "| Overall | 50.00 → — |" in re.sub(" +", " ", text)
