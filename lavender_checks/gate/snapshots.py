@@ -184,10 +184,11 @@ def _row_frame(benchmark: str, base: Any, lavender: Any) -> list[dict[str, Any]]
             row = records.setdefault(index, {"index": index, "group": "", "question": "",
                                              "base": None, "lavender": None})
             row[variant] = rec["score"]
-            if group is not None and not row["group"]:
-                row["group"] = "" if rec[group] is None else str(rec[group])
-            if not row["question"] and rec.get("question") is not None:
-                row["question"] = str(rec["question"])
+            # Missing cells are NaN in a frame: only text counts as a group or a question.
+            if group is not None and not row["group"] and isinstance(rec[group], str):
+                row["group"] = rec[group]
+            if not row["question"] and isinstance(rec.get("question"), str):
+                row["question"] = rec["question"]
     return list(records.values())
 
 
@@ -297,6 +298,9 @@ def parse(text: str | bytes, where: str = "snapshot") -> dict[str, Any]:
     fields = data.get("row_fields")
     if "row_scores" in data and fields != list(ROW_FIELDS):
         raise SnapshotFormatError(f"{where}: row_fields is {fields!r}, this version reads {list(ROW_FIELDS)}")
+    for number, row in enumerate(data.get("row_scores", []), start=1):
+        if not isinstance(row, list) or len(row) != len(ROW_FIELDS):
+            raise SnapshotFormatError(f"{where}: row_scores entry {number} is {row!r}, not [{', '.join(ROW_FIELDS)}]")
     return data
 
 

@@ -93,6 +93,10 @@ def test_parse_names_the_file_when_it_is_not_a_snapshot():
         parse("[]", "x.json")
     with pytest.raises(snapshots.SnapshotFormatError, match=r"x\.json: row_fields"):
         parse(json.dumps({"benchmark": "B", "metrics": {}, "row_fields": ["index"], "row_scores": []}), "x.json")
+    fields = list(snapshots.ROW_FIELDS)
+    with pytest.raises(snapshots.SnapshotFormatError, match=r"x\.json: row_scores entry 2 is \[1, 0\]"):
+        parse(json.dumps({"benchmark": "B", "metrics": {}, "row_fields": fields,
+                          "row_scores": [[0, 1, 1, "a", "b"], [1, 0]]}), "x.json")
 
 
 def test_settings_are_checked(tmp_path):
