@@ -3,8 +3,8 @@
 Options: the same as ``lavender-checks run`` (``lavender_checks.run.pipeline.RUN_OPTIONS``):
 ``--base-model``, ``--lora``, ``--lmu-data``, ``--benchmark``, ``--profile``, ``--reference``,
 ``--gate``, ``--limit``, ``--fraction``, ``--batch-size``, ``--from-vlmeval``, ``--base-name``,
-``--lavender-name``, ``--store``, ``--device``, ``--dtype``, ``--engine``, ``--chunk-rows`` and
-``--reports``. With none, the built-in tiny
+``--lavender-name``, ``--store``, ``--device``, ``--dtype``, ``--engine``, ``--chunk-rows``,
+``--reports`` and ``--keep-reports``. With none, the built-in tiny
 pair runs on the mini benchmarks and is gated against its own numbers
 (fixtures/reported/tiny-mini.toml).
 
@@ -17,26 +17,36 @@ pytest-xdist (``-n auto`` = one worker per GPU):
   shard is stored, then scores the union (``pipeline.collect_results``), so every worker
   holds the same results before any case is judged;
 * one worker writes the report (reports/<run-id>/) and the controller prints the verdict
-  table in the terminal summary;
+  table in the terminal summary, and removes the barrier folder once every worker is done;
 * xdist's default ``--dist load`` is the mode to use: the work is split by the fixture, not by
   how cases are spread (see tests/benchmarks/test_snapshots.py on ``--dist loadgroup``).
+
+Bad input (a missing ``--base-model`` folder, an unwritable ``--store``, ``--device tpu``) is
+found when the gate's first fixture is set up, before any model loads, and stops the session
+at once: ``pytest.exit`` with the line and exit status ``lavender-checks run`` gives
+(``lavender_checks.errors``), instead of one setup error per case.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from lavender_checks.errors import EXIT_INPUT, error_line
 from lavender_checks.run import pipeline
+from lavender_checks.run.shards import ShardBarrier, remove_stale_barriers
 
 _GATE_SUMMARY = pytest.StashKey[dict]()
+_BARRIERS = pytest.StashKey[set]()
 _WORKER_OUTPUT_KEY = "lavender_gate"
 _SNAPSHOT_ACCOUNTS = pytest.StashKey[list]()
 _SNAPSHOT_OUTPUT_KEY = "lavender_snapshots"
 _SNAPSHOT_DIFF = pytest.StashKey[str]()
+_WORKER_BARRIER_KEY = "lavender_barrier"
 
 
 # ----------------------------------------------------------------------------- GPUs and xdist
@@ -102,11 +112,17 @@ def run_config(config: pytest.Config) -> pipeline.RunConfig:
     return pipeline.config_from_options(config.getoption)
 
 
+def _stop(error: BaseException) -> None:
+    """End the session at once with the line and status of ``lavender-checks run``."""
+    pytest.exit(error_line("run", error), returncode=EXIT_INPUT)
+
+
 def pytest_configure(config):
+    config.stash[_BARRIERS] = set()
     try:
-        run_config(config)  # bad options fail before collection, with the option's name
+        run_config(config)  # bad options stop the session before collection
     except pipeline.RunInputError as exc:
-        raise pytest.UsageError(str(exc)) from None
+        _stop(exc)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -114,7 +130,14 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def gate_config(pytestconfig) -> pipeline.RunConfig:
-    return run_config(pytestconfig)
+    """The run's configuration, its inputs checked (once per process, before any model loads)."""
+    config = run_config(pytestconfig)
+    try:
+        pipeline.check_before_work(config, reports=pytestconfig.getoption("reports"),
+                                   keep_reports=pytestconfig.getoption("keep_reports"))
+    except pipeline.input_errors() as exc:
+        _stop(exc)
+    return config
 
 
 @pytest.fixture(scope="session")
@@ -122,11 +145,14 @@ def model_pair(gate_config):
     """The base model with the Lavender adapter, loaded once per process (one per GPU worker)."""
     if gate_config.from_vlmeval is not None:
         pytest.skip("--from-vlmeval scores VLMEvalKit's files: no model is loaded")
-    return pipeline.load_model_pair(gate_config)
+    try:
+        return pipeline.load_model_pair(gate_config)
+    except pipeline.input_errors() as exc:
+        _stop(exc)
 
 
 @pytest.fixture(scope="session")
-def worker_barrier(gate_config) -> pipeline.ShardBarrier | None:
+def worker_barrier(gate_config, pytestconfig) -> ShardBarrier | None:
     """The files through which this session's xdist workers share work (None without xdist)."""
     worker = _worker()
     if worker is None or worker[2] < 2:
@@ -134,8 +160,13 @@ def worker_barrier(gate_config) -> pipeline.ShardBarrier | None:
     from lavender_checks.run.store import DEFAULT_ROOT
 
     run_uid = os.environ.get("PYTEST_XDIST_TESTRUNUID", "run")
-    return pipeline.ShardBarrier((gate_config.store or DEFAULT_ROOT) / ".shards" / run_uid,
-                                 worker[2], worker[0])
+    shards = (gate_config.store or DEFAULT_ROOT) / ".shards"
+    barrier = ShardBarrier(shards / run_uid, worker[2], worker[0])
+    remove_stale_barriers(shards, keep=barrier.directory)  # left by killed runs
+    # The controller removes this one once every worker is done with it.
+    if hasattr(pytestconfig, "workeroutput"):
+        pytestconfig.workeroutput[_WORKER_BARRIER_KEY] = str(barrier.directory)
+    return barrier
 
 
 @pytest.fixture(scope="session")
@@ -145,11 +176,14 @@ def run_results(gate_config, worker_barrier, request) -> pipeline.RunResults:
     i of n and every worker scores the union."""
     worker = _worker()
     shard = (worker[1] % worker[2], worker[2]) if worker_barrier is not None else None
-    return pipeline.collect_results(
-        gate_config, load_pair=lambda: request.getfixturevalue("model_pair"), shard=shard,
-        wait_for_shards=worker_barrier,
-        writer=worker[0] if worker else "main", progress=False,
-    )
+    try:
+        return pipeline.collect_results(
+            gate_config, load_pair=lambda: request.getfixturevalue("model_pair"), shard=shard,
+            wait_for_shards=worker_barrier,
+            writer=worker[0] if worker else "main", progress=False,
+        )
+    except pipeline.input_errors() as exc:
+        _stop(exc)
 
 
 @pytest.fixture(scope="session")
@@ -158,7 +192,8 @@ def gate_outcome(run_results, worker_barrier, pytestconfig) -> pipeline.GateOutc
     outcome = pipeline.judge_run(run_results)
     # Every worker holds the same results: the first to get here writes the report.
     if worker_barrier is None or worker_barrier.claim("report"):
-        pipeline.write_run_report(run_results, outcome, reports_root=pytestconfig.getoption("reports"))
+        pipeline.write_run_report(run_results, outcome, reports_root=pytestconfig.getoption("reports"),
+                                  keep=pytestconfig.getoption("keep_reports"))
         summary = {"table": outcome.table(), "report": str(outcome.report),
                    "missing": dict(run_results.missing), "noncomparable": dict(outcome.noncomparable),
                    "allow_noncomparable": run_results.config.allow_noncomparable}
@@ -189,19 +224,27 @@ def snapshot_accounts(pytestconfig) -> list:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error):
-    """Controller: keep the summary of the worker that wrote the report, and every worker's
-    snapshot accounts."""
-    summary = getattr(node, "workeroutput", {}).get(_WORKER_OUTPUT_KEY)
+    """Controller: keep the summary of the worker that wrote the report, every worker's
+    snapshot accounts, and the barrier folder the workers shared."""
+    output = getattr(node, "workeroutput", {})
+    summary = output.get(_WORKER_OUTPUT_KEY)
     if summary is not None:
         node.config.stash[_GATE_SUMMARY] = summary
-    _snapshot_accounts(node.config).extend(getattr(node, "workeroutput", {}).get(_SNAPSHOT_OUTPUT_KEY, []))
+    _snapshot_accounts(node.config).extend(output.get(_SNAPSHOT_OUTPUT_KEY, []))
+    if output.get(_WORKER_BARRIER_KEY):
+        node.config.stash[_BARRIERS].add(output[_WORKER_BARRIER_KEY])
 
 
 def pytest_sessionfinish(session):
-    """The snapshot accounts of the whole session, into the run's report folder."""
+    """Controller (or a session without xdist): the snapshot accounts of the whole session go
+    into the run's report folder; every worker is done, so the barrier folders can go."""
     config = session.config
+    if hasattr(config, "workeroutput"):
+        return
+    for folder in config.stash.get(_BARRIERS, ()):
+        shutil.rmtree(folder, ignore_errors=True)
     summary, accounts = config.stash.get(_GATE_SUMMARY, None), config.stash.get(_SNAPSHOT_ACCOUNTS, None)
-    if hasattr(config, "workeroutput") or not accounts or summary is None or not summary.get("report"):
+    if not accounts or summary is None or not summary.get("report"):
         return
     from lavender_checks.gate.snapshots import write_account
 

@@ -11,6 +11,11 @@ id), so no two processes append to one file; readers take the union of every wri
 Every batch is written with one ``write`` and then fsync'ed, so what was appended survives a
 kill; a line torn by a kill mid-write is ignored on read and cut off before the next append.
 
+A run takes a lock on every key it opens (``.lock`` in the key's folder, naming the run, its
+process and command), released when the run is done: a second run on the same store and key
+is refused with that name instead of generating every row a second time. The processes of one
+sharded run share their locks; a lock whose process is gone is taken over.
+
 Base predictions are keyed without the adapter, so gating a new adapter reuses them. Every
 line carries the hash of the exact chat text and max_new_tokens it was generated from
 (``request_sha``); a prediction whose hash differs from the current request is not reused.
@@ -18,10 +23,14 @@ line carries the hash of the exact chat text and max_new_tokens it was generated
 
 from __future__ import annotations
 
+import atexit
+import datetime as _dt
 import hashlib
 import json
 import os
 import re
+import socket
+import sys
 import threading
 import time
 import warnings
@@ -39,12 +48,17 @@ except ImportError:  # pragma: no cover - Windows
 
 DEFAULT_ROOT = REPORTS / "store"
 KEY_FILE = "key.json"
+LOCK_FILE = ".lock"
 LOG_SUFFIX = ".jsonl"
 _WRITER_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 class PredictionStoreError(RuntimeError):
     """A store file that cannot be read as written; the message names the file and line."""
+
+
+class StoreLockedError(RuntimeError):
+    """Another run, still alive, holds the lock of a store key."""
 
 
 class IgnoredPredictionsWarning(UserWarning):
@@ -95,11 +109,76 @@ class Record:
 
 
 class PredictionStore:
-    def __init__(self, root: str | Path | None = None):
-        self.root = Path(root) if root is not None else DEFAULT_ROOT
+    """The store under ``root``. ``run_id`` names the run whose processes share its key locks
+    (default: this process). Use it as a context manager to release the locks at the end; they
+    are released at exit otherwise."""
 
-    def log(self, key: StoreKey, writer: str = "main") -> PredictionLog:
-        """The log of ``key``; ``writer`` names the file this process appends to.
+    def __init__(self, root: str | Path | None = None, *, run_id: str | None = None):
+        self.root = Path(root) if root is not None else DEFAULT_ROOT
+        self.run_id = run_id or f"{socket.gethostname()}:{os.getpid()}"
+        self._locks: list[Path] = []
+        atexit.register(self.release)
+
+    def __enter__(self) -> PredictionStore:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Give back the locks this process wrote."""
+        while self._locks:
+            path = self._locks.pop()
+            holder = _read_lock(path)
+            if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+
+    def _lock(self, directory: Path) -> None:
+        """Take the lock of one key's folder for this run, or say which run holds it."""
+        path = directory / LOCK_FILE
+        if path in self._locks:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        mine = {"run": self.run_id, "pid": os.getpid(), "host": socket.gethostname(),
+                "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "command": " ".join(sys.argv)}
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_lock(path)
+                if holder is None:  # being written right now, or torn by a kill
+                    time.sleep(0.05)
+                    holder = _read_lock(path)
+                if holder is not None and holder.get("run") == self.run_id:
+                    return  # another process of this run holds it
+                if holder is not None and _alive(holder):
+                    raise StoreLockedError(
+                        f"{directory}: another run is using these predictions: pid {holder.get('pid')} "
+                        f"on {holder.get('host')}, started {holder.get('started')}, command "
+                        f"{holder.get('command')!r}. Wait for it to finish (a rerun then reuses what "
+                        f"it stored), stop it, or use another --store; {path} is its lock") from None
+                # Its process is gone (or the file is unreadable): take it over. Renaming first
+                # lets only one of several processes doing this at once win.
+                stale = path.with_name(f"{LOCK_FILE}.stale.{os.getpid()}")
+                try:
+                    os.replace(path, stale)
+                    stale.unlink()
+                except OSError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(mine) + "\n")
+            self._locks.append(path)
+            return
+        raise StoreLockedError(f"{path}: could not take this lock (other processes keep changing it)")
+
+    def log(self, key: StoreKey, writer: str = "main", *, lock: bool = True) -> PredictionLog:
+        """The log of ``key``; ``writer`` names the file this process appends to. ``lock``:
+        take the key's lock for this run (``lock=False`` only to inspect a store).
 
         Predictions stored for the same model, benchmark and profile name under another
         profile fingerprint (an older version of the profile) are ignored, with a warning.
@@ -108,6 +187,8 @@ class PredictionStore:
             raise ValueError(f"writer name {writer!r} must match {_WRITER_NAME.pattern}")
         directory = self.root / key.relative_dir()
         log = PredictionLog(directory, key, writer)
+        if lock:
+            self._lock(directory)
         log.ignored = self._other_profile_versions(key, directory)
         if log.ignored:
             warnings.warn(
@@ -297,6 +378,30 @@ def _read_key(path: Path) -> StoreKey | None:
         return StoreKey(**json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, TypeError) as exc:
         raise PredictionStoreError(f"{path}: not a store key ({exc})") from None
+
+
+def _read_lock(path: Path) -> dict | None:
+    try:
+        holder = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _alive(holder: Mapping[str, Any]) -> bool:
+    """Whether the process that wrote a lock still runs (one on another host is assumed to)."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -51,13 +51,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lavender_checks import REPO_ROOT
+from lavender_checks import CACHE_ROOT
 from lavender_checks.engines.request import EOT_TOKEN
 from lavender_checks.model import PAD_TOKEN
 
 # Bump when anything the builder writes changes; the cache folder name depends on it.
 TINY_FORMAT_VERSION = 6
-DEFAULT_ROOT = REPO_ROOT / ".cache" / "tiny"
+DEFAULT_ROOT = CACHE_ROOT / "tiny"
 SEED = 20241127
 ADAPTER_SEED = SEED + 1  # the adapter of the tiny pair (the answers are calibrated with it too)
 

@@ -136,9 +136,9 @@ def test_cli_and_pytest_declare_the_same_options(pytestconfig):
     parser = argparse.ArgumentParser()
     pipeline.add_arguments(parser)
     cli_flags = {flag for action in parser._actions for flag in action.option_strings}
-    pytest_flags = {flag for flag, _ in (*pipeline.RUN_OPTIONS, pipeline.REPORTS_OPTION)}
+    pytest_flags = {flag for flag, _ in (*pipeline.RUN_OPTIONS, *pipeline.REPORT_OPTIONS)}
     assert pytest_flags <= cli_flags
-    assert cli_flags - pytest_flags == {"-h", "--help", "--quiet", "--write-reference"}
+    assert cli_flags - pytest_flags == {"-h", "--help", "--quiet", "--write-reference", "--force"}
     # conftest.py registered them with pytest: the defaults read back as a RunConfig.
     assert pipeline.config_from_options(pytestconfig.getoption).profile == "seed-report"
     args = parser.parse_args(["--benchmark", "MME", "--benchmark", "ChartQA_TEST", "--gate",

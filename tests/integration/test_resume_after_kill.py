@@ -108,7 +108,7 @@ def interrupt_when(runner: Runner, pid: int, store: Path, at_least: int, sig: in
 
 def store_log(store: Path):
     (key_file,) = store.rglob("key.json")
-    return PredictionStore(store).log(StoreKey(**json.loads(key_file.read_text())))
+    return PredictionStore(store).log(StoreKey(**json.loads(key_file.read_text())), lock=False)
 
 
 @dataclass

@@ -1,0 +1,18 @@
+"""One convention for how every ``lavender-checks`` command and the pytest gate end.
+
+Exit status: 0 all good; 1 the gate failed (a number outside its band, or missing); 2 bad
+input (an option, folder or file that cannot be used), reported before any expensive work as
+one line ``lavender-checks <command>: error: <what and where>``; 130 interrupted. Under pytest
+an input error stops the session with the same line and status 2.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_GATE_FAILED = 1
+EXIT_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def error_line(command: str, error: BaseException | str) -> str:
+    return f"lavender-checks {command}: error: {error}"

@@ -1,0 +1,392 @@
+"""Collecting a run's results: predictions generated through the store (``collect_results``)
+or read from the files VLMEvalKit wrote (``--from-vlmeval``), scored both ways alike.
+
+One run, as data (docs/architecture.md)::
+
+    TSV frame -> run.predict (base, then Lavender: one weight copy, the base variant is the
+    adapter-disabled model) -> vlmeval_io.prediction_frame -> vlmeval_io.roundtrip
+    -> Benchmark.score
+
+``--from-vlmeval DIR`` enters at ``vlmeval_io.read_prediction_file`` instead: the prediction
+files VLMEvalKit wrote for both models are scored with no model and no GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import importlib.metadata
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lavender_checks import __version__
+from lavender_checks.benchmarks import Benchmark, ScoreResult
+from lavender_checks.run.config import VARIANTS, RunConfig, RunInputError
+from lavender_checks.run.pair import LazyPair, load_model_pair, pair_identity
+from lavender_checks.run.shards import Barrier, generate_shards
+
+
+@dataclass
+class RunResults:
+    """What a run computed.
+
+    results: benchmark -> {"base": ScoreResult | None, "lavender": ScoreResult | None}, for
+        every benchmark of the run (None where a benchmark is missing) — what gate.judge takes.
+    missing: benchmark -> why it has no result (e.g. its TSV is absent, naming the file).
+    predictions: benchmark -> variant -> index -> raw prediction (the scored rows, in order).
+    metadata: fingerprints, profile, data md5 and match, versions, prediction counts, timing.
+    """
+
+    config: RunConfig
+    results: dict[str, dict[str, ScoreResult | None]]
+    missing: dict[str, str]
+    predictions: dict[str, dict[str, dict[Any, str]]]
+    metadata: dict[str, Any]
+
+
+def collect_results(config: RunConfig, *, pair: Any = None, load_pair: Callable[[], Any] | None = None,
+                    shard: tuple[int, int] | None = None, wait_for_shards: Barrier | None = None,
+                    writer: str = "main", progress: bool = True) -> RunResults:
+    """Predictions (generated or read from VLMEvalKit files) and scores of both variants.
+
+    pair / load_pair: the ModelPair (a loaded one, or a ``LazyPair``), or a function that
+        loads it, called only when a prediction is to be generated (the pair's identity, read
+        from its folders, decides what the store already holds); default: ``config``'s pair.
+    shard: (i, n) — this process generates shard i of n of every benchmark (default
+        ``config.shard``). Without ``wait_for_shards`` only shard i is scored.
+    wait_for_shards: a ShardBarrier shared by the n processes: after its own shard this
+        process also generates any shard no process has claimed, waits until every shard is
+        in the store, and scores the union (the same results in every process).
+    writer: this process's file name in the prediction store (one per process).
+    """
+    if config.from_vlmeval is not None:
+        return _collect_from_vlmeval(config)
+    shard = shard if shard is not None else config.shard
+    if wait_for_shards is not None:
+        if shard is None:
+            raise ValueError("wait_for_shards needs the shard this process generates")
+        if wait_for_shards.count != shard[1]:
+            raise ValueError(f"the barrier waits for {wait_for_shards.count} shards, not {shard[1]}")
+    if pair is None:
+        pair = LazyPair(pair_identity(config), load_pair or (lambda: load_model_pair(config)))
+    return _collect_generated(config, pair, shard, wait_for_shards, writer, progress)
+
+
+@dataclass
+class _BenchmarkData:
+    bench: Benchmark
+    full: Any  # the benchmark's whole TSV frame
+    selected: Any  # the rows this run scores (subset of `full`)
+    tsv: Path
+
+
+def _load_data(config: RunConfig, root: Path, shard: tuple[int, int] | None
+               ) -> tuple[dict[str, _BenchmarkData], dict[str, str]]:
+    """Frames of the benchmarks whose TSV is there (the rows to score: ``shard`` of the
+    subset, or all of it); the others are missing, naming the file."""
+    from lavender_checks.data import load_benchmark_frame, subset
+
+    if not root.is_dir():
+        raise RunInputError(f"LMUData folder {root} does not exist")
+    data: dict[str, _BenchmarkData] = {}
+    missing: dict[str, str] = {}
+    for bench in config.selected:
+        tsv = root / bench.spec.tsv
+        if not tsv.is_file():
+            missing[bench.name] = f"{tsv} does not exist"
+            continue
+        full = load_benchmark_frame(bench, root)
+        if config.strict_data:
+            _refuse_noncomparable(config, bench.name, full)
+        selected = subset(full, bench, limit=config.limit, fraction=config.fraction, shard=shard)
+        data[bench.name] = _BenchmarkData(bench=bench, full=full, selected=selected, tsv=tsv)
+    if not data:
+        raise RunInputError(f"none of the benchmark TSVs is in {root}: "
+                            + "; ".join(missing.values()))
+    return data, missing
+
+
+def _refuse_noncomparable(config: RunConfig, benchmark: str, frame: Any) -> None:
+    """--strict-data: a TSV that is not the reference's data is an input error, before any work."""
+    from lavender_checks.data import provenance
+    from lavender_checks.gate.verdicts import data_mismatch, load_reference
+
+    why = data_mismatch(load_reference(config.reference_path()), benchmark, provenance(frame))
+    if why:
+        raise RunInputError(f"--strict-data: {why}; its scores are not comparable with the reference")
+
+
+def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | None,
+                       barrier: Barrier | None, writer: str, progress: bool) -> RunResults:
+    from lavender_checks.data import subset
+    from lavender_checks.run.store import PredictionStore
+    from lavender_checks.profiles import load_profile
+    from lavender_checks.engines import make_engine
+    from lavender_checks.run.predict import predict_run
+
+    started = time.time()
+    profile = load_profile(config.profile)
+    for name in config.benchmarks:
+        profile.for_benchmark(name)  # a benchmark the profile lacks is an error before any work
+    root = config.lmu_root()
+    # With a barrier every process scores the union of the shards; without one, its own shard.
+    data, missing = _load_data(config, root, shard if barrier is None else None)
+    # The processes sharing a barrier are one run: they share the store keys' locks.
+    store = PredictionStore(config.store, run_id=barrier.run_id if barrier is not None else None)
+
+    # Built over the (lazy) pair without touching its weights: an engine builds its model
+    # state on its first generate.
+    engine = make_engine(config.engine, pair, batch_size=config.batch_size,
+                         chunk_rows=config.chunk_rows)
+
+    def predict(item: _BenchmarkData, frame, variant: str):
+        return predict_run(pair, engine, item.bench, frame, profile, variant, store,
+                           lmu_root=root, writer=writer, progress=progress)
+
+    def generate_shard(index: int, count: int) -> None:
+        for item in data.values():
+            frame = subset(item.full, item.bench, limit=config.limit, fraction=config.fraction,
+                           shard=(index, count))
+            for variant in VARIANTS:
+                if len(frame):
+                    predict(item, frame, variant)
+
+    predictions: dict[str, dict[str, dict[Any, str]]] = {name: {} for name in data}
+    counts: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in data}
+    generation_started = time.time()
+    # The tiny model gains nothing from intra-op threads and, on a busy machine, loses
+    # several times over to their synchronisation (measured: 20 s with one thread against
+    # 35-180 s with two on this project's 2-core machine).
+    with (_torch_threads(1) if config.base_model is None else contextlib.nullcontext()), store:
+        if shard is not None and barrier is not None:
+            generate_shards(shard, barrier, generate_shard)
+        # With a barrier every shard is stored by now: this pass only reads the store.
+        for name, item in data.items():
+            for variant in VARIANTS:
+                t0 = time.time()
+                run = predict(item, item.selected, variant)
+                predictions[name][variant] = run.predictions
+                counts[name][variant] = {"rows": len(run.predictions), "reused": run.reused,
+                                         "generated": run.generated, "recomputed": run.recomputed,
+                                         "seconds": round(time.time() - t0, 3)}
+    generation_seconds = time.time() - generation_started
+
+    results, scoring_seconds = _score_all(config, data, predictions, missing)
+    metadata = {
+        "mode": "generated",
+        **_common_metadata(config, started),
+        "models": pair.describe(),
+        "fingerprints": {"base": pair.base_fingerprint, "adapter": pair.adapter_fingerprint},
+        "engine": _describe_engine(config, engine),
+        "profile": profile.describe(),
+        "lmu_data": str(root),
+        "data": {name: _describe_data(item) for name, item in data.items()},
+        "missing": dict(missing),
+        "predictions": counts,
+        "store": str(store.root),
+        "writer": writer,
+        "shard": list(shard) if shard is not None else None,
+        # which physical GPU this process saw (conftest pins one per xdist worker)
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "timing": {"generation_s": round(generation_seconds, 3), "scoring_s": round(scoring_seconds, 3),
+                   "total_s": round(time.time() - started, 3)},
+    }
+    return RunResults(config=config, results=results, missing=missing, predictions=predictions,
+                      metadata=metadata)
+
+
+def _describe_engine(config: RunConfig, engine: Any) -> dict[str, Any]:
+    """What the engine says of itself (the fast one: its chunk size and every reason it handed
+    requests to the batched engine), and the name asked for when it differs."""
+    described = dict(engine.describe())
+    if described.get("name") != config.engine:
+        described["asked"] = config.engine
+    return described
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` inside the block, restored after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _score_all(config: RunConfig, data: Mapping[str, _BenchmarkData],
+               predictions: Mapping[str, Mapping[str, Mapping[Any, str]]],
+               missing: Mapping[str, str]) -> tuple[dict[str, dict[str, ScoreResult | None]], float]:
+    from lavender_checks.vlmeval_io import prediction_frame, roundtrip
+
+    t0 = time.time()
+    results: dict[str, dict[str, ScoreResult | None]] = {}
+    for name in config.benchmarks:
+        if name in missing:
+            results[name] = {variant: None for variant in VARIANTS}
+            continue
+        item = data[name]
+        results[name] = {}
+        for variant in VARIANTS:  # paired by construction: both variants predicted item.selected
+            frame = roundtrip(prediction_frame(item.selected, predictions[name][variant]))
+            results[name][variant] = item.bench.score(frame, meta=item.full)
+    return results, time.time() - t0
+
+
+def _check_paired(benchmark: str, indices: Mapping[str, list], sources: Mapping[str, str]) -> None:
+    """Base and Lavender must cover the same rows: the comparison is paired."""
+    base, lavender = (set(indices[v]) for v in VARIANTS)
+    if base == lavender:
+        return
+    only_base, only_lavender = sorted(base - lavender, key=str), sorted(lavender - base, key=str)
+
+    def some(values: list) -> str:
+        shown = ", ".join(str(v) for v in values[:10])
+        return shown + (f" and {len(values) - 10} more" if len(values) > 10 else "")
+
+    parts = []
+    if only_base:
+        parts.append(f"{len(only_base)} row(s) only in {sources['base']} (index {some(only_base)})")
+    if only_lavender:
+        parts.append(f"{len(only_lavender)} row(s) only in {sources['lavender']} "
+                     f"(index {some(only_lavender)})")
+    raise RunInputError(
+        f"{benchmark}: base and Lavender predictions cover different rows ({len(base)} vs "
+        f"{len(lavender)}): " + "; ".join(parts) + ". The comparison is paired, row by row: "
+        "give both models' predictions on the same rows (the same subset)."
+    )
+
+
+def _common_metadata(config: RunConfig, started: float) -> dict[str, Any]:
+    return {
+        "label": config.label(),
+        "command": " ".join(sys.argv),
+        "started": _dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(timespec="seconds"),
+        "subset": {"limit": config.limit, "fraction": config.fraction,
+                   "shard": list(config.shard) if config.shard else None},
+        "config": config.describe(),
+        "versions": versions(),
+    }
+
+
+def _describe_data(item: _BenchmarkData) -> dict[str, Any]:
+    """The file's identity (md5 and whether it is VLMEvalKit's) and the rows scored."""
+    from lavender_checks.data import provenance
+
+    return {**provenance(item.selected), "scored_rows": len(item.selected)}
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of what a result depends on."""
+    out: dict[str, str | None] = {"lavender-checks": __version__, "python": platform.python_version()}
+    for package in ("torch", "transformers", "peft", "numpy", "pandas", "openpyxl", "pillow"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+# ------------------------------------------------------------------------ from VLMEvalKit
+
+
+def _collect_from_vlmeval(config: RunConfig) -> RunResults:
+    """Both models' prediction files of every benchmark, read as VLMEvalKit's evaluate() reads
+    them and scored; a benchmark whose files are absent is missing, saying where it looked.
+    The benchmark TSV, when LMUData has it, checks the indices (and gives MMBench its answers,
+    as in VLMEvalKit)."""
+    from lavender_checks.benchmarks.signature import check_signature
+    from lavender_checks.data import provenance, subset
+    from lavender_checks.vlmeval_io import find_prediction_file, read_prediction_file
+
+    started = time.time()
+    work_dir = config.from_vlmeval
+    if not work_dir.is_dir():
+        raise RunInputError(f"--from-vlmeval {work_dir}: no such folder")
+    names = {"base": config.base_name, "lavender": config.lavender_name}
+    meta_root = _optional_lmu_root(config)
+
+    results: dict[str, dict[str, ScoreResult | None]] = {}
+    missing: dict[str, str] = {}
+    predictions: dict[str, dict[str, dict[Any, str]]] = {}
+    files: dict[str, dict[str, str]] = {}
+    data_info: dict[str, Any] = {}
+    for bench in config.selected:
+        benchmark = bench.name
+        paths, absent = {}, []
+        for variant in VARIANTS:
+            try:
+                paths[variant] = find_prediction_file(work_dir, names[variant], benchmark)
+            except FileNotFoundError as exc:  # its message says where it looked
+                absent.append(str(exc).replace(":\n  ", ": ").replace("\n  ", ", "))
+        if absent:
+            missing[benchmark] = "; ".join(absent)
+            results[benchmark] = {v: None for v in VARIANTS}
+            continue
+        frames = {v: read_prediction_file(paths[v]) for v in VARIANTS}
+        for v in VARIANTS:  # a file of another benchmark is refused, naming what it looks like
+            check_signature(frames[v], benchmark, str(paths[v]))
+        meta = _optional_meta(bench, meta_root)
+        if meta is not None and config.strict_data:
+            _refuse_noncomparable(config, benchmark, meta)
+        whole = frames
+        if config.limit is not None or config.fraction is not None:
+            frames = {v: subset(f, bench, limit=config.limit, fraction=config.fraction)
+                      for v, f in frames.items()}
+        _check_paired(benchmark, {v: list(frames[v]["index"]) for v in VARIANTS},
+                      {v: str(paths[v]) for v in VARIANTS})
+        results[benchmark] = {v: bench.score(frames[v], meta=meta) for v in VARIANTS}
+        if meta is None and whole is not frames:  # the files are the whole: a subset's bands widen
+            for v in VARIANTS:
+                results[benchmark][v].population = bench.population(whole["base"])
+        predictions[benchmark] = {v: dict(zip(frames[v]["index"].tolist(),
+                                              frames[v]["prediction"].map(str).tolist()))
+                                  for v in VARIANTS}
+        files[benchmark] = {v: str(paths[v]) for v in VARIANTS}
+        data_info[benchmark] = {"meta": provenance(meta) if meta is not None else None,
+                                "scored_rows": len(frames["base"])}
+    if len(missing) == len(config.benchmarks):
+        raise RunInputError(f"--from-vlmeval {work_dir}: no prediction files of "
+                            f"{config.base_name} and {config.lavender_name}; "
+                            + "; ".join(f"{b}: {r}" for b, r in missing.items()))
+    metadata = {
+        "mode": "from-vlmeval",
+        **_common_metadata(config, started),
+        "work_dir": str(work_dir),
+        "models": names,
+        "files": files,
+        "data": data_info,
+        "missing": dict(missing),
+        "timing": {"total_s": round(time.time() - started, 3)},
+    }
+    return RunResults(config=config, results=results, missing=missing, predictions=predictions,
+                      metadata=metadata)
+
+
+def _optional_lmu_root(config: RunConfig) -> Path | None:
+    """Where to find the TSVs that check a VLMEvalKit file's indices, if anywhere."""
+    if config.lmu_data is not None:
+        if not config.lmu_data.is_dir():
+            raise RunInputError(f"--lmu-data {config.lmu_data}: no such folder")
+        return config.lmu_data
+    from lavender_checks.data import lmudata_root
+
+    root = lmudata_root(None)
+    return root if root.is_dir() else None  # no LMUData: the files are scored on their own
+
+
+def _optional_meta(bench: Benchmark, root: Path | None):
+    if root is None or not (root / bench.spec.tsv).is_file():
+        return None
+    from lavender_checks.data import load_benchmark_frame
+
+    return load_benchmark_frame(bench, root)

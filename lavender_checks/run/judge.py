@@ -1,0 +1,111 @@
+"""From a run's results to verdicts and a report: the run stage's use of ``gate/``.
+
+A run limited to some benchmarks (``--benchmark MME``) is judged on the reference rows of
+those benchmarks only; the rows of the others are not part of it (the pytest gate makes no
+case of them either), so they are not "missing".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from lavender_checks import REPORTS
+from lavender_checks.run.collect import RunResults
+from lavender_checks.run.config import RunConfig
+
+# A hidden ".<run id>.partial" report folder older than this was left by a killed run (a
+# report is written in seconds).
+STALE_PARTIAL_SECONDS = 600.0
+
+
+@dataclasses.dataclass
+class GateOutcome:
+    reference: Any  # gate.Reference, restricted to the run's benchmarks
+    verdicts: list  # gate.Verdict, in the reference's order
+    report: Path | None = None
+    noncomparable: dict = dataclasses.field(default_factory=dict)  # benchmark -> why its data is not the reference's
+
+    @property
+    def passed(self) -> bool:
+        return all(v.status == "pass" for v in self.verdicts)
+
+    def verdict(self, row_id: str, quantity: str):
+        """The verdict of one reference row's quantity ("base", "lavender" or "gain")."""
+        for verdict in self.verdicts:
+            if verdict.row_id == row_id and verdict.quantity == quantity:
+                return verdict
+        raise KeyError(f"no verdict for {row_id} {quantity} (reference {self.reference.path})")
+
+    def table(self, only_problems: bool = False) -> str:
+        from lavender_checks.gate.verdicts import summary_table
+
+        return summary_table(self.verdicts, only_problems=only_problems)
+
+
+def run_reference(config: RunConfig, reference: Any = None):
+    """The reference of ``config`` (or ``reference``), with only the rows of its benchmarks."""
+    from lavender_checks.gate.verdicts import load_reference
+
+    reference = reference if reference is not None else load_reference(config.reference_path())
+    rows = tuple(row for row in reference.rows if row.benchmark in config.benchmarks)
+    return dataclasses.replace(reference, rows=rows)
+
+
+def judge_run(run: RunResults, reference: Any = None) -> GateOutcome:
+    """Verdicts of the reference rows of the run's benchmarks (``reference``: a loaded
+    gate.Reference, else the run's reference file)."""
+    from lavender_checks.gate.verdicts import judge, noncomparable
+
+    reference = run_reference(run.config, reference)
+    return GateOutcome(reference, judge(reference, run.results, mode=run.config.gate_mode,
+                                          missing_reasons=run.missing),
+                       noncomparable=noncomparable(reference, run.metadata))
+
+
+def write_run_report(run: RunResults, outcome: GateOutcome, *, reports_root: Path = REPORTS,
+                     keep: int | None = None) -> Path:
+    """``reports_root/<new run id>/`` (report.md, report.json, gains.png, flips.jsonl); then
+    the leftovers of killed runs go and, with ``keep``, all but the ``keep`` newest runs."""
+    from lavender_checks.gate.report import write_report
+
+    outcome.report = Path(write_report(reports_root, None, outcome.reference, outcome.verdicts,
+                                       run.results, run.metadata))
+    prune_reports(reports_root, keep=keep)
+    return outcome.report
+
+
+def prune_reports(reports_root: Path, *, keep: int | None = None,
+                  partial_age: float = STALE_PARTIAL_SECONDS) -> list[Path]:
+    """Delete ``.<run id>.partial`` folders of killed runs and, with ``keep``, every run folder
+    but the ``keep`` newest (run ids sort by time). Nothing else under ``reports_root`` (the
+    store, bench results, ``latest``) is touched. Returns what went."""
+    from lavender_checks.gate.report import RUN_ID_PATTERN
+
+    root = Path(reports_root)
+    if not root.is_dir():
+        return []
+    removed = []
+    now = time.time()
+    for path in root.iterdir():
+        name = path.name
+        if (name.startswith(".") and name.endswith(".partial") and path.is_dir()
+                and RUN_ID_PATTERN.match(name[1:-len(".partial")])):
+            try:
+                old = now - path.stat().st_mtime > partial_age
+            except OSError:
+                continue
+            if old:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    if keep is not None:
+        runs = sorted((p for p in root.iterdir()
+                       if RUN_ID_PATTERN.match(p.name) and p.is_dir() and not p.is_symlink()),
+                      key=lambda p: p.name)
+        for path in runs[:max(0, len(runs) - keep)]:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed

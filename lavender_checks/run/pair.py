@@ -1,0 +1,121 @@
+"""The model pair of a run, loaded only when something is to be generated.
+
+Which predictions a run can reuse depends on the pair's identity only (the fingerprints of
+the weight folders, the processor's chat text, the device and dtype), all cheap to get; the
+weights (11 B parameters on real ones) are loaded on the first ``generate``. A run whose
+predictions are all stored never loads them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lavender_checks.run.config import RunConfig
+
+
+@dataclass
+class PairIdentity:
+    """What predictions are keyed by, without the weights in memory."""
+
+    processor: Any
+    base_fingerprint: str
+    adapter_fingerprint: str | None
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype
+    base_path: Path | None = None
+    adapter_path: Path | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"base_path": str(self.base_path) if self.base_path else None,
+                "base_fingerprint": self.base_fingerprint,
+                "adapter_path": str(self.adapter_path) if self.adapter_path else None,
+                "adapter_fingerprint": self.adapter_fingerprint,
+                "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "loaded": False}
+
+
+def _folders(config: RunConfig) -> tuple[Path, Path, str | None]:
+    """(base folder, adapter folder, device) of the run; the tiny pair's are built on first use."""
+    if config.base_model is None:
+        from lavender_checks.synthetic.tiny import ensure_tiny_checkpoints
+
+        checkpoints = ensure_tiny_checkpoints()
+        return checkpoints.base, checkpoints.adapter, config.device or "cpu"
+    return config.base_model, config.lora, config.device
+
+
+def load_model_pair(config: RunConfig):
+    """The base model with the adapter, one weight copy (the tiny pair by default)."""
+    from lavender_checks.model import load_pair
+
+    base, adapter, device = _folders(config)
+    return load_pair(base, adapter, device=device, dtype=config.dtype)
+
+
+def pair_identity(config: RunConfig) -> PairIdentity:
+    """The fingerprints, processor, device and dtype ``load_model_pair`` would give, read
+    from the folders without loading any weights."""
+    from lavender_checks import model
+
+    base, adapter, device_name = _folders(config)
+    device = model.resolve_device(device_name)
+    weights = model._check_base_folder(Path(base), False)
+    adapter_file = model._check_adapter_folder(Path(adapter), False)
+    return PairIdentity(
+        processor=model._load_processor(Path(base)),
+        base_fingerprint=model._fingerprint_base(Path(base), weights),
+        adapter_fingerprint=model._fingerprint_adapter(Path(adapter), adapter_file),
+        device=device, dtype=model.resolve_dtype(config.dtype, device),
+        base_path=Path(base), adapter_path=Path(adapter),
+    )
+
+
+class LazyPair:
+    """A model pair that loads its weights on the first ``generate`` (or on any use beyond
+    its identity)."""
+
+    def __init__(self, identity: Any, load: Callable[[], Any]):
+        self.identity = identity
+        self._load = load
+        self._pair = None
+
+    processor = property(lambda self: self.identity.processor)
+    base_fingerprint = property(lambda self: self.identity.base_fingerprint)
+    adapter_fingerprint = property(lambda self: self.identity.adapter_fingerprint)
+    device = property(lambda self: self.identity.device)
+    dtype = property(lambda self: self.identity.dtype)
+
+    @property
+    def loaded(self) -> bool:
+        return self._pair is not None
+
+    def get(self):
+        """The loaded pair (loaded now if it was not)."""
+        if self._pair is None:
+            pair = self._load()
+            for name in ("base_fingerprint", "adapter_fingerprint"):
+                if getattr(pair, name) != getattr(self.identity, name):
+                    raise RuntimeError(f"the loaded pair's {name} differs from the one its "
+                                       "folders gave before loading; were they changed meanwhile?")
+            self._pair = pair
+        return self._pair
+
+    def generate(self, requests, variant, **options):
+        return self.get().generate(requests, variant, **options)
+
+    @property
+    def engine_fallbacks(self) -> list:
+        return list(getattr(self._pair, "engine_fallbacks", [])) if self.loaded else []
+
+    def describe(self) -> dict[str, Any]:
+        if self.loaded:
+            return {**self._pair.describe(), "loaded": True}
+        return self.identity.describe()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.get(), name)
