@@ -33,8 +33,7 @@ class PairIdentity:
                 "base_fingerprint": self.base_fingerprint,
                 "adapter_path": str(self.adapter_path) if self.adapter_path else None,
                 "adapter_fingerprint": self.adapter_fingerprint,
-                "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "loaded": False}
+                "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
 
 
 def _folders(config: RunConfig) -> tuple[Path, Path, str | None]:
@@ -82,11 +81,13 @@ class LazyPair:
         self._load = load
         self._pair = None
 
-    processor = property(lambda self: self.identity.processor)
-    base_fingerprint = property(lambda self: self.identity.base_fingerprint)
-    adapter_fingerprint = property(lambda self: self.identity.adapter_fingerprint)
-    device = property(lambda self: self.identity.device)
-    dtype = property(lambda self: self.identity.dtype)
+    # getattr with a default: an AttributeError raised in a property would fall through to
+    # __getattr__, which loads the weights.
+    processor = property(lambda self: getattr(self.identity, "processor", None))
+    base_fingerprint = property(lambda self: getattr(self.identity, "base_fingerprint", None))
+    adapter_fingerprint = property(lambda self: getattr(self.identity, "adapter_fingerprint", None))
+    device = property(lambda self: getattr(self.identity, "device", None))
+    dtype = property(lambda self: getattr(self.identity, "dtype", None))
 
     @property
     def loaded(self) -> bool:
@@ -113,7 +114,7 @@ class LazyPair:
     def describe(self) -> dict[str, Any]:
         if self.loaded:
             return {**self._pair.describe(), "loaded": True}
-        return self.identity.describe()
+        return {**self.identity.describe(), "loaded": False}
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):

@@ -9,9 +9,11 @@ test of ``lavender-checks run`` loads the real tiny pair.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -402,3 +404,253 @@ def test_run_with_no_options_writes_a_report(tmp_path, capsys, monkeypatch):
     for name in ("report.md", "report.json", "gains.png", "flips.jsonl"):
         assert (report_dir / name).is_file()
     assert "0 fail, 0 missing" in out
+
+
+# ------------------------------------------------------------ bad input before any work
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fails the test if the command gets as far as building or loading a model."""
+    from lavender_checks.run import pair
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(pair, "load_model_pair", refuse)
+    monkeypatch.setattr(pair, "pair_identity", refuse)
+
+
+def one_error_line(err: str, *words: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("lavender-checks run: error: "), err
+    for word in words:
+        assert word in lines[0], err
+    return lines[0]
+
+
+def test_a_store_or_reports_that_is_no_folder_is_one_line_before_any_model(tmp_path, capsys,
+                                                                           no_model_load):
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    assert cli.main(["run", "--store", str(afile), "--reports", str(tmp_path / "r"), "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, "--store", str(afile), "not a folder")
+    assert cli.main(["run", "--store", str(tmp_path / "s"), "--reports", str(afile), "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, "--reports", str(afile), "not a folder")
+    # /proc refuses new folders even to root: an unwritable place.
+    assert cli.main(["run", "--store", str(tmp_path / "s"), "--reports", "/proc/lavender-reports",
+                     "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, "--reports /proc/lavender-reports", "cannot write there")
+    assert cli.main(["run", "--store", "/proc/lavender-store", "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, "--store /proc/lavender-store", "cannot write there")
+
+
+@pytest.mark.parametrize("device", ["tpu", "meta", "cuda:x", "cpu:0:1"])
+def test_an_unusable_device_is_refused_at_once(device, capsys, no_model_load):
+    with pytest.raises(RunInputError, match=f"--device {device}: the model runs on cpu or cuda"):
+        RunConfig(device=device)
+    assert cli.main(["run", "--device", device, "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, f"--device {device}")
+
+
+def test_cuda_without_cuda_is_refused_at_once(tmp_path, capsys, no_model_load):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    started = time.monotonic()
+    assert cli.main(["run", "--device", "cuda", "--store", str(tmp_path / "s"),
+                     "--reports", str(tmp_path / "r"), "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, "--device cuda: CUDA is not available here")
+    assert time.monotonic() - started < 5
+
+
+def test_a_missing_model_is_reported_before_a_missing_lmudata(tmp_path, capsys, monkeypatch,
+                                                              no_model_load):
+    monkeypatch.delenv("LMUData", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cli.main(["run", "--base-model", str(tmp_path / "m"), "--lora", str(tmp_path / "l"),
+                     "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, f"--base-model {tmp_path / 'm'}: no such folder")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "l").mkdir()
+    assert cli.main(["run", "--base-model", str(tmp_path / "m"), "--lora", str(tmp_path / "l"),
+                     "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, f"LMUData folder {tmp_path / 'home' / 'LMUData'} does not exist")
+
+
+# ------------------------------------------------------------ the model pair, loaded lazily
+
+
+def test_a_run_whose_predictions_are_all_stored_loads_no_model(tmp_path):
+    config = stand_in_config(tmp_path, benchmarks=("ChartQA_TEST",), engine="generate")
+    loads = []
+
+    def load():
+        loads.append(1)
+        return StandInPair()
+
+    first = pipeline.collect_results(config, pair=pipeline.LazyPair(StandInPair(), load), progress=False)
+    assert loads == [1] and first.metadata["models"] == {"stand_in": True, "loaded": True}
+    second = pipeline.collect_results(config, pair=pipeline.LazyPair(StandInPair(), load), progress=False)
+    assert loads == [1]  # nothing to generate: the weights stayed on disk
+    assert second.predictions == first.predictions
+    assert second.metadata["models"]["loaded"] is False
+
+
+def test_the_identity_read_from_the_folders_is_the_loaded_pairs(tiny_pair, tiny_checkpoints, monkeypatch):
+    from lavender_checks.run import pair as pair_module
+    from lavender_checks.synthetic import tiny
+
+    monkeypatch.setattr(tiny, "ensure_tiny_checkpoints", lambda: tiny_checkpoints)
+    identity = pair_module.pair_identity(RunConfig())
+    assert (identity.base_fingerprint, identity.adapter_fingerprint) == \
+        (tiny_pair.base_fingerprint, tiny_pair.adapter_fingerprint)
+    assert (identity.device, identity.dtype) == (tiny_pair.device, tiny_pair.dtype)
+    assert identity.processor.tokenizer.padding_side == "left"
+
+
+# ------------------------------------------------------------ one meaning of --benchmark
+
+
+def test_a_run_of_one_benchmark_is_judged_on_its_rows_only(tmp_path):
+    run = pipeline.collect_results(stand_in_config(tmp_path, benchmarks=("MME",)),
+                                   pair=StandInPair(), progress=False)
+    outcome = pipeline.judge_run(run)
+    assert outcome.verdicts and {v.benchmark for v in outcome.verdicts} == {"MME"}
+    assert not [v for v in outcome.verdicts if v.status == "missing"]
+    rows = load_reference(pipeline.TINY_REFERENCE).rows
+    assert len(outcome.verdicts) == 3 * sum(row.benchmark == "MME" for row in rows)
+
+
+# ------------------------------------------------------------ --write-reference
+
+
+def test_write_reference_does_not_replace_a_file_without_force(tmp_path, capsys, no_model_load):
+    existing = tmp_path / "own.toml"
+    existing.write_text("# mine\n")
+    assert cli.main(["run", "--write-reference", str(existing), "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, str(existing), "exists", "--force")
+    assert existing.read_text() == "# mine\n"
+    assert cli.main(["run", "--force", "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, "--force only applies to --write-reference")
+    run = pipeline.collect_results(stand_in_config(tmp_path), pair=StandInPair(), progress=False)
+    with pytest.raises(RunInputError, match="exists; add --force"):
+        pipeline.write_reference(run, existing)
+    pipeline.write_reference(run, existing, force=True)
+    assert load_reference(existing).rows
+
+
+def test_a_recorded_reference_keeps_the_hand_written_layout(tmp_path):
+    run = pipeline.collect_results(stand_in_config(tmp_path), pair=StandInPair(), progress=False)
+    text = pipeline.write_reference(run, tmp_path / "own.toml").read_text()
+    assert text.startswith("# Reference numbers recorded by `lavender-checks run --write-reference` "
+                           "from fixtures/reported/seed-report.toml's rows.")
+    assert text.count("[[row]]") == len(load_reference(pipeline.SEED_REFERENCE).rows)
+    assert "[gate.floor]" in text and "[derived.MME]" in text
+
+
+# ------------------------------------------------------------ two runs on one store
+
+
+def test_a_key_held_by_a_live_run_is_refused_naming_it(tmp_path):
+    from lavender_checks.run.store import StoreLockedError
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        config = stand_in_config(tmp_path, benchmarks=("ChartQA_TEST",))
+        pipeline.collect_results(config, pair=StandInPair(), progress=False)
+        (lock_dir,) = {p.parent for p in (tmp_path / "store").rglob("*.jsonl") if "+" not in p.parent.parent.name}
+        (lock_dir / ".lock").write_text(json.dumps(
+            {"run": "other", "pid": other.pid, "host": socket.gethostname(), "started": "now",
+             "command": "lavender-checks run (the other one)"}))
+        ledger: list = []
+        with pytest.raises(StoreLockedError, match=f"another run is using these predictions: pid {other.pid}.*"
+                                                   r"lavender-checks run \(the other one\)"):
+            pipeline.collect_results(config, pair=StandInPair(ledger), progress=False)
+        assert ledger == []  # refused before generating anything
+    finally:
+        other.kill()
+        other.wait()
+    # Its process is gone: the lock is taken over, and released at the end of the run.
+    run = pipeline.collect_results(config, pair=StandInPair(), progress=False)
+    assert run.results["ChartQA_TEST"]["base"] is not None
+    assert not list((tmp_path / "store").rglob(".lock"))
+
+
+def test_the_processes_of_one_sharded_run_share_the_locks(tmp_path):
+    from lavender_checks.run.store import PredictionStore, StoreKey
+
+    key = StoreKey("b" * 64, None, "MME", "0" * 32, "p", "1" * 64)
+    first = PredictionStore(tmp_path, run_id="barrier:x")
+    first.log(key, writer="gw0")
+    second = PredictionStore(tmp_path, run_id="barrier:x")
+    second.log(key, writer="gw1")  # the same run: no refusal
+    first.release()
+    assert not list(tmp_path.rglob(".lock"))
+
+
+# ------------------------------------------------------------ leftovers
+
+
+def test_stale_partial_reports_go_and_keep_reports_prunes_old_runs(tmp_path):
+    from lavender_checks.gate.report import new_run_id
+
+    reports = tmp_path / "reports"
+    runs = [reports / f"2026010{i}-000000-0000000{i}" for i in range(1, 5)]
+    for run in runs:
+        (run / "report.json").parent.mkdir(parents=True)
+        (run / "report.json").write_text("{}")
+    stale = reports / f".{new_run_id()}.partial"
+    fresh = reports / f".{new_run_id()}.partial"
+    stale.mkdir()
+    fresh.mkdir()
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    (reports / "store").mkdir()
+    removed = pipeline.prune_reports(reports, keep=2)
+    assert set(removed) == {stale, runs[0], runs[1]}
+    assert sorted(p.name for p in reports.iterdir()) == sorted(
+        [fresh.name, "store", runs[2].name, runs[3].name])
+
+
+def test_keep_reports_through_the_command(tmp_path, capsys, no_model_load):
+    assert cli.main(["run", "--keep-reports", "0", "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, "--keep-reports must be at least 1")
+
+
+def test_stale_barrier_folders_go(tmp_path):
+    from lavender_checks.run.shards import remove_stale_barriers
+
+    old, new = tmp_path / "old-run", tmp_path / "new-run"
+    for folder in (old, new):
+        folder.mkdir()
+        (folder / "0.done").write_text("gw0\n")
+    before = time.time() - 7200
+    for path in (old / "0.done", old):
+        os.utime(path, (before, before))
+    assert remove_stale_barriers(tmp_path) == [old]
+    assert new.is_dir()
+
+
+@pytest.mark.slow
+def test_the_default_run_works_from_a_non_editable_install(tmp_path):
+    """``pip install .`` (not -e): the package carries its fixtures, reports go to ./reports."""
+    site, work, home = tmp_path / "site", tmp_path / "work", tmp_path / "home"
+    work.mkdir()
+    build = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                            "--no-build-isolation", "--target", str(site), str(REPO_ROOT)],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert build.returncode == 0, build.stderr
+    # setuptools builds in the checkout's build/: leave no trace there
+    shutil.rmtree(REPO_ROOT / "build", ignore_errors=True)
+    assert (site / "lavender_checks" / "fixtures" / "reported" / "tiny-mini.toml").is_file()
+    env = dict(os.environ, PYTHONPATH=str(site), HOME=str(home), OMP_NUM_THREADS="1")
+    env.pop("LAVENDER_CHECKS_CACHE", None)
+    done = subprocess.run([sys.executable, "-m", "lavender_checks.cli", "run", "--benchmark", "ChartQA_TEST",
+                           "--quiet"], capture_output=True, text=True, timeout=600, cwd=work, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = Path(done.stdout.strip().splitlines()[-1].removeprefix("report: "))
+    assert report.parent == work / "reports" and (report / "report.md").is_file()
+    assert (home / ".cache" / "lavender-checks" / "tiny").is_dir()  # not inside site-packages
+    assert not (site / "reports").exists() and not (site / ".cache").exists()

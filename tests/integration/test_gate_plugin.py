@@ -1,0 +1,125 @@
+"""The gate's pytest behaviour, tested as a user meets it: a pytest session run by pytester
+(as syrupy tests its plugin) with the plugin and the gate's own test module.
+
+Sessions that load a model run in a subprocess (pytester's in-process runs drop the modules
+a session imported, and torch does not survive being imported twice); the others run in this
+process. The built-in tiny pair generates into the default store, so after the first session
+(or ``pytest tests/benchmarks``) they only read it.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from lavender_checks import REPO_ROOT
+from lavender_checks.run import pipeline
+
+pytest_plugins = ["pytester"]
+
+GATE_TESTS = REPO_ROOT / "tests" / "benchmarks" / "test_gate.py"
+ERROR_LINE = "lavender-checks run: error: "
+
+
+@pytest.fixture
+def gate(pytester, tmp_path):
+    """Run the gate (tests/benchmarks/test_gate.py) in a fresh session with these options."""
+    pytester.makepyfile(test_gate=GATE_TESTS.read_text(encoding="utf-8"))
+
+    def run(*options: str, subprocess: bool = False):
+        runner = pytester.runpytest_subprocess if subprocess else pytester.runpytest
+        return runner("-p", "lavender_checks.run.pytest_plugin", "-p", "no:cacheprovider",
+                      "--reports", str(tmp_path / "reports"), *options)
+
+    return run
+
+
+def test_the_tiny_gate_passes(gate):
+    result = gate("--benchmark", "ChartQA_TEST", subprocess=True)
+    rows = [row for row in tomllib.loads(pipeline.TINY_REFERENCE.read_text())["row"]
+            if row["benchmark"] == "ChartQA_TEST"]
+    result.assert_outcomes(passed=3 * len(rows))
+    result.stdout.fnmatch_lines(["*lavender-checks gate*", f"{3 * len(rows)} pass, 0 fail, 0 missing*",
+                                 "report: *"])
+    assert result.ret == 0
+
+
+def test_a_failing_case_prints_measured_reported_band_and_n(gate, tmp_path):
+    text = pipeline.TINY_REFERENCE.read_text(encoding="utf-8")
+    reference = tomllib.loads(text)
+    row = next(r for r in reference["row"] if r["benchmark"] == "ChartQA_TEST")
+    # The row's base number moved far out of any band; its lavender and gain stay.
+    moved = text.replace(
+        f'label = "{row["label"]}"\nbenchmark = "ChartQA_TEST"\nmetric = "{row["metric"]}"\n'
+        f'unit = "{row["unit"]}"\nbase = {row["base"]:.2f}\nlavender = {row["lavender"]:.2f}\n'
+        f'delta = {row["delta"]:.2f}',
+        f'label = "{row["label"]}"\nbenchmark = "ChartQA_TEST"\nmetric = "{row["metric"]}"\n'
+        f'unit = "{row["unit"]}"\nbase = {row["base"] + 40:.2f}\nlavender = {row["lavender"] + 40:.2f}\n'
+        f'delta = {row["delta"]:.2f}', 1)
+    assert moved != text
+    edited = tmp_path / "edited.toml"
+    edited.write_text(moved, encoding="utf-8")
+    result = gate("--benchmark", "ChartQA_TEST", "--reference", str(edited), subprocess=True)
+    outcomes = result.parseoutcomes()
+    assert outcomes["failed"] == 2 and result.ret == 1  # base and lavender of that row
+    row_id = f"ChartQA_TEST-{row['metric']}"
+    result.stdout.fnmatch_lines([
+        f"*test_base?{row_id}?*",
+        f"*FAIL {row_id} base*: measured {row['base']:.2f}, reported {row['base'] + 40:.2f}, "
+        "band [[]*, *[]], n=24 questions",
+    ])
+
+
+def test_an_input_error_stops_the_session_once_with_the_cli_line_and_status(gate, tmp_path, capsys):
+    from lavender_checks import cli
+
+    missing = ["--base-model", str(tmp_path / "no-model"), "--lora", str(tmp_path / "no-lora")]
+    result = gate(*missing)
+    output = "\n".join(result.outlines + result.errlines)
+    assert result.ret == 2
+    assert output.count(ERROR_LINE) == 1, output
+    assert "passed" not in result.parseoutcomes() and "error" not in result.parseoutcomes()
+    # The CLI: the same line, the same status.
+    assert cli.main(["run", *missing, "--quiet"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(ERROR_LINE) and line in output
+
+
+def test_without_lmu_data_a_missing_model_is_reported_before_a_missing_lmudata(gate, tmp_path,
+                                                                               monkeypatch):
+    monkeypatch.delenv("LMUData", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/LMUData either
+    result = gate("--base-model", str(tmp_path / "no-model"), "--lora", str(tmp_path / "no-lora"))
+    assert result.ret == 2
+    result.stdout.fnmatch_lines([f"*{ERROR_LINE}--base-model {tmp_path / 'no-model'}: no such folder*"])
+
+
+@pytest.mark.parametrize("device", ["tpu", "meta"])
+def test_an_unusable_device_is_one_error_before_any_case(gate, device):
+    # Refused while pytest configures itself: pytester runs that only in a subprocess.
+    result = gate("--device", device, subprocess=True)
+    assert result.ret == 2
+    output = "\n".join(result.outlines + result.errlines)
+    assert output.count(f"{ERROR_LINE}--device {device}") == 1, output
+
+
+def test_cases_are_only_the_rows_of_the_benchmarks_run(gate):
+    result = gate("--benchmark", "MME", "--collect-only", "-q")
+    ids = [line for line in result.outlines if "::test_" in line]
+    assert ids and all(re.search(r"\[MME-", line) for line in ids)
+
+
+@pytest.mark.slow
+def test_a_sharded_session_leaves_no_barrier_folder(gate):
+    from lavender_checks.run.store import DEFAULT_ROOT
+
+    shards = DEFAULT_ROOT / ".shards"
+    before = set(shards.iterdir()) if shards.is_dir() else set()
+    result = gate("-n", "2", "--benchmark", "ChartQA_TEST", subprocess=True)
+    assert result.ret == 0, "\n".join(result.outlines[-30:])
+    result.stdout.fnmatch_lines(["*lavender-checks gate*", "* pass, 0 fail, 0 missing*"])
+    after = set(shards.iterdir()) if shards.is_dir() else set()
+    assert after <= before
