@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from lavender_checks.errors import EXIT_INTERRUPTED
+
 # subcommand -> (module, one-line help). Each module defines add_arguments(parser) and main(args) -> int.
 SUBCOMMANDS = {
     "run": ("lavender_checks.run.pipeline", "generate (or reuse) predictions for base and Lavender, score, gate and write a report"),
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(args) or 0)
     except KeyboardInterrupt:
         print("interrupted; finished predictions are kept and a rerun resumes from them", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -16,10 +16,13 @@ import math
 import sys
 from pathlib import Path
 
+from lavender_checks.errors import EXIT_INPUT, error_line
+
 # pandas and the scorers are imported inside main(): building the CLI parser stays cheap.
 
-EXIT_ERROR = 1
-EXIT_UNKNOWN_BENCHMARK = 2
+# A file or benchmark that cannot be scored is bad input, as for `run` (lavender_checks.errors).
+EXIT_ERROR = EXIT_INPUT
+EXIT_UNKNOWN_BENCHMARK = EXIT_INPUT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         benchmark = get_benchmark(args.benchmark)
     except UnknownBenchmark as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(error_line("score", err), file=sys.stderr)
         return EXIT_UNKNOWN_BENCHMARK
 
     source = Path(args.predictions_file)
@@ -109,10 +112,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_ERROR
     except (FileNotFoundError, PredictionFileError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(error_line("score", err), file=sys.stderr)
         return EXIT_ERROR
     except (ScoringInputError, ValueError) as err:
-        print(f"error: {source}: {err}", file=sys.stderr)
+        print(error_line("score", f"{source}: {err}"), file=sys.stderr)
         return EXIT_ERROR
 
     if args.samples:

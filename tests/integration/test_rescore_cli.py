@@ -113,7 +113,7 @@ def test_meta_option(tmp_path, capsys):
     _vlmevalkit_xlsx(_chartqa_frame(), path)
     meta = tmp_path / "ChartQA_TEST.tsv"
     _chartqa_frame().drop(columns=["prediction"]).iloc[:3].assign(image="aGVsbG8=").to_csv(meta, sep="\t", index=False)
-    assert _run(["ChartQA_TEST", str(path), "--meta", str(meta)]) == 1
+    assert _run(["ChartQA_TEST", str(path), "--meta", str(meta)]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and "not in the benchmark TSV: 3" in err
     _chartqa_frame().drop(columns=["prediction"]).to_csv(meta, sep="\t", index=False)
@@ -128,17 +128,21 @@ def test_unknown_benchmark_lists_known_ones(tmp_path, capsys):
         assert name in err
 
 
-def test_file_errors_exit_1(tmp_path, capsys):
-    assert _run(["MME", str(tmp_path / "missing.xlsx")]) == 1
-    assert "prediction file not found" in capsys.readouterr().err
+def test_file_errors_are_bad_input_with_the_run_commands_convention(tmp_path, capsys):
+    """Exit status 2 and one line ``lavender-checks score: error: ...``, as ``run`` does."""
+    assert _run(["MME", str(tmp_path / "missing.xlsx")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lavender-checks score: error: ") and "prediction file not found" in err
     path = tmp_path / "m_MME.xlsx"
     _vlmevalkit_xlsx(pd.DataFrame({"index": [1], "answer": ["Yes"]}), path)
-    assert _run(["MME", str(path)]) == 1
+    assert _run(["MME", str(path)]) == 2
     err = capsys.readouterr().err
     assert "'prediction'" in err and "columns found: index, answer" in err
     _vlmevalkit_xlsx(pd.DataFrame({"index": [1], "answer": ["Yes"], "prediction": ["Yes"]}), path)
-    assert _run(["MME", str(path)]) == 1
-    assert "lacks column(s) 'category', 'image_path'" in capsys.readouterr().err
+    assert _run(["MME", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lavender-checks score: error: ")
+    assert "lacks column(s) 'category', 'image_path'" in err
 
 
 def test_command_does_not_import_torch(tmp_path):
