@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import io
 import json
@@ -39,6 +40,7 @@ import tempfile
 import tomllib
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +52,9 @@ from lavender_checks.benchmarks import Benchmark, BenchmarkSpec, get_benchmark
 
 __all__ = [
     "DataError", "DataMismatchError", "DataMismatchWarning",
-    "lmudata_root", "load_benchmark_frame", "load_image", "image_key", "subset",
-    "resampling_units", "provenance", "file_md5", "md5_cache_path",
+    "Provenance", "lmudata_root", "load_benchmark", "load_benchmark_frame", "load_image",
+    "image_key", "subset", "resampling_units", "provenance", "provenance_of", "file_md5",
+    "md5_cache_path",
 ]
 
 LMUDATA_ENV = "LMUData"  # VLMEvalKit's environment variable
@@ -87,7 +90,7 @@ class DataMismatchWarning(UserWarning):
 
 
 class _FrozenInfo(Mapping):
-    """A read-only mapping kept in ``DataFrame.attrs``.
+    """A read-only mapping inside a ``Provenance`` (which ``DataFrame.attrs`` carries).
 
     pandas deep-copies ``attrs`` on nearly every operation, even one ``iloc`` row access; a
     plain dict there costs tens of microseconds per access (milliseconds for the image-owner
@@ -119,6 +122,68 @@ class _FrozenInfo(Mapping):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._data!r})"
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What ``load_benchmark`` read: the file, whether it is VLMEvalKit's, which subsets were
+    taken, and which row holds each row's image (``image_owner``: index -> owner index, for
+    rows whose image cell referred to another row's).
+
+    ``load_benchmark`` returns it beside the frame. The frame also carries it (one entry of
+    ``DataFrame.attrs``, ``PROVENANCE_KEY``) for the functions that take a frame alone
+    (``load_image``, ``image_key``, ``subset``); ``provenance_of`` reads it from there.
+    pandas deep-copies ``attrs`` on nearly every operation, even one ``iloc`` row access; the
+    record is immutable, so its copy is itself.
+    """
+
+    benchmark: str
+    root: str
+    tsv: str
+    read_from: str
+    localized: str  # "no", "local_tsv", "emulated"
+    size_bytes: int
+    md5: str
+    md5_expected: str
+    md5_matches: bool
+    rows_in_file: int
+    rows_expected: int | None
+    rows_match: bool | None
+    rows_without_image: int
+    synthetic: bool
+    comparable: bool
+    subsets: tuple = ()  # one _FrozenInfo per ``subset`` call applied
+    image_owner: Mapping = field(default_factory=dict, repr=False, compare=False)
+
+    def __copy__(self) -> Provenance:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> Provenance:
+        return self
+
+    @property
+    def tsv_md5(self) -> str:
+        return self.md5
+
+    def with_subset(self, record: Mapping[str, Any]) -> Provenance:
+        return dataclasses.replace(self, subsets=self.subsets + (_FrozenInfo(record),))
+
+    def describe(self) -> dict:
+        """JSON-ready (the image owners left out): what a report records about the data."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in ("subsets", "image_owner")}
+        out["subsets"] = [{**s, "shard": list(s["shard"]) if s.get("shard") is not None else None}
+                          for s in self.subsets]
+        return out
+
+
+PROVENANCE_KEY = "provenance"  # the frame's attrs entry holding its Provenance
+
+
+def provenance_of(frame: pd.DataFrame) -> Provenance | None:
+    """The record ``load_benchmark`` attached to ``frame`` (None for a frame it did not read)."""
+    record = frame.attrs.get(PROVENANCE_KEY)
+    return record if isinstance(record, Provenance) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +415,18 @@ def load_benchmark_frame(
     *,
     strict: bool = False,
 ) -> pd.DataFrame:
-    """The benchmark's TSV as VLMEvalKit's dataset holds it (``self.data``).
+    """``load_benchmark``'s frame alone (its record stays attached: ``provenance_of``)."""
+    return load_benchmark(benchmark, root, strict=strict)[0]
+
+
+def load_benchmark(
+    benchmark: str | Benchmark | BenchmarkSpec,
+    root: str | os.PathLike | None = None,
+    *,
+    strict: bool = False,
+) -> tuple[pd.DataFrame, Provenance]:
+    """The benchmark's TSV as VLMEvalKit's dataset holds it (``self.data``), and the record of
+    what was read (``Provenance``).
 
     ``root`` is the LMUData folder (``None``: ``lmudata_root()``). Image references are
     resolved, so every ``image`` cell holds base64; ``image_key`` still knows which row held it.
@@ -369,8 +445,7 @@ def load_benchmark_frame(
     <index>.jpg`` (the index of the row holding the base64), and ``load_image`` then gives the
     JPEG re-encode. The md5 check always concerns the TSV itself.
 
-    ``frame.attrs['lmudata']`` (see ``provenance``) records what was read and whether it is
-    VLMEvalKit's file; ``frame.attrs['tsv_md5']`` holds the TSV's md5 alone.
+    The record says what was read and whether it is VLMEvalKit's file (``Provenance``).
     """
     spec = _spec_of(benchmark)
     root_path = lmudata_root(root)
@@ -426,28 +501,16 @@ def load_benchmark_frame(
     synthetic_entry = None if md5_matches else _synthetic_entry(root_path, spec)
     synthetic = synthetic_entry is not None and synthetic_entry.get("md5") == digest
     rows_match = None if spec.rows is None else rows_in_file == spec.rows
-    frame.attrs["lmudata"] = _FrozenInfo({
-        "benchmark": spec.name,
-        "root": str(root_path),
-        "tsv": str(tsv),
-        "read_from": str(read_from),
-        "localized": localized,
-        "size_bytes": size,
-        "md5": digest,
-        "md5_expected": spec.md5,
-        "md5_matches": md5_matches,
-        "rows_in_file": rows_in_file,
-        "rows_expected": spec.rows,
-        "rows_match": rows_match,
-        "rows_without_image": rows_without_image,
-        "synthetic": synthetic,
-        "comparable": md5_matches,
-        "subsets": (),
-    })
-    frame.attrs["image_owner"] = _FrozenInfo(owners)
-    frame.attrs["tsv_md5"] = digest  # the same md5, under the key the prediction store reads
+    record = Provenance(
+        benchmark=spec.name, root=str(root_path), tsv=str(tsv), read_from=str(read_from),
+        localized=localized, size_bytes=size, md5=digest, md5_expected=spec.md5,
+        md5_matches=md5_matches, rows_in_file=rows_in_file, rows_expected=spec.rows,
+        rows_match=rows_match, rows_without_image=rows_without_image, synthetic=synthetic,
+        comparable=md5_matches, image_owner=_FrozenInfo(owners),
+    )
+    frame.attrs[PROVENANCE_KEY] = record
     _check_identity(spec, tsv, digest, rows_in_file, md5_matches, rows_match, synthetic, strict)
-    return frame
+    return frame, record
 
 
 def _check_identity(spec, tsv, digest, rows, md5_matches, rows_match, synthetic, strict) -> None:
@@ -490,15 +553,8 @@ def provenance(frame: pd.DataFrame) -> dict:
     size_bytes, md5, md5_expected, md5_matches, rows_in_file, rows_expected, rows_match,
     rows_without_image, synthetic, comparable, subsets (list of the ``subset`` calls applied).
     """
-    info = frame.attrs.get("lmudata")
-    if info is None:
-        return {}
-    out = dict(info)
-    out["subsets"] = [
-        {**s, "shard": list(s["shard"]) if s.get("shard") is not None else None}
-        for s in info.get("subsets", ())
-    ]
-    return out
+    record = provenance_of(frame)
+    return record.describe() if record is not None else {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,8 +562,8 @@ def provenance(frame: pd.DataFrame) -> dict:
 
 
 def _source_name(frame: pd.DataFrame) -> str:
-    info = frame.attrs.get("lmudata")
-    return info["read_from"] if info is not None else "benchmark frame"
+    record = provenance_of(frame)
+    return record.read_from if record is not None else "benchmark frame"
 
 
 def _index_value(index: Any) -> Any:
@@ -567,8 +623,8 @@ def _owner_of(frame: pd.DataFrame, position: int, index: Any) -> tuple[Any, str]
             raise DataError(f"{_source_name(frame)}: row with index {index}, column 'image': empty")
         cell = str(cell)
     if len(cell) > REFERENCE_MAX_CHARS:
-        owners = frame.attrs.get("image_owner")
-        return (owners.get(index, index) if owners is not None else index), cell
+        record = provenance_of(frame)
+        return (record.image_owner.get(index, index) if record is not None else index), cell
     # A reference left in the frame (a frame not made by load_benchmark_frame).
     index_text = [str(x) for x in frame["index"].to_numpy()]
     if cell not in index_text:
@@ -661,10 +717,10 @@ def _open_localized(frame, position, index, benchmark, root) -> Image.Image:
         raise DataError(f"{source}: row with index {index}, column 'image_path': empty")
     path = Path(cell)
     if not path.is_absolute():
-        info = frame.attrs.get("lmudata")
-        base = lmudata_root(root if root is not None else (info["root"] if info else None))
+        record = provenance_of(frame)
+        base = lmudata_root(root if root is not None else (record.root if record else None))
         folder = _spec_of(benchmark).image_folder if benchmark is not None else (
-            _spec_of(info["benchmark"]).image_folder if info else "")
+            _spec_of(record.benchmark).image_folder if record else "")
         path = base / "images" / folder / path
     try:
         image = Image.open(path)
@@ -870,10 +926,7 @@ def subset(
     record = {"limit": limit, "fraction": fraction, "shard": shard,
               "seed": seed if fraction is not None or limit is not None else None, "units": len(chosen),
               "rows": int(mask.sum())}
-    info = frame.attrs.get("lmudata")
-    base = dict(info) if info is not None else {"benchmark": spec.name}
-    base["subsets"] = tuple(base.get("subsets", ())) + (_FrozenInfo(record),)
-    result.attrs["lmudata"] = _FrozenInfo(base)
-    if "image_owner" in frame.attrs:
-        result.attrs["image_owner"] = frame.attrs["image_owner"]
+    loaded = provenance_of(frame)
+    if loaded is not None:
+        result.attrs[PROVENANCE_KEY] = loaded.with_subset(record)
     return result

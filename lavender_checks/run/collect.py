@@ -81,6 +81,7 @@ def collect_results(config: RunConfig, *, pair: Any = None, load_pair: Callable[
 @dataclass
 class _BenchmarkData:
     bench: Benchmark
+    provenance: Any  # data.Provenance of `full`
     full: Any  # the benchmark's whole TSV frame
     selected: Any  # the rows this run scores (subset of `full`)
     tsv: Path
@@ -90,7 +91,7 @@ def _load_data(config: RunConfig, root: Path, shard: tuple[int, int] | None
                ) -> tuple[dict[str, _BenchmarkData], dict[str, str]]:
     """Frames of the benchmarks whose TSV is there (the rows to score: ``shard`` of the
     subset, or all of it); the others are missing, naming the file."""
-    from lavender_checks.data import load_benchmark_frame, subset
+    from lavender_checks.data import load_benchmark, subset
 
     if not root.is_dir():
         raise RunInputError(f"LMUData folder {root} does not exist")
@@ -101,23 +102,24 @@ def _load_data(config: RunConfig, root: Path, shard: tuple[int, int] | None
         if not tsv.is_file():
             missing[bench.name] = f"{tsv} does not exist"
             continue
-        full = load_benchmark_frame(bench, root)
+        full, record = load_benchmark(bench, root)
         if config.strict_data:
-            _refuse_noncomparable(config, bench.name, full)
+            _refuse_noncomparable(config, bench.name, record)
         selected = subset(full, bench, limit=config.limit, fraction=config.fraction, shard=shard)
-        data[bench.name] = _BenchmarkData(bench=bench, full=full, selected=selected, tsv=tsv)
+        data[bench.name] = _BenchmarkData(bench=bench, provenance=record, full=full,
+                                          selected=selected, tsv=tsv)
     if not data:
         raise RunInputError(f"none of the benchmark TSVs is in {root}: "
                             + "; ".join(missing.values()))
     return data, missing
 
 
-def _refuse_noncomparable(config: RunConfig, benchmark: str, frame: Any) -> None:
-    """--strict-data: a TSV that is not the reference's data is an input error, before any work."""
-    from lavender_checks.data import provenance
+def _refuse_noncomparable(config: RunConfig, benchmark: str, record: Any) -> None:
+    """--strict-data: a TSV that is not the reference's data (``record``: its data.Provenance)
+    is an input error, before any work."""
     from lavender_checks.gate.verdicts import data_mismatch, load_reference
 
-    why = data_mismatch(load_reference(config.reference_path()), benchmark, provenance(frame))
+    why = data_mismatch(load_reference(config.reference_path()), benchmark, record.describe())
     if why:
         raise RunInputError(f"--strict-data: {why}; its scores are not comparable with the reference")
 
@@ -279,10 +281,11 @@ def _common_metadata(config: RunConfig, started: float) -> dict[str, Any]:
 
 
 def _describe_data(item: _BenchmarkData) -> dict[str, Any]:
-    """The file's identity (md5 and whether it is VLMEvalKit's) and the rows scored."""
-    from lavender_checks.data import provenance
+    """The file's identity (md5 and whether it is VLMEvalKit's), the subset taken, the rows scored."""
+    from lavender_checks.data import provenance_of
 
-    return {**provenance(item.selected), "scored_rows": len(item.selected)}
+    record = provenance_of(item.selected) or item.provenance  # the subset's record, if any
+    return {**record.describe(), "scored_rows": len(item.selected)}
 
 
 def versions() -> dict[str, str | None]:
@@ -305,7 +308,7 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
     The benchmark TSV, when LMUData has it, checks the indices (and gives MMBench its answers,
     as in VLMEvalKit)."""
     from lavender_checks.benchmarks.signature import check_signature
-    from lavender_checks.data import provenance, subset
+    from lavender_checks.data import provenance, provenance_of, subset
     from lavender_checks.vlmeval_io import find_prediction_file, read_prediction_file
 
     started = time.time()
@@ -337,7 +340,7 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
             check_signature(frames[v], benchmark, str(paths[v]))
         meta = _optional_meta(bench, meta_root)
         if meta is not None and config.strict_data:
-            _refuse_noncomparable(config, benchmark, meta)
+            _refuse_noncomparable(config, benchmark, provenance_of(meta))
         whole = frames
         if config.limit is not None or config.fraction is not None:
             frames = {v: subset(f, bench, limit=config.limit, fraction=config.fraction)

@@ -185,10 +185,11 @@ def _index_of(row: Mapping[str, Any], benchmark: str, position: int) -> Index:
 
 def _tsv_md5(frame: pd.DataFrame, bench: Benchmark, lmu_root: Path) -> str:
     """The md5 ``data.load_benchmark_frame`` recorded, else that of the TSV in ``lmu_root``."""
-    md5 = frame.attrs.get("tsv_md5")
-    if md5:
-        return str(md5)
-    from lavender_checks.data import file_md5
+    from lavender_checks.data import file_md5, provenance_of
+
+    record = provenance_of(frame)
+    if record is not None:
+        return record.md5
 
     return file_md5(lmu_root / bench.spec.tsv)
 

@@ -187,11 +187,13 @@ def test_reference_file_loads_without_warning_and_is_comparable(tmp_path):
     spec = vqa_spec(path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        frame = data.load_benchmark_frame(spec, tmp_path, strict=True)
+        frame, record = data.load_benchmark(spec, tmp_path, strict=True)
+    assert isinstance(record, data.Provenance) and data.provenance_of(frame) is record
     info = data.provenance(frame)
+    assert info == record.describe() and "image_owner" not in info
     assert info["md5"] == spec.md5 and info["md5_matches"] and info["comparable"]
     assert info["tsv"] == str(path) and info["rows_match"] is True and not info["synthetic"]
-    assert frame.attrs["tsv_md5"] == spec.md5
+    assert record.tsv_md5 == spec.md5 and record.root == str(tmp_path)
 
 
 def test_md5_mismatch_warns_loudly_and_strict_raises(tmp_path):
@@ -510,7 +512,8 @@ def test_subset_keeps_provenance_and_records_itself():
     assert info["md5"] == data.provenance(full)["md5"]
     assert info["subsets"] == [{"limit": None, "fraction": None, "shard": [1, 2], "seed": None,
                                 "units": 10, "rows": len(part)}]
-    assert part.attrs["tsv_md5"] == full.attrs["tsv_md5"]
+    assert data.provenance_of(part).tsv_md5 == data.provenance_of(full).tsv_md5
+    assert data.provenance_of(part).image_owner is data.provenance_of(full).image_owner
     copy = part["index"][part["index"] > 1_000_000].iloc[0]
     assert data.image_key(part, copy) == f"{copy % 1_000_000}.png"
 
@@ -524,12 +527,12 @@ def test_subset_rejects_bad_arguments(kwargs):
         data.subset(mini("DocVQA_VAL"), "DocVQA_VAL", **kwargs)
 
 
-def test_attrs_are_cheap_to_copy():
-    # pandas deep-copies attrs on row access; the recorded info must copy as itself.
+def test_the_record_is_one_attrs_entry_and_cheap_to_copy():
+    # pandas deep-copies attrs on row access; the record must copy as itself.
     frame = mini("MMBench_DEV_EN")
+    assert list(frame.attrs) == [data.PROVENANCE_KEY]
     row = frame.iloc[3]
-    assert row.attrs["lmudata"] is frame.attrs["lmudata"]
-    assert row.attrs["image_owner"] is frame.attrs["image_owner"]
+    assert data.provenance_of(row) is data.provenance_of(frame)
 
 
 def test_dump_suffix_of_older_revisions_feeds_the_jpeg_re_encode():
