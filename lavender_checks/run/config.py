@@ -297,11 +297,10 @@ def config_from_options(get: Callable[[str], Any]) -> RunConfig:
     return RunConfig(**values)
 
 
-def check_before_work(config: RunConfig, *, reports: Path | None = None,
-                      keep_reports: int | None = None) -> None:
-    """Everything about the inputs that can be checked before data or a model is loaded, in
-    the order a user fixes them: the model folders, then the data, then the outputs, then the
-    device. Raises one of ``input_errors()`` with a one-line message."""
+def check_inputs(config: RunConfig) -> None:
+    """The inputs that can be checked before data or a model is loaded, in the order a user
+    fixes them: the model folders, then the data, then the reference and profile. Reads only
+    (no torch, nothing written). Raises one of ``input_errors()`` with a one-line message."""
     if config.base_model is not None:
         for flag, path in (("--base-model", config.base_model), ("--lora", config.lora)):
             if not path.is_dir():
@@ -325,6 +324,14 @@ def check_before_work(config: RunConfig, *, reports: Path | None = None,
         profile = load_profile(config.profile)
         for name in config.benchmarks:
             profile.for_benchmark(name)  # a benchmark the profile lacks
+
+
+def check_before_work(config: RunConfig, *, reports: Path | None = None,
+                      keep_reports: int | None = None) -> None:
+    """``check_inputs``, then the outputs (``--store``, ``--reports``: folders this process can
+    write to, created if need be) and the device (CUDA there when asked for)."""
+    check_inputs(config)
+    if config.from_vlmeval is None:
         from lavender_checks.run.store import DEFAULT_ROOT
 
         check_writable_folder("--store", config.store or DEFAULT_ROOT)

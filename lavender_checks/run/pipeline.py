@@ -22,7 +22,7 @@ from lavender_checks.run.config import (
     DEFAULT_BASE_NAME, DEFAULT_BATCH_SIZE, DEFAULT_LAVENDER_NAME, DEFAULT_PROFILE, GATE_MODES,
     KEEP_REPORTS_OPTION, MINI_LMUDATA, REPORT_OPTIONS, REPORTS_OPTION, RUN_OPTIONS,
     SEED_REFERENCE, TINY_REFERENCE, VARIANTS, RunConfig, RunInputError, add_run_options,
-    check_before_work, config_from_options, input_errors)
+    check_before_work, check_inputs, config_from_options, input_errors)
 from lavender_checks.run.judge import GateOutcome, judge_run, prune_reports, write_run_report
 from lavender_checks.run.pair import LazyPair, load_model_pair
 from lavender_checks.run.reference import TINY_REFERENCE_DESCRIPTION, write_reference
@@ -34,7 +34,7 @@ __all__ = [
     "RUN_OPTIONS", "SEED_REFERENCE", "TINY_REFERENCE", "VARIANTS", "Barrier", "GateOutcome",
     "LazyPair", "RunConfig", "RunInputError", "RunResults", "ShardBarrier", "ShardFailed",
     "ShardTimeout", "TINY_REFERENCE_DESCRIPTION", "add_arguments", "add_run_options",
-    "check_before_work", "collect_results", "config_from_options", "input_errors", "judge_run",
+    "check_before_work", "check_inputs", "collect_results", "config_from_options", "input_errors", "judge_run",
     "load_model_pair", "main", "prune_reports", "versions", "write_reference", "write_run_report",
 ]
 

@@ -21,10 +21,11 @@ pytest-xdist (``-n auto`` = one worker per GPU):
 * xdist's default ``--dist load`` is the mode to use: the work is split by the fixture, not by
   how cases are spread (see tests/benchmarks/test_snapshots.py on ``--dist loadgroup``).
 
-Bad input (a missing ``--base-model`` folder, an unwritable ``--store``, ``--device tpu``) is
-found when the gate's first fixture is set up, before any model loads, and stops the session
-at once: ``pytest.exit`` with the line and exit status ``lavender-checks run`` gives
-(``lavender_checks.errors``), instead of one setup error per case.
+Bad input stops the session at once, before any model loads: ``pytest.exit`` with the line
+and exit status ``lavender-checks run`` gives (``lavender_checks.errors``), instead of one setup
+error per case. Options, model folders, LMUData, reference and profile are checked while pytest
+configures itself (in the xdist controller: once); an unwritable ``--store``/``--reports`` or
+``--device cuda`` without CUDA when the gate's first fixture is set up.
 """
 
 from __future__ import annotations
@@ -120,8 +121,11 @@ def _stop(error: BaseException) -> None:
 def pytest_configure(config):
     config.stash[_BARRIERS] = set()
     try:
-        run_config(config)  # bad options stop the session before collection
-    except pipeline.RunInputError as exc:
+        # Bad options and missing inputs stop the session before collection, in the xdist
+        # controller before any worker starts; what needs torch or writes is checked by the
+        # gate's first fixture.
+        pipeline.check_inputs(run_config(config))
+    except pipeline.input_errors() as exc:
         _stop(exc)
 
 

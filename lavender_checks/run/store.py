@@ -108,6 +108,13 @@ class Record:
     writer: str
 
 
+def default_run_id() -> str:
+    """The processes of one pytest session (pytest-xdist's test-run id, which its workers and
+    their children inherit) are one run; otherwise each process is a run of its own."""
+    session = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    return f"pytest:{session}" if session else f"{socket.gethostname()}:{os.getpid()}"
+
+
 class PredictionStore:
     """The store under ``root``. ``run_id`` names the run whose processes share its key locks
     (default: this process). Use it as a context manager to release the locks at the end; they
@@ -115,7 +122,7 @@ class PredictionStore:
 
     def __init__(self, root: str | Path | None = None, *, run_id: str | None = None):
         self.root = Path(root) if root is not None else DEFAULT_ROOT
-        self.run_id = run_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.run_id = run_id or default_run_id()
         self._locks: list[Path] = []
         atexit.register(self.release)
 

@@ -1,9 +1,10 @@
 """The gate's pytest behaviour, tested as a user meets it: a pytest session run by pytester
 (as syrupy tests its plugin) with the plugin and the gate's own test module.
 
-Sessions that load a model run in a subprocess (pytester's in-process runs drop the modules
-a session imported, and torch does not survive being imported twice); the others run in this
-process. The built-in tiny pair generates into the default store, so after the first session
+Sessions run in a subprocess when they load a model (pytester's in-process runs drop the
+modules a session imported, and torch does not survive being imported twice) or stop while
+pytest configures itself (which pytester handles only in a subprocess); the others run in
+this process. The built-in tiny pair generates into the default store, so after the first session
 (or ``pytest tests/benchmarks``) they only read it.
 """
 
@@ -25,9 +26,13 @@ ERROR_LINE = "lavender-checks run: error: "
 
 
 @pytest.fixture
-def gate(pytester, tmp_path):
+def gate(pytester, tmp_path, monkeypatch):
     """Run the gate (tests/benchmarks/test_gate.py) in a fresh session with these options."""
     pytester.makepyfile(test_gate=GATE_TESTS.read_text(encoding="utf-8"))
+    # When this suite runs under xdist, the session must not take itself for one of its
+    # workers (it keeps the test-run id: the outer session's runs share the store's locks).
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):
+        monkeypatch.delenv(name, raising=False)
 
     def run(*options: str, subprocess: bool = False):
         runner = pytester.runpytest_subprocess if subprocess else pytester.runpytest
@@ -77,12 +82,13 @@ def test_an_input_error_stops_the_session_once_with_the_cli_line_and_status(gate
     from lavender_checks import cli
 
     missing = ["--base-model", str(tmp_path / "no-model"), "--lora", str(tmp_path / "no-lora")]
-    result = gate(*missing)
+    result = gate(*missing, subprocess=True)
     output = "\n".join(result.outlines + result.errlines)
     assert result.ret == 2
     assert output.count(ERROR_LINE) == 1, output
-    assert "passed" not in result.parseoutcomes() and "error" not in result.parseoutcomes()
+    assert not re.search(r"\d+ (passed|failed|errors?)\b", output), output
     # The CLI: the same line, the same status.
+    capsys.readouterr()  # pytester echoed the session's output
     assert cli.main(["run", *missing, "--quiet"]) == 2
     line = capsys.readouterr().err.strip()
     assert line.startswith(ERROR_LINE) and line in output
@@ -92,9 +98,21 @@ def test_without_lmu_data_a_missing_model_is_reported_before_a_missing_lmudata(g
                                                                                monkeypatch):
     monkeypatch.delenv("LMUData", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/LMUData either
-    result = gate("--base-model", str(tmp_path / "no-model"), "--lora", str(tmp_path / "no-lora"))
+    result = gate("--base-model", str(tmp_path / "no-model"), "--lora", str(tmp_path / "no-lora"),
+                  subprocess=True)
     assert result.ret == 2
-    result.stdout.fnmatch_lines([f"*{ERROR_LINE}--base-model {tmp_path / 'no-model'}: no such folder*"])
+    output = "\n".join(result.outlines + result.errlines)
+    assert f"{ERROR_LINE}--base-model {tmp_path / 'no-model'}: no such folder" in output, output
+
+
+def test_an_unwritable_store_is_one_error_before_any_model(gate, tmp_path):
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    result = gate("--store", str(afile))
+    assert result.ret == 2
+    output = "\n".join(result.outlines + result.errlines)
+    assert output.count(f"{ERROR_LINE}--store {afile}: exists and is not a folder") == 1, output
+    assert not re.search(r"\d+ (passed|failed|errors?)\b", output), output
 
 
 @pytest.mark.parametrize("device", ["tpu", "meta"])
@@ -113,13 +131,11 @@ def test_cases_are_only_the_rows_of_the_benchmarks_run(gate):
 
 
 @pytest.mark.slow
-def test_a_sharded_session_leaves_no_barrier_folder(gate):
-    from lavender_checks.run.store import DEFAULT_ROOT
-
-    shards = DEFAULT_ROOT / ".shards"
-    before = set(shards.iterdir()) if shards.is_dir() else set()
-    result = gate("-n", "2", "--benchmark", "ChartQA_TEST", subprocess=True)
+def test_a_sharded_session_leaves_no_barrier_folder(gate, tmp_path):
+    # Its own store: its workers are a run of their own (another xdist test-run id).
+    store = tmp_path / "store"
+    result = gate("-n", "2", "--benchmark", "ChartQA_TEST", "--store", str(store), subprocess=True)
     assert result.ret == 0, "\n".join(result.outlines[-30:])
     result.stdout.fnmatch_lines(["*lavender-checks gate*", "* pass, 0 fail, 0 missing*"])
-    after = set(shards.iterdir()) if shards.is_dir() else set()
-    assert after <= before
+    assert len({p.stem for p in store.rglob("*.jsonl")}) == 2  # both workers generated
+    assert (store / ".shards").is_dir() and not list((store / ".shards").iterdir())
