@@ -7,7 +7,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import warnings
 from pathlib import Path
 
