@@ -483,7 +483,7 @@ def test_a_missing_model_is_reported_before_a_missing_lmudata(tmp_path, capsys, 
 
 
 def test_a_run_whose_predictions_are_all_stored_loads_no_model(tmp_path):
-    config = stand_in_config(tmp_path, benchmarks=("ChartQA_TEST",), engine="generate")
+    config = stand_in_config(tmp_path, benchmarks=("ChartQA_TEST",))
     loads = []
 
     def load():
