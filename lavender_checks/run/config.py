@@ -356,17 +356,42 @@ def check_writable_folder(flag: str, path: Path) -> None:
         raise RunInputError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
 
 
+def _no_cuda(device: str, torch_version: str, cuda_version: str | None) -> RunInputError:
+    built = f"CUDA {cuda_version}" if cuda_version else "without CUDA"
+    return RunInputError(f"--device {device}: CUDA is not available here (torch {torch_version}, "
+                         f"built {built}); use --device cpu or run on a CUDA machine")
+
+
 def check_cuda(device: str) -> None:
     import torch
 
     if not torch.cuda.is_available():
-        built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "without CUDA"
-        raise RunInputError(f"--device {device}: CUDA is not available here (torch "
-                            f"{torch.__version__}, built {built}); use --device cpu or run on a CUDA machine")
+        raise _no_cuda(device, torch.__version__, torch.version.cuda)
     _, _, number = device.partition(":")
     if number and int(number) >= torch.cuda.device_count():
         raise RunInputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA "
                             f"device(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
+def check_cuda_without_torch(device: str, gpus: list[str]) -> None:
+    """What ``check_cuda`` says in the common cases (a CPU build of torch; no GPU visible),
+    found without importing torch: for a process that must not touch CUDA (pytest-xdist's
+    controller). ``gpus``: the GPUs this process may use."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or spec.origin is None:
+        return  # no torch here: loading the model will say so
+    try:
+        text = (Path(spec.origin).parent / "version.py").read_text(encoding="utf-8")
+    except OSError:
+        return
+    version = re.search(r"^__version__\s*=\s*'([^']*)'", text, re.M)
+    cuda = re.search(r"^cuda(?:\s*:[^=]*)?=\s*(?:None|'([^']*)')", text, re.M)
+    if version is None or cuda is None:
+        return
+    if cuda.group(1) is None or not gpus:
+        raise _no_cuda(device, version.group(1), cuda.group(1))
 
 
 def input_errors() -> tuple[type[BaseException], ...]:

@@ -24,8 +24,9 @@ pytest-xdist (``-n auto`` = one worker per GPU):
 Bad input stops the session at once, before any model loads: ``pytest.exit`` with the line
 and exit status ``lavender-checks run`` gives (``lavender_checks.errors``), instead of one setup
 error per case. Options, model folders, LMUData, reference and profile are checked while pytest
-configures itself (in the xdist controller: once); an unwritable ``--store``/``--reports`` or
-``--device cuda`` without CUDA when the gate's first fixture is set up.
+configures itself (in the xdist controller: once), and so is ``--device cuda`` on a CPU build
+of torch or with no GPU visible (without importing torch); an unwritable ``--store`` or
+``--reports`` when the gate's first fixture is set up.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import pytest
 
 from lavender_checks.errors import EXIT_INPUT, error_line
 from lavender_checks.run import pipeline
+from lavender_checks.run.config import check_cuda_without_torch
 from lavender_checks.run.shards import ShardBarrier, remove_stale_barriers
 
 _GATE_SUMMARY = pytest.StashKey[dict]()
@@ -124,7 +126,10 @@ def pytest_configure(config):
         # Bad options and missing inputs stop the session before collection, in the xdist
         # controller before any worker starts; what needs torch or writes is checked by the
         # gate's first fixture.
-        pipeline.check_inputs(run_config(config))
+        run = run_config(config)
+        pipeline.check_inputs(run)
+        if run.from_vlmeval is None and run.device is not None and run.device_kind == "cuda":
+            check_cuda_without_torch(run.device, _gpu_ids())
     except pipeline.input_errors() as exc:
         _stop(exc)
 

@@ -138,3 +138,19 @@ def test_a_sharded_session_leaves_no_barrier_folder(gate, tmp_path):
     result.stdout.fnmatch_lines(["*lavender-checks gate*", "* pass, 0 fail, 0 missing*"])
     assert len({p.stem for p in store.rglob("*.jsonl")}) == 2  # both workers generated
     assert (store / ".shards").is_dir() and not list((store / ".shards").iterdir())
+
+
+def test_cuda_without_cuda_is_one_error_before_any_case_even_under_xdist(gate, capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    # Checked in the controller, which must not import torch: one line, before any worker.
+    result = gate("-n", "2", "--device", "cuda", subprocess=True)
+    assert result.ret == 2
+    output = "\n".join(result.outlines + result.errlines)
+    assert output.count(f"{ERROR_LINE}--device cuda: CUDA is not available here") == 1, output
+    capsys.readouterr()
+    from lavender_checks import cli
+
+    assert cli.main(["run", "--device", "cuda", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() in output  # the CLI's line, word for word
