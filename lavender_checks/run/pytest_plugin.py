@@ -25,8 +25,8 @@ Bad input stops the session at once, before any model loads: ``pytest.exit`` wit
 and exit status ``lavender-checks run`` gives (``lavender_checks.errors``), instead of one setup
 error per case. Options, model folders, LMUData, reference and profile are checked while pytest
 configures itself (in the xdist controller: once), and so is ``--device cuda`` on a CPU build
-of torch or with no GPU visible (without importing torch); an unwritable ``--store`` or
-``--reports`` when the gate's first fixture is set up.
+of torch or with no GPU visible (without importing torch), and a ``--store`` or ``--reports``
+given that is no writable folder; the default folders when the gate's first fixture is set up.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ import pytest
 
 from lavender_checks.errors import EXIT_INPUT, error_line
 from lavender_checks.run import pipeline
-from lavender_checks.run.config import check_cuda_without_torch
+from lavender_checks import REPORTS
+from lavender_checks.run.config import check_cuda_without_torch, check_writable_folder
 from lavender_checks.run.shards import ShardBarrier, remove_stale_barriers
 
 _GATE_SUMMARY = pytest.StashKey[dict]()
@@ -130,6 +131,12 @@ def pytest_configure(config):
         pipeline.check_inputs(run)
         if run.from_vlmeval is None and run.device is not None and run.device_kind == "cuda":
             check_cuda_without_torch(run.device, _gpu_ids())
+        # Output folders given on the command line (the defaults are checked, and made, by
+        # the gate's first fixture, so that a run of other tests leaves no folder behind).
+        if run.from_vlmeval is None and run.store is not None:
+            check_writable_folder("--store", run.store)
+        if config.getoption("reports") != REPORTS:
+            check_writable_folder("--reports", config.getoption("reports"))
     except pipeline.input_errors() as exc:
         _stop(exc)
 

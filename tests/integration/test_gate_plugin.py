@@ -107,7 +107,7 @@ def test_without_lmu_data_a_missing_model_is_reported_before_a_missing_lmudata(g
 def test_an_unwritable_store_is_one_error_before_any_model(gate, tmp_path):
     afile = tmp_path / "a-file"
     afile.write_text("x")
-    result = gate("--store", str(afile))
+    result = gate("-n", "2", "--store", str(afile), subprocess=True)  # refused in the controller
     assert result.ret == 2
     output = "\n".join(result.outlines + result.errlines)
     assert output.count(f"{ERROR_LINE}--store {afile}: exists and is not a folder") == 1, output
