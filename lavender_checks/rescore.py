@@ -109,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
         if meta is not None:
             check_questions(frame, meta, str(source), f"--meta {args.meta}")
     except SignatureMismatch as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(error_line("score", err), file=sys.stderr)
         return EXIT_ERROR
     except (FileNotFoundError, PredictionFileError) as err:
         print(error_line("score", err), file=sys.stderr)

@@ -18,7 +18,6 @@ import pytest
 from lavender_checks import REPO_ROOT
 from lavender_checks.run import pipeline
 
-pytest_plugins = ["pytester"]
 
 GATE_TESTS = REPO_ROOT / "tests" / "benchmarks" / "test_gate.py"
 ERROR_LINE = "lavender-checks run: error: "

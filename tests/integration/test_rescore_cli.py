@@ -193,9 +193,9 @@ def _mini_predictions(tmp_path, benchmark: str, **edits):
 ])
 def test_another_benchmarks_file_is_refused_naming_it(tmp_path, capsys, named, actual):
     path = _mini_predictions(tmp_path, actual)
-    assert _run([named, str(path), "--json"]) == 1
+    assert _run([named, str(path), "--json"]) == 2
     captured = capsys.readouterr()
-    assert captured.out == ""
+    assert captured.out == "" and captured.err.startswith("lavender-checks score: error: ")
     assert f"{path} is not a {named} file" in captured.err
     assert f"it looks like {actual}" in captured.err
 
@@ -208,14 +208,14 @@ def test_every_mini_file_is_its_own_benchmarks(tmp_path, capsys, name):
 
 def test_a_meta_tsv_of_another_benchmark_is_refused(tmp_path, capsys):
     path = _mini_predictions(tmp_path, "ChartQA_TEST")
-    assert _run(["ChartQA_TEST", str(path), "--meta", str(MINI / "MME.tsv")]) == 1
+    assert _run(["ChartQA_TEST", str(path), "--meta", str(MINI / "MME.tsv")]) == 2
     err = capsys.readouterr().err
     assert f"--meta {MINI / 'MME.tsv'} is not a ChartQA_TEST file" in err and "it looks like MME" in err
 
 
 def test_a_question_that_is_not_the_tsvs_is_refused(tmp_path, capsys):
     path = _mini_predictions(tmp_path, "ChartQA_TEST", question=(3, "How many pears were sold?"))
-    assert _run(["ChartQA_TEST", str(path), "--meta", str(MINI / "ChartQA_TEST.tsv")]) == 1
+    assert _run(["ChartQA_TEST", str(path), "--meta", str(MINI / "ChartQA_TEST.tsv")]) == 2
     err = capsys.readouterr().err
     assert "1 row(s) whose question is not the one of --meta" in err
     assert "index 3: 'How many pears were sold?' in the file" in err
@@ -223,6 +223,6 @@ def test_a_question_that_is_not_the_tsvs_is_refused(tmp_path, capsys):
 
 def test_an_unknown_split_is_refused(tmp_path, capsys):
     path = _mini_predictions(tmp_path, "ChartQA_TEST", split=(0, "val"))
-    assert _run(["ChartQA_TEST", str(path)]) == 1
+    assert _run(["ChartQA_TEST", str(path)]) == 2
     err = capsys.readouterr().err
     assert "column 'split' has 'val', none of ChartQA_TEST's" in err and "looks like none of" in err
