@@ -10,8 +10,10 @@ this process. The built-in tiny pair generates into the default store, so after 
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +50,14 @@ def test_the_tiny_gate_passes(gate):
     result.stdout.fnmatch_lines(["*lavender-checks gate*", f"{3 * len(rows)} pass, 0 fail, 0 missing*",
                                  "report: *"])
     assert result.ret == 0
+    # Everything is stored now: a second session reads the store and loads no model.
+    again = gate("--benchmark", "ChartQA_TEST", subprocess=True)
+    again.assert_outcomes(passed=3 * len(rows))
+    report = Path(again.outlines[[line.startswith("report: ") for line in again.outlines].index(True)]
+                  .removeprefix("report: "))
+    metadata = json.loads((report / "report.json").read_text())["metadata"]
+    assert metadata["models"]["loaded"] is False
+    assert metadata["predictions"]["ChartQA_TEST"]["lavender"]["generated"] == 0
 
 
 def test_a_failing_case_prints_measured_reported_band_and_n(gate, tmp_path):
