@@ -291,6 +291,23 @@ def _check_derived_sums(path: Path, rows: list[ReferenceRow], tolerance: float) 
                 )
 
 
+def _check_recorded_md5s(path: Path, md5s: Any) -> None:
+    """``[run] lmu_data_md5`` (benchmark -> the md5 of the TSV the numbers came from) is read
+    only once a run is judged (``data_mismatch``): checked here, before any work."""
+    if md5s is None:
+        return
+    where = f"{path}: [run] lmu_data_md5"
+    if not isinstance(md5s, dict):
+        raise ReferenceFileError(f"{where}: must be a table benchmark -> md5 string, got {md5s!r}")
+    for benchmark, md5 in md5s.items():
+        try:
+            benchmark_spec(benchmark)
+        except registry.UnknownBenchmark as exc:
+            raise ReferenceFileError(f"{where}: {exc}") from None
+        if not isinstance(md5, str):
+            raise ReferenceFileError(f"{where}.{benchmark}: must be an md5 string, got {md5!r}")
+
+
 def load_reference(path: str | Path = DEFAULT_REFERENCE) -> Reference:
     """Read and check a reference file; any problem raises ``ReferenceFileError``."""
     path = Path(path)
@@ -314,6 +331,7 @@ def load_reference(path: str | Path = DEFAULT_REFERENCE) -> Reference:
             benchmark_spec(benchmark)
         except registry.UnknownBenchmark as exc:
             raise ReferenceFileError(f"{path}: [run] benchmarks: {exc}") from None
+    _check_recorded_md5s(path, run.get("lmu_data_md5"))
     gate = _load_gate(path, raw.get("gate"))
     derived = _load_derived(path, raw.get("derived"))
     raw_rows = raw.get("row")

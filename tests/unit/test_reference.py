@@ -184,3 +184,19 @@ def test_the_seed_file_is_plain_toml():
     # Reviewers read it in diffs: every row carries its table, label and unit explicitly.
     raw = tomllib.loads(SEED.read_text(encoding="utf-8"))
     assert all({"table", "label", "unit", "benchmark", "metric"} <= set(r) for r in raw["row"])
+
+
+def test_the_recorded_tsv_md5s_are_checked_when_the_file_is_read(tmp_path):
+    # gate.verdicts.noncomparable reads [run] lmu_data_md5 after the whole run: a malformed
+    # one must fail here, before any work, not crash once every prediction is made.
+    def with_md5s(value):
+        return write(tmp_path, row(), gate=f"[run]\nlmu_data_md5 = {value}\n" + GATE)
+
+    ok = load_reference(with_md5s('{ ChartQA_TEST = "92945adcb74b5f23fd249b4b2fe6768e" }'))
+    assert ok.run["lmu_data_md5"] == {"ChartQA_TEST": "92945adcb74b5f23fd249b4b2fe6768e"}
+    msg = load_error(with_md5s('"92945adcb74b5f23fd249b4b2fe6768e"'))
+    assert str(tmp_path / "ref.toml") in msg and "[run] lmu_data_md5" in msg and "benchmark" in msg
+    msg = load_error(with_md5s("{ ChartQA_TEST = 3 }"))
+    assert "[run] lmu_data_md5.ChartQA_TEST: must be an md5 string" in msg
+    msg = load_error(with_md5s('{ TextVQA_VAL = "92945adcb74b5f23fd249b4b2fe6768e" }'))
+    assert "[run] lmu_data_md5" in msg and "TextVQA_VAL" in msg
