@@ -252,7 +252,8 @@ def _verdict_cell(row_verdicts: dict[str, Verdict]) -> str:
 
 def _row_line(row: ReferenceRow, rv: dict[str, Verdict], label: str) -> str:
     base, lav, gain = rv["base"], rv["lavender"], rv["gain"]
-    n = gain.n or base.n or lav.n
+    shown = next((v for v in (gain, base, lav) if v.n), None)
+    n = "-" if shown is None else f"{shown.n} of {shown.population_n}" if shown.subset else str(shown.n)
     cells = [
         label,
         f"{_fmt(base.measured)} ({_fmt(row.base)})",
@@ -260,7 +261,7 @@ def _row_line(row: ReferenceRow, rv: dict[str, Verdict], label: str) -> str:
         _fmt(gain.measured, signed=True),
         _fmt(row.delta, signed=True),
         _band_text(gain),
-        "-" if n is None else str(n),
+        n,
         _verdict_cell(rv),
     ]
     return "| " + " | ".join(cells) + " |"

@@ -1,5 +1,6 @@
 """reports/<run-id>/: the files, their content, and reports/latest."""
 
+import dataclasses
 import json
 import os
 import re
@@ -254,3 +255,18 @@ def test_percent_bands_never_go_below_zero(run_inputs):
             assert v.band[0] >= 0, v.message()
         if v.band is not None and v.metric_unit == "percent" and v.quantity != "gain":
             assert v.band[1] <= 100, v.message()
+
+
+def test_a_subsets_rows_read_n_of_N(run_inputs, tmp_path, no_plot):
+    """report.md (and reports/README.md) say that on a subset n reads `n of N`."""
+    reference, _, results, metadata, _ = run_inputs
+    chartqa = {variant: dataclasses.replace(result, population={"test_human": 1250, "test_augmented": 1250})
+               for variant, result in results["ChartQA_TEST"].items()}
+    subset = {**results, "ChartQA_TEST": chartqa}
+    verdicts = judge(reference, subset, n_resamples=N_RESAMPLES)
+    assert next(v for v in verdicts if v.row_id == "ChartQA_TEST-test_human").subset
+    md = (write_report(tmp_path, None, reference, verdicts, subset, metadata) / "report.md").read_text()
+    human = next(line for line in md.splitlines() if line.startswith("| test_human |"))
+    assert "| 200 of 1250 |" in human
+    ocr = next(line for line in md.splitlines() if line.startswith("| ocr |"))
+    assert " of " not in ocr.split(" | ")[6]  # not measured: no n at all
