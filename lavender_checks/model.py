@@ -406,9 +406,9 @@ def _load_processor(base: Path):
     processor.tokenizer.padding_side = "left"
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = PAD_TOKEN
-    # The decode clean-up is the run profile's (prompts.clean_up_tokenization), applied once
-    # after decoding. Llama 3's tokenizer_config asks the tokenizer for it too, which
-    # transformers 5 ignores for BPE tokenizers with a notice on every run.
+    # The decode clean-up is the run profile's (engines.request.clean_up_tokenization),
+    # applied once after decoding. Llama 3's tokenizer_config asks the tokenizer for it too,
+    # which transformers 5 ignores for BPE tokenizers with a notice on every run.
     if getattr(processor.tokenizer, "clean_up_tokenization_spaces", False):
         processor.tokenizer.clean_up_tokenization_spaces = False
     return processor

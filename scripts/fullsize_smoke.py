@@ -1,11 +1,11 @@
-"""Full-size smoke figures of the suite's default engine (CUDA).
+"""Full-size smoke figures of the batched engine (``--engine generate``; CUDA).
 
 Builds Llama-3.2-11B-Vision with random weights and a random Lavender-shaped LoRA
-(``lavender_checks.synthetic.fullsize.fullsize_pair``), then runs ``ModelPair.generate`` — the path
-the runner takes — at several batch sizes for both variants, on 4-tile images and
-~120-token prompts. Random weights almost never emit EOS (about 1 in 128k a step), so rows
-run to ``--new-tokens``. Prints samples/s and peak memory per batch size, and writes them as
-JSON.
+(``lavender_checks.synthetic.fullsize.fullsize_pair``), then runs ``engines.batched.generate``
+(what ``BatchedEngine`` runs, and what the fast engine falls back to) at several batch sizes
+for both variants, on 4-tile images and ~120-token prompts. Random weights almost never emit
+EOS, so rows run to ``--new-tokens``. Prints samples/s and peak memory per batch size, and
+writes them as JSON.
 
     python scripts/fullsize_smoke.py --batch-sizes 1,8,32 --out reports/fullsize-smoke.json
 """

@@ -14,7 +14,7 @@ of a single-sample ``generate``. An engine that decodes rows together reproduces
 * applying transformers 4.x's decode clean-up when the run profile asks for it
   (``GenerationRequest.clean_up_spaces``).
 
-No torch here: the module is imported by the prompt builder and the runner.
+No torch here: the run (``run.predict``) imports it to build requests.
 """
 
 from __future__ import annotations
