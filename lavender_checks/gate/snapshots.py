@@ -30,13 +30,14 @@ from typing import Any
 
 import numpy as np
 
+from lavender_checks.model import VARIANTS
+
 __all__ = [
     "ROW_GROUPS", "SETTINGS", "Current", "Settings", "SnapshotFormatError", "compare", "current_snapshot",
     "digest", "dumps", "load_settings", "markdown", "parse", "write_account",
 ]
 
 SETTINGS_FILE = Path(__file__).with_name("snapshots.toml")
-VARIANTS = ("base", "lavender")
 HEADER_KEYS = ("benchmark", "profile", "run", "rows", "units")
 METRIC_FIELDS = ("base", "lavender", "delta", "n")
 CANARY_FIELDS = ("index", "group", "question", "base", "lavender")
