@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 from lavender_checks.synthetic.tiny import build_tiny_processor, special_token_ids, wrap_with_random_lora
 
 if TYPE_CHECKING:
-    import torch
 
     from lavender_checks.model import ModelPair
 
