@@ -2,7 +2,8 @@
 
 Exit status: 0 all good; 1 the gate failed (a number outside its band, or missing); 2 bad
 input (an option, folder or file that cannot be used), reported before any expensive work as
-one line ``lavender-checks <command>: error: <what and where>``; 130 interrupted. Under pytest
+one line ``lavender-checks <command>: error: <what and where>``; 3 under torchrun, another rank
+failed, died or hung (the line names it and its host); 130 interrupted. Under pytest
 an input error stops the session with the same line and status 2.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_GATE_FAILED = 1
 EXIT_INPUT = 2
+EXIT_RANK_FAILED = 3
 EXIT_INTERRUPTED = 130
 
 

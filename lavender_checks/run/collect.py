@@ -28,6 +28,7 @@ from typing import Any
 from lavender_checks import __version__
 from lavender_checks.benchmarks import Benchmark, ScoreResult
 from lavender_checks.run.config import VARIANTS, RunConfig, RunInputError
+from lavender_checks.run.distributed import TorchrunShards
 from lavender_checks.run.pair import LazyPair, load_model_pair, pair_identity
 from lavender_checks.run.shards import Barrier, generate_shards
 
@@ -51,8 +52,9 @@ class RunResults:
 
 
 def collect_results(config: RunConfig, *, pair: Any = None, load_pair: Callable[[], Any] | None = None,
-                    shard: tuple[int, int] | None = None, wait_for_shards: Barrier | None = None,
-                    writer: str = "main", progress: bool = True) -> RunResults:
+                    shard: tuple[int, int] | None = None,
+                    wait_for_shards: Barrier | TorchrunShards | None = None,
+                    writer: str = "main", progress: bool = True) -> RunResults | None:
     """Predictions (generated or read from VLMEvalKit files) and scores of both variants.
 
     pair / load_pair: the ModelPair (a loaded one, or a ``LazyPair``), or a function that
@@ -62,7 +64,9 @@ def collect_results(config: RunConfig, *, pair: Any = None, load_pair: Callable[
         ``config.shard``). Without ``wait_for_shards`` only shard i is scored.
     wait_for_shards: a ShardBarrier shared by the n processes: after its own shard this
         process also generates any shard no process has claimed, waits until every shard is
-        in the store, and scores the union (the same results in every process).
+        in the store, and scores the union (the same results in every process). Under
+        torchrun, a ``TorchrunShards``: each rank generates its own shard, rank 0 alone scores
+        the union, and the other ranks get None.
     writer: this process's file name in the prediction store (one per process).
     """
     if config.from_vlmeval is not None:
@@ -125,7 +129,8 @@ def _refuse_noncomparable(config: RunConfig, benchmark: str, record: Any) -> Non
 
 
 def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | None,
-                       barrier: Barrier | None, writer: str, progress: bool) -> RunResults:
+                       barrier: Barrier | TorchrunShards | None, writer: str,
+                       progress: bool) -> RunResults | None:
     from lavender_checks.data import subset
     from lavender_checks.run.store import PredictionStore
     from lavender_checks.profiles import load_profile
@@ -151,13 +156,24 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
         return predict_run(pair, engine, item.bench, frame, profile, variant, store,
                            lmu_root=root, writer=writer, progress=progress)
 
+    def shard_frame(item: _BenchmarkData, index: int, count: int):
+        return subset(item.full, item.bench, limit=config.limit, fraction=config.fraction,
+                      shard=(index, count))
+
     def generate_shard(index: int, count: int) -> None:
         for item in data.values():
-            frame = subset(item.full, item.bench, limit=config.limit, fraction=config.fraction,
-                           shard=(index, count))
+            frame = shard_frame(item, index, count)
             for variant in VARIANTS:
                 if len(frame):
                     predict(item, frame, variant)
+
+    def shard_work(index: int, count: int) -> list[tuple[Any, list]]:
+        # The store key of every benchmark and variant, with the indices of shard index of count.
+        from lavender_checks.run.predict import store_key
+
+        return [(store_key(pair, item.bench, item.full, profile, variant, root),
+                 shard_frame(item, index, count)["index"].tolist())
+                for item in data.values() for variant in VARIANTS]
 
     predictions: dict[str, dict[str, dict[Any, str]]] = {name: {} for name in data}
     counts: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in data}
@@ -166,7 +182,11 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
     # several times over to their synchronisation (measured: 20 s with one thread against
     # 35-180 s with two on this project's 2-core machine).
     with (_torch_threads(1) if config.base_model is None else contextlib.nullcontext()), store:
-        if shard is not None and barrier is not None:
+        if isinstance(barrier, TorchrunShards):
+            barrier.share(generate_shard, shard_work, store)
+            if not barrier.scores:
+                return None  # rank 0 scores the union
+        elif shard is not None and barrier is not None:
             generate_shards(shard, barrier, generate_shard)
         # With a barrier every shard is stored by now: this pass only reads the store.
         for name, item in data.items():
@@ -194,6 +214,7 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
         "store": str(store.root),
         "writer": writer,
         "shard": list(shard) if shard is not None else None,
+        "torchrun": barrier.describe() if isinstance(barrier, TorchrunShards) else None,
         # which physical GPU this process saw (conftest pins one per xdist worker)
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "timing": {"generation_s": round(generation_seconds, 3), "scoring_s": round(scoring_seconds, 3),

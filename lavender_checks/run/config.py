@@ -285,7 +285,9 @@ _OPTION_FIELDS = {flag: kwargs.get("dest", flag[2:].replace("-", "_")) for flag,
 def add_run_options(add: Callable[..., Any]) -> None:
     """Declare the run options, ``--reports`` and ``--keep-reports`` with ``add`` (argparse's
     ``add_argument`` or pytest's ``addoption``)."""
-    for flag, kwargs in (*RUN_OPTIONS, *REPORT_OPTIONS):
+    from lavender_checks.run.distributed import OPTIONS as TORCHRUN_OPTIONS
+
+    for flag, kwargs in (*RUN_OPTIONS, *REPORT_OPTIONS, *TORCHRUN_OPTIONS):
         add(flag, **kwargs)
 
 
@@ -402,8 +404,10 @@ def input_errors() -> tuple[type[BaseException], ...]:
     from lavender_checks.gate.verdicts import ReferenceFileError
     from lavender_checks.model import ModelLoadError
     from lavender_checks.profiles import ProfileError
+    from lavender_checks.run.distributed import DistributedUsageError
     from lavender_checks.run.store import PredictionStoreError, StoreLockedError
     from lavender_checks.vlmeval_io import PredictionFileError
 
     return (RunInputError, UnknownBenchmark, ScoringInputError, DataError, ReferenceFileError,
-            ModelLoadError, PredictionStoreError, StoreLockedError, ProfileError, PredictionFileError)
+            ModelLoadError, PredictionStoreError, StoreLockedError, ProfileError, PredictionFileError,
+            DistributedUsageError)

@@ -5,7 +5,8 @@ The stages live beside this module: ``config`` (RunConfig and the options shared
 pytest plugin), ``pair`` (the model pair, loaded only to generate), ``predict`` and ``store``
 (predictions through the resumable store), ``shards`` (sharing the generation among
 processes), ``collect`` (generated or ``--from-vlmeval`` results, scored), ``judge``
-(verdicts and report) and ``reference`` (``--write-reference``).
+(verdicts and report) and ``reference`` (``--write-reference``). Under torchrun
+(``distributed``) each rank generates its shard and rank 0 alone scores, gates and reports.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from lavender_checks.errors import EXIT_GATE_FAILED, EXIT_INPUT, EXIT_OK, error_line
+from lavender_checks.errors import EXIT_GATE_FAILED, EXIT_INPUT, EXIT_OK, EXIT_RANK_FAILED, error_line
+from lavender_checks.run import distributed
 # The names below are also this module's API for the tests and the gate (tests/benchmarks/).
 from lavender_checks.run.collect import RunResults, collect_results, versions
 from lavender_checks.run.config import (
@@ -34,8 +36,9 @@ __all__ = [
     "RUN_OPTIONS", "SEED_REFERENCE", "TINY_REFERENCE", "VARIANTS", "Barrier", "GateOutcome",
     "LazyPair", "RunConfig", "RunInputError", "RunResults", "ShardBarrier", "ShardFailed",
     "ShardTimeout", "TINY_REFERENCE_DESCRIPTION", "add_arguments", "add_run_options",
-    "check_before_work", "check_inputs", "collect_results", "config_from_options", "input_errors", "judge_run",
-    "load_model_pair", "main", "prune_reports", "versions", "write_reference", "write_run_report",
+    "check_before_work", "check_inputs", "checked", "collect_results", "config_from_options",
+    "input_errors", "judge_run", "load_model_pair", "main", "prune_reports", "torchrun_shards",
+    "versions", "write_reference", "write_run_report",
 ]
 
 
@@ -58,24 +61,36 @@ def main(args) -> int:
         if args.write_reference is not None and args.write_reference.exists() and not args.force:
             raise RunInputError(f"--write-reference {args.write_reference}: the file exists; "
                                 "add --force to replace it")
-        check_before_work(config, reports=None if args.write_reference else args.reports,
-                          keep_reports=args.keep_reports)
+        shards = torchrun_shards(config, args.store_sharing, args.dist_timeout)
+        # Under torchrun only rank 0 writes reports.
+        writes = args.write_reference is None and (shards is None or shards.scores)
+        checked(shards, lambda: check_before_work(config, reports=args.reports if writes else None,
+                                                  keep_reports=args.keep_reports))
     except input_errors() as exc:
         print(error_line("run", exc), file=sys.stderr)
         return EXIT_INPUT
+    except distributed.RankFailure as exc:
+        print(error_line("run", exc), file=sys.stderr)
+        return EXIT_RANK_FAILED
     if not args.quiet:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     else:
         _quiet_library_progress()
     if args.write_reference is not None:
-        return _record_reference(config, args)
+        return _record_reference(config, args, shards)
     try:
-        run = collect_results(config, progress=not args.quiet)
+        run = _collect(config, shards, progress=not args.quiet)
+        if run is None:
+            print(shards.skip_reason())
+            return EXIT_OK
         outcome = judge_run(run)
         path = write_run_report(run, outcome, reports_root=args.reports, keep=args.keep_reports)
     except input_errors() as exc:
         print(error_line("run", exc), file=sys.stderr)
         return EXIT_INPUT
+    except distributed.RankFailure as exc:
+        print(error_line("run", exc), file=sys.stderr)
+        return EXIT_RANK_FAILED
     from lavender_checks.gate.verdicts import noncomparable_notice
 
     print(outcome.table(only_problems=args.quiet))
@@ -98,18 +113,59 @@ def _quiet_library_progress() -> None:
         transformers_logging.disable_progress_bar()
 
 
-def _record_reference(config: RunConfig, args) -> int:
+def _record_reference(config: RunConfig, args, shards: distributed.TorchrunShards | None) -> int:
     template = config.reference or SEED_REFERENCE
     description = TINY_REFERENCE_DESCRIPTION if config.builtin_model and config.lmu_data is None else ""
     try:
         from lavender_checks.gate.verdicts import load_reference
 
         load_reference(template)
-        run = collect_results(config, progress=not args.quiet)
+        run = _collect(config, shards, progress=not args.quiet)
+        if run is None:
+            print(shards.skip_reason())
+            return EXIT_OK
         path = write_reference(run, args.write_reference, template=template, description=description,
                                force=args.force)
     except input_errors() as exc:
         print(error_line("run", exc), file=sys.stderr)
         return EXIT_INPUT
+    except distributed.RankFailure as exc:
+        print(error_line("run", exc), file=sys.stderr)
+        return EXIT_RANK_FAILED
     print(f"reference: {path}")
     return EXIT_OK
+
+
+def torchrun_shards(config: RunConfig, store_sharing: str = "auto",
+                    timeout_s: float = distributed.DEFAULT_TIMEOUT_S) -> distributed.TorchrunShards | None:
+    """Under torchrun, this rank's share of the run (its GPU pinned, the gloo group joined);
+    None otherwise."""
+    if not distributed.launched():
+        return None
+    if config.shard is not None:
+        raise RunInputError("under torchrun each rank generates shard RANK of WORLD_SIZE: "
+                            "do not give a shard as well")
+    if config.from_vlmeval is not None:
+        raise RunInputError("--from-vlmeval scores files and loads no model: run it without torchrun")
+    distributed.check_device(config.device)
+    from lavender_checks.run.store import DEFAULT_ROOT
+
+    distributed.pin_local_gpu(distributed.visible_gpus())
+    return distributed.TorchrunShards(distributed.group(timeout_s), config.store or DEFAULT_ROOT,
+                                      store_sharing)
+
+
+def checked(shards: distributed.TorchrunShards | None, check) -> None:
+    """``check()``; under torchrun on every rank, all of them stopping when one fails."""
+    if shards is None:
+        check()
+    else:
+        shards.check(check)
+
+
+def _collect(config: RunConfig, shards: distributed.TorchrunShards | None, *,
+             progress: bool) -> RunResults | None:
+    if shards is None:
+        return collect_results(config, progress=progress)
+    return collect_results(config, shard=(shards.own, shards.count), wait_for_shards=shards,
+                           writer=shards.writer, progress=progress)

@@ -81,16 +81,7 @@ def predict_run(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: pd
              for index, row in zip(indices, rows)}
     wanted = {index: request_sha(text, prompting.max_new_tokens) for index, text in texts.items()}
 
-    key = StoreKey(
-        base_fingerprint=pair.base_fingerprint,
-        adapter_fingerprint=None if variant == BASE_VARIANT else pair.adapter_fingerprint,
-        benchmark=bench.name,
-        tsv_md5=_tsv_md5(frame, bench, lmu_root),
-        profile_name=profile.name,
-        profile_fingerprint=profile.fingerprint,
-        compute=_compute_of(pair),
-    )
-    prediction_log = store.log(key, writer=writer)
+    prediction_log = store.log(store_key(pair, bench, frame, profile, variant, lmu_root), writer=writer)
     stored = prediction_log.existing()
     reusable = prediction_log.matching(wanted)
     predictions: dict[Index, str] = {index: reusable[index].prediction
@@ -159,6 +150,20 @@ def predict_run(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: pd
         recomputed=recomputed,
         generated=missing,
         store_dir=prediction_log.directory,
+    )
+
+
+def store_key(pair: Any, bench: Benchmark, frame: pd.DataFrame, profile: Profile, variant: str,
+              lmu_root: str | Path) -> StoreKey:
+    """Where the predictions of ``variant`` on ``bench`` (a frame of its TSV) are stored."""
+    return StoreKey(
+        base_fingerprint=pair.base_fingerprint,
+        adapter_fingerprint=None if variant == BASE_VARIANT else pair.adapter_fingerprint,
+        benchmark=bench.name,
+        tsv_md5=_tsv_md5(frame, bench, Path(lmu_root)),
+        profile_name=profile.name,
+        profile_fingerprint=profile.fingerprint,
+        compute=_compute_of(pair),
     )
 
 

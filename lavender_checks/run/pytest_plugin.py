@@ -33,18 +33,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 
-from lavender_checks.errors import EXIT_INPUT, error_line
-from lavender_checks.run import pipeline
 from lavender_checks import REPORTS
+from lavender_checks.errors import EXIT_INPUT, EXIT_RANK_FAILED, error_line
+from lavender_checks.run import distributed, pipeline
 from lavender_checks.run.config import check_cuda_without_torch, check_writable_folder
 from lavender_checks.run.shards import ShardBarrier, remove_stale_barriers
 
 _GATE_SUMMARY = pytest.StashKey[dict]()
+_TORCHRUN = pytest.StashKey["distributed.TorchrunShards | None"]()
 _BARRIERS = pytest.StashKey[set]()
 _WORKER_OUTPUT_KEY = "lavender_gate"
 _SNAPSHOT_ACCOUNTS = pytest.StashKey[list]()
@@ -56,20 +55,7 @@ _WORKER_BARRIER_KEY = "lavender_barrier"
 # ----------------------------------------------------------------------------- GPUs and xdist
 
 
-def _gpu_ids() -> list[str]:
-    """The GPUs this process may use, found without initialising CUDA."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
-    proc = Path("/proc/driver/nvidia/gpus")
-    if proc.is_dir():
-        return [str(i) for i in range(len(list(proc.iterdir())))]
-    try:
-        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return []
-    lines = [line for line in listing.stdout.splitlines() if line.startswith("GPU ")]
-    return [str(i) for i in range(len(lines))] if listing.returncode == 0 else []
+_gpu_ids = distributed.visible_gpus  # the GPUs this process may use, found without initialising CUDA
 
 
 def _worker() -> tuple[str, int, int] | None:
@@ -82,7 +68,11 @@ def _worker() -> tuple[str, int, int] | None:
 
 def _pin_worker() -> None:
     """One GPU per worker, and a fair share of the CPU cores (several torch processes each
-    using every core slow each other down many times over)."""
+    using every core slow each other down many times over). Under torchrun, the GPU of the
+    rank's LOCAL_RANK (torchrun itself sets OMP_NUM_THREADS)."""
+    if distributed.launched():
+        distributed.pin_local_gpu(_gpu_ids())
+        return
     worker = _worker()
     if worker is None:
         return
@@ -116,9 +106,9 @@ def run_config(config: pytest.Config) -> pipeline.RunConfig:
     return pipeline.config_from_options(config.getoption)
 
 
-def _stop(error: BaseException) -> None:
+def _stop(error: BaseException | str, returncode: int = EXIT_INPUT) -> None:
     """End the session at once with the line and status of ``lavender-checks run``."""
-    pytest.exit(error_line("run", error), returncode=EXIT_INPUT)
+    pytest.exit(error_line("run", error), returncode=returncode)
 
 
 def pytest_configure(config):
@@ -126,19 +116,24 @@ def pytest_configure(config):
     try:
         # Bad options and missing inputs stop the session before collection, in the xdist
         # controller before any worker starts; what needs torch or writes is checked by the
-        # gate's first fixture.
+        # gate's first fixture. Under torchrun all of it waits for that fixture: the ranks
+        # join their group first, so that an input missing on one host stops all of them.
         run = run_config(config)
-        pipeline.check_inputs(run)
-        if run.from_vlmeval is None and run.device is not None and run.device_kind == "cuda":
-            check_cuda_without_torch(run.device, _gpu_ids())
-        # Output folders given on the command line (the defaults are checked, and made, by
-        # the gate's first fixture, so that a run of other tests leaves no folder behind).
-        if run.from_vlmeval is None and run.store is not None:
-            check_writable_folder("--store", run.store)
-        if config.getoption("reports") != REPORTS:
-            check_writable_folder("--reports", config.getoption("reports"))
+        if not distributed.launched():
+            pipeline.check_inputs(run)
+            if run.from_vlmeval is None and run.device is not None and run.device_kind == "cuda":
+                check_cuda_without_torch(run.device, _gpu_ids())
+            # Output folders given on the command line (the defaults are checked, and made, by
+            # the gate's first fixture, so that a run of other tests leaves no folder behind).
+            if run.from_vlmeval is None and run.store is not None:
+                check_writable_folder("--store", run.store)
+            if config.getoption("reports") != REPORTS:
+                check_writable_folder("--reports", config.getoption("reports"))
     except pipeline.input_errors() as exc:
         _stop(exc)
+    if distributed.launched() and (config.getoption("numprocesses", None) or _worker()):
+        _stop("under torchrun every rank is one pytest session on one GPU: drop -n "
+              "(pytest-xdist is the one-host alternative to torchrun)")
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -148,11 +143,19 @@ def pytest_configure(config):
 def gate_config(pytestconfig) -> pipeline.RunConfig:
     """The run's configuration, its inputs checked (once per process, before any model loads)."""
     config = run_config(pytestconfig)
+    option = pytestconfig.getoption
     try:
-        pipeline.check_before_work(config, reports=pytestconfig.getoption("reports"),
-                                   keep_reports=pytestconfig.getoption("keep_reports"))
+        # Under torchrun the ranks join their group first, so that an input missing on one
+        # host stops them all; only rank 0 writes reports.
+        shards = pipeline.torchrun_shards(config, option("store_sharing"), option("dist_timeout"))
+        pytestconfig.stash[_TORCHRUN] = shards
+        reports = option("reports") if shards is None or shards.scores else None
+        pipeline.checked(shards, lambda: pipeline.check_before_work(
+            config, reports=reports, keep_reports=option("keep_reports")))
     except pipeline.input_errors() as exc:
         _stop(exc)
+    except distributed.RankFailure as exc:
+        _stop(exc, EXIT_RANK_FAILED)
     return config
 
 
@@ -189,7 +192,12 @@ def worker_barrier(gate_config, pytestconfig) -> ShardBarrier | None:
 def run_results(gate_config, worker_barrier, request) -> pipeline.RunResults:
     """Scores of both variants on every benchmark, computed once per process through the
     prediction store (a second session only reads it). Under xdist, worker i generates shard
-    i of n and every worker scores the union."""
+    i of n and every worker scores the union. Under torchrun, rank i generates shard i of n
+    and rank 0 alone scores the union: the other ranks skip every case, naming rank 0 (one
+    verdict, one report and one set of snapshots, written by one process; in gather mode
+    only rank 0 holds the union at all)."""
+    if distributed.launched():
+        return _torchrun_results(gate_config, request)
     worker = _worker()
     shard = (worker[1] % worker[2], worker[2]) if worker_barrier is not None else None
     try:
@@ -200,6 +208,23 @@ def run_results(gate_config, worker_barrier, request) -> pipeline.RunResults:
         )
     except pipeline.input_errors() as exc:
         _stop(exc)
+
+
+def _torchrun_results(gate_config, request) -> pipeline.RunResults:
+    shards = request.config.stash[_TORCHRUN]
+    try:
+        run = pipeline.collect_results(
+            gate_config, load_pair=lambda: request.getfixturevalue("model_pair"),
+            shard=(shards.own, shards.count), wait_for_shards=shards, writer=shards.writer,
+            progress=False)
+    except pipeline.input_errors() as exc:
+        _stop(exc)
+    except distributed.RankFailure as exc:  # every rank ends at once, with the rank to blame
+        _stop(exc, EXIT_RANK_FAILED)
+    if run is None:
+        request.config.stash[_GATE_SUMMARY] = {"rank": shards.skip_reason()}
+        pytest.skip(shards.skip_reason())
+    return run
 
 
 @pytest.fixture(scope="session")
@@ -272,6 +297,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if summary is None or hasattr(config, "workeroutput"):
         return
     terminalreporter.write_sep("=", "lavender-checks gate")
+    if "rank" in summary:  # a torchrun rank other than 0
+        terminalreporter.write_line(summary["rank"])
+        return
     terminalreporter.write_line(summary["table"])
     for benchmark, reason in summary["missing"].items():
         terminalreporter.write_line(f"missing {benchmark}: {reason}")

@@ -183,6 +183,22 @@ class PredictionStore:
             return
         raise StoreLockedError(f"{path}: could not take this lock (other processes keep changing it)")
 
+    def clear_stale_lock(self, key: StoreKey) -> bool:
+        """Remove the lock of ``key`` when another run's process on this host wrote it and is
+        gone (a process on another host is only judged there). True when one was removed."""
+        path = self.root / key.relative_dir() / LOCK_FILE
+        holder = _read_lock(path)
+        if (holder is None or holder.get("run") == self.run_id
+                or holder.get("host") != socket.gethostname() or _alive(holder)):
+            return False
+        stale = path.with_name(f"{LOCK_FILE}.stale.{os.getpid()}")
+        try:
+            os.replace(path, stale)
+            stale.unlink()
+        except OSError:
+            return False
+        return True
+
     def log(self, key: StoreKey, writer: str = "main", *, lock: bool = True) -> PredictionLog:
         """The log of ``key``; ``writer`` names the file this process appends to. ``lock``:
         take the key's lock for this run (``lock=False`` only to inspect a store).

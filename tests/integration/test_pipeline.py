@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from lavender_checks import FIXTURES, REPO_ROOT, cli
-from lavender_checks.run import pipeline
+from lavender_checks.run import distributed, pipeline
 from lavender_checks.benchmarks import benchmark_names
 from lavender_checks.engines import register_engine
 from lavender_checks.gate.verdicts import load_reference
@@ -138,11 +138,13 @@ def test_cli_and_pytest_declare_the_same_options(pytestconfig):
     parser = argparse.ArgumentParser()
     pipeline.add_arguments(parser)
     cli_flags = {flag for action in parser._actions for flag in action.option_strings}
-    pytest_flags = {flag for flag, _ in (*pipeline.RUN_OPTIONS, *pipeline.REPORT_OPTIONS)}
+    pytest_flags = {flag for flag, _ in (*pipeline.RUN_OPTIONS, *pipeline.REPORT_OPTIONS,
+                                         *distributed.OPTIONS)}
     assert pytest_flags <= cli_flags
     assert cli_flags - pytest_flags == {"-h", "--help", "--quiet", "--write-reference", "--force"}
     # conftest.py registered them with pytest: the defaults read back as a RunConfig.
     assert pipeline.config_from_options(pytestconfig.getoption).profile == "seed-report"
+    assert pytestconfig.getoption("store_sharing") == "auto"
     args = parser.parse_args(["--benchmark", "MME", "--benchmark", "ChartQA_TEST", "--gate",
                               "no-regression", "--limit", "3"])
     config = pipeline.config_from_options(lambda dest: getattr(args, dest))
