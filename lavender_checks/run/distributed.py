@@ -44,7 +44,9 @@ import re
 import socket
 import subprocess
 import sys
+import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,6 +60,9 @@ STORE_SHARING = ("auto", "shared", "gather")
 # difference between two ranks' shards (a dead rank is noticed at once; this bounds a hang).
 DEFAULT_TIMEOUT_S = 1800.0
 _DIAGNOSIS_TIMEOUT_S = 10.0  # looking up who arrived, once a meeting has failed
+# Shared store: how long rank 0 waits for other hosts' rows to show (NFS attribute caches
+# keep a folder's listing for up to 60 s by default).
+SHARED_GRACE_S = 90.0
 
 # Options of `lavender-checks run` and of pytest (argparse keywords), used under torchrun only.
 OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -432,15 +437,42 @@ class TorchrunShards:
         except BaseException as exc:
             g.agree("shard generated", exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
             raise
-        self.rows["generated_here"] = self._count(mine, store) - before
-        self.generated_by_rank = g.agree("shard generated", payload=self.rows["generated_here"])
+        total = self._count(mine, store)
+        self.rows["generated_here"] = total - before
+        outcomes = g.agree("shard generated", payload=(self.rows["generated_here"], total))
+        self.generated_by_rank = [generated for generated, _ in outcomes]
         if known is not None:
             self._gather_new(mine, store, known)
+        elif g.rank == 0:
+            self._see_every_row(mine, store, {g.ranks[r].writer: stored for r, (_, stored) in enumerate(outcomes)})
+
+    def _counts(self, work: Work, store: PredictionStore) -> Counter:
+        """Rows each writer's file holds for the run's keys."""
+        return Counter(r.writer for key, _ in work for r in store.log(key, writer=self.writer).records())
 
     def _count(self, work: Work, store: PredictionStore) -> int:
         """Rows this rank's own file holds for the run's keys."""
-        return sum(sum(r.writer == self.writer for r in store.log(key, writer=self.writer).records())
-                   for key, _ in work)
+        return self._counts(work, store)[self.writer]
+
+    def _see_every_row(self, work: Work, store: PredictionStore, stored: Mapping[str, int],
+                       grace_s: float = SHARED_GRACE_S, step_s: float = 2.0) -> None:
+        """Shared mode, rank 0: every row the ranks stored must be visible here. A network
+        filesystem may show another host's new file or lines late (attribute caches), so
+        this waits ``grace_s`` at most, then says what it cannot see."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            seen = self._counts(work, store)
+            unseen = {writer: count - seen[writer] for writer, count in stored.items() if count > seen[writer]}
+            if not unseen or time.monotonic() >= deadline:
+                break
+            time.sleep(step_s)
+        if unseen:
+            raise RankFailure(
+                f"{self.group.me.name()}: the store {self.store_root} does not show rows that other "
+                "ranks stored there (" + ", ".join(f"{n} of {w}.jsonl" for w, n in unseen.items())
+                + f", {grace_s:g} s after they were written): it is not one filesystem on every host, "
+                "or its caches are stale. Use --store-sharing gather; the rows are kept where they "
+                "were written.")
 
     def _seed(self, work: Work, store: PredictionStore) -> list[dict[_RowKey, str]]:
         """Gather mode, before generating: rank 0 collects the rows any rank holds that it

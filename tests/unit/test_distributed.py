@@ -112,3 +112,22 @@ def test_a_lock_left_by_a_dead_process_of_this_host_is_cleared(tmp_path):
     held_by(pid=dead_pid)  # its process is gone: cleared
     assert store.clear_stale_lock(key) and not lock.exists()
     assert not store.clear_stale_lock(key)  # nothing to clear
+
+
+def test_rank0_insists_on_seeing_every_row_of_a_shared_store(tmp_path):
+    """Shared mode: rows another rank reports stored but rank 0 cannot see (not one
+    filesystem, stale caches) stop the run after a grace period, naming the file."""
+    from lavender_checks.run.store import PredictionStore, StoreKey
+
+    store = PredictionStore(tmp_path / "store")
+    key = StoreKey("base", None, "MME", "md5", "seed-report", "fp")
+    store.log(key, writer="rank0-host-a").append([(1, "Yes", "sha1"), (2, "No", "sha2")])
+    store.log(key, writer="rank1-host-b").append([(3, "Yes", "sha3")])
+    shards = TorchrunShards(StandInGroup(True, ""), tmp_path / "store", "shared")
+    work = [(key, [1, 2, 3, 4])]
+    shards._see_every_row(work, store, {"rank0-host-a": 2, "rank1-host-b": 1}, grace_s=0)
+    with pytest.raises(distributed.RankFailure) as caught:
+        shards._see_every_row(work, store, {"rank0-host-a": 2, "rank1-host-b": 3}, grace_s=0.2, step_s=0.05)
+    message = str(caught.value)
+    assert "2 of rank1-host-b.jsonl" in message and "--store-sharing gather" in message
+    assert "rank0-host-a" not in message
