@@ -19,6 +19,7 @@ independent intervals when, as here, most units answer alike under both models.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -352,8 +353,17 @@ class SubsetSampling:
       the stratified estimate that weights every unit by ``N_h / n_h``.
     * ``sd``: the standard deviation of ``M_w`` around ``F`` (linearised ratio estimator of
       stratified sampling without replacement): ``Σ_h N_h² (1 − n_h/N_h) s_h² / n_h``,
-      ``s_h²`` the variance of the units' linearised contributions in stratum ``h``. A
-      sample's variance says nothing for one unit, and too little when its units all scored
+      ``s_h²`` the variance of the units' linearised contributions in stratum ``h``.
+      The variance is the one *under the hypothesis being tested* (a score test, as Wilson's
+      interval is to Wald's): with a part's ``reported`` value given, every stratum's mean
+      score is shifted by one amount so that ``M_w`` equals it, and ``s_h²`` is the sample's
+      variance plus what a two-valued score gains or loses when its rate moves from the
+      sample's ``p̂_h`` to the shifted ``p_h``: ``range² · (p_h(1 − p_h) − p̂_h(1 − p̂_h))``
+      (exact for scores of 0 or 1; for a gain, each model's change is added, the pair's
+      covariance kept). The sample's own variance is smallest exactly when a draw lies far
+      from the whole (one right of 24 where the stratum has one in five): a band from it
+      would fail a correct model too often.
+      A sample's variance says nothing for one unit, and too little when its units all scored
       alike or a rare kind of unit showed up once or never (which a small sample shows
       often and the whole stratum rarely). So ``s_h²`` is at least ``range² · p̃(1 − p̃)``,
       the variance of a two-valued contribution whose rarer value has Agresti–Coull's
@@ -396,16 +406,19 @@ def _stratum_codes(strata: np.ndarray, population: Mapping[Any, int]) -> tuple[l
 
 
 def subset_sampling(
-    parts: Sequence[tuple[Sequence[Ratio], float]],
+    parts: Sequence[tuple[Sequence[Ratio], float] | tuple[Sequence[Ratio], float, float | None]],
     strata: np.ndarray,
     population: Mapping[Any, int],
     confidence: float = 0.95,
 ) -> SubsetSampling:
-    """``SubsetSampling`` of ``Σ sign · metric(terms)`` over ``parts`` = [(terms, sign), ...].
+    """``SubsetSampling`` of ``Σ sign · metric(terms)`` over ``parts`` = [(terms, sign), ...]
+    or [(terms, sign, reported), ...].
 
     One part is a metric of one model; the gain is ``[(lavender, +1), (base, −1)]``, whose
-    units are paired (same order). ``strata`` gives each unit's stratum, ``population``
-    each stratum's units in the whole benchmark (``Benchmark.population``).
+    units are paired (same order). ``reported``: the whole benchmark's value of the part's
+    metric under test (its variance is taken at that value; None: at the sample's own).
+    ``strata`` gives each unit's stratum, ``population`` each stratum's units in the whole
+    benchmark (``Benchmark.population``).
     """
     labels, codes, sizes = _stratum_codes(np.asarray(strata, dtype=object), population)
     n_sampled = np.bincount(codes, minlength=len(labels)).astype(np.float64)
@@ -415,7 +428,14 @@ def subset_sampling(
     span = np.zeros(n_all)
     inside = np.zeros(n_all, dtype=bool)
     bias = 0.0
-    for terms, sign in parts:
+    # Per part with a reported value: each unit's score (its contribution's place within its
+    # range, in [0, 1]), that range, and how far the part's estimate lies from the value.
+    hypotheses: list[tuple[np.ndarray, np.ndarray, float]] = []
+    for part in parts:
+        terms, sign = part[0], part[1]
+        reported = part[2] if len(part) > 2 else None
+        part_lo, part_span, part_value = np.zeros(n_all), np.zeros(n_all), np.zeros(n_all)
+        estimate = 0.0
         for term in terms:
             num = np.asarray(term.numerator, dtype=np.float64)
             den = np.asarray(term.denominator, dtype=np.float64)
@@ -428,25 +448,45 @@ def subset_sampling(
             inside |= den != 0
             total = float(expansion @ den)  # the whole benchmark's denominator, estimated
             weighted = float(expansion @ num) / total
+            estimate += term.scale * weighted
             bias += sign * term.scale * (num.sum() / den.sum() - weighted)
             contribution += sign * term.scale * (num - weighted * den) / total
             span += term.scale * den / total
+            part_lo -= term.scale * weighted * den / total
+            part_span += term.scale * den / total
+            part_value += term.scale * (num - weighted * den) / total
+        if reported is not None and math.isfinite(reported):
+            with np.errstate(divide="ignore", invalid="ignore"):
+                score = np.where(part_span > 0, (part_value - part_lo) / part_span, 0.0)
+            hypotheses.append((np.clip(score, 0.0, 1.0), part_span, float(reported) - estimate))
     _check_confidence(confidence)
     z2 = NormalDist().inv_cdf(0.5 + confidence / 2.0) ** 2
-    variance = 0.0
-    bounded = []
-    for j, label in enumerate(labels):
+    sampled_strata = []  # (members, n_h, N_h) of the strata the metric touches and the run lacks
+    for j in range(len(labels)):
         members = (codes == j) & inside
         n_h, size = int(members.sum()), int(sizes[j])
-        if n_h == 0 or n_h >= size:
-            continue  # the metric does not touch this stratum, or the run has all of it
+        if 0 < n_h < size:
+            sampled_strata.append((j, members, n_h, size))
+    # One shift of every sampled stratum's mean score per part, so that the estimate would
+    # equal the reported value (strata the run has whole are known exactly and do not move).
+    shifts = []
+    for score, part_span, distance in hypotheses:
+        reach = sum(size * float(np.max(part_span[members])) for _, members, _, size in sampled_strata)
+        shifts.append(distance / reach if reach > 0 else 0.0)
+    variance = 0.0
+    bounded = []
+    for j, members, n_h, size in sampled_strata:
         values = contribution[members]
         s2 = float(values.var(ddof=1)) if n_h > 1 else 0.0
+        for (score, part_span, _), shift in zip(hypotheses, shifts):
+            rate = float(score[members].mean())
+            moved = min(max(rate + shift, 0.0), 1.0)
+            s2 += float(np.max(part_span[members])) ** 2 * (moved * (1 - moved) - rate * (1 - rate))
         rare = (z2 / 2.0) / (n_h + z2)
         least = float(np.max(span[members])) ** 2 * rare * (1.0 - rare)
         if s2 < least:
             s2 = least
-            bounded.append(str(label))
+            bounded.append(str(labels[j]))
         variance += size * size * (1.0 - n_h / size) * s2 / n_h
     touched = {codes[i] for i in np.flatnonzero(inside)}
     return SubsetSampling(sd=float(np.sqrt(variance)), bias=float(bias), n_units=int(inside.sum()),
@@ -460,30 +500,36 @@ def paired_subset_sampling(
     metrics: Mapping[str, MetricSpec],
     population: Mapping[Any, int],
     confidence: float = 0.95,
+    reported: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[str, dict[str, SubsetSampling]]:
     """name -> {"base", "lavender", "gain"} -> ``SubsetSampling``, units paired as in
-    ``paired_bootstrap_many`` (raises ``PairingError`` on different units)."""
+    ``paired_bootstrap_many`` (raises ``PairingError`` on different units). ``reported``:
+    name -> {"base": value, "lavender": value} under test (``subset_sampling``)."""
     position = _pair(base, lavender)
     strata = _strata_of(base)
     out = {}
     for name, spec in metrics.items():
         base_terms = metric_forms(base, spec)
         lav_terms = _reordered(metric_forms(lavender, spec), position)
+        values = (reported or {}).get(name, {})
+        b, l = values.get("base"), values.get("lavender")
         out[name] = {
-            "base": subset_sampling([(base_terms, 1.0)], strata, population, confidence),
-            "lavender": subset_sampling([(lav_terms, 1.0)], strata, population, confidence),
-            "gain": subset_sampling([(lav_terms, 1.0), (base_terms, -1.0)], strata, population,
+            "base": subset_sampling([(base_terms, 1.0, b)], strata, population, confidence),
+            "lavender": subset_sampling([(lav_terms, 1.0, l)], strata, population, confidence),
+            "gain": subset_sampling([(lav_terms, 1.0, l), (base_terms, -1.0, b)], strata, population,
                                     confidence),
         }
     return out
 
 
 def result_subset_sampling(result: ScoreResult, metrics: Mapping[str, MetricSpec],
-                           population: Mapping[Any, int], confidence: float = 0.95
-                           ) -> dict[str, SubsetSampling]:
-    """name -> ``SubsetSampling`` of one result's metrics on their own."""
+                           population: Mapping[Any, int], confidence: float = 0.95,
+                           reported: Mapping[str, float] | None = None) -> dict[str, SubsetSampling]:
+    """name -> ``SubsetSampling`` of one result's metrics on their own; ``reported``: name ->
+    the value under test (``subset_sampling``)."""
     strata = _strata_of(result)
-    return {name: subset_sampling([(metric_forms(result, spec), 1.0)], strata, population, confidence)
+    return {name: subset_sampling([(metric_forms(result, spec), 1.0, (reported or {}).get(name))],
+                                  strata, population, confidence)
             for name, spec in metrics.items()}
 
 

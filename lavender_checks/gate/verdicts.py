@@ -18,10 +18,12 @@ be), ``sd`` and ``bias`` those of the subset's estimate of the whole benchmark. 
 numbers always differ from the whole's, and a run passes only if all its verdicts do, so
 ``z`` is the normal quantile of the confidence shared out over the m subset verdicts of the
 run (Bonferroni: two-sided 1 − (1 − confidence) / m): a run that reproduces the report fails
-on some subset with a probability below 1 − confidence, not once in twenty verdicts. At N = n
-the band is the full run's; a stratum of one unit, or whose units all scored alike, gets
-close to the largest variance its bounded scores allow instead of none
-(``bootstrap.SubsetSampling``).
+on some subset with a probability below 1 − confidence, not once in twenty verdicts. ``sd``
+is taken at the reported value (each stratum's rate shifted so that the estimate equals it: a
+score test, as Wilson's interval is to Wald's), since a sample's own variance is smallest when
+its draw lies furthest from the whole. At N = n the band is the full run's; a stratum of one
+unit, or whose units all scored alike, gets close to the largest variance its bounded scores
+allow instead of none (``bootstrap.SubsetSampling``).
 The band is clipped to the metric's range (a percentage lies in [0, 100]).
 
 Modes:
@@ -541,10 +543,13 @@ def _add_subset_sampling(out: dict[tuple[str, str], _Measured], results: dict[st
     if not populations:
         return  # the rows scored are the whole benchmark
     population = populations[0]
+    # Each quantity's variance is taken at its reported value (the hypothesis under test).
+    reported = {row.id: {q: row.reported(q) for q in ("base", "lavender")}
+                for rows in usable.values() for row in rows}
     if paired_rows:
         sampled = paired_subset_sampling(results["base"], results["lavender"],
                                          {row.id: row.parts for row in paired_rows}, population,
-                                         confidence)
+                                         confidence, reported)
         for row in paired_rows:
             for quantity, sampling in sampled[row.id].items():
                 out[(row.id, quantity)].sampling = sampling
@@ -552,7 +557,8 @@ def _add_subset_sampling(out: dict[tuple[str, str], _Measured], results: dict[st
         alone = [row for row in usable[quantity] if out[(row.id, quantity)].sampling is None]
         if alone:
             sampled_alone = result_subset_sampling(result, {row.id: row.parts for row in alone},
-                                                   result.population or population, confidence)
+                                                   result.population or population, confidence,
+                                                   {row.id: row.reported(quantity) for row in alone})
             for row in alone:
                 out[(row.id, quantity)].sampling = sampled_alone[row.id]
 

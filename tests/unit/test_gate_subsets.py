@@ -1,7 +1,8 @@
 """Gating a subset of a full-size benchmark (issue 12, item 1).
 
 Synthetic per-sample predictions at the real benchmarks' sizes (DocVQA_VAL 5,349 questions,
-ChartQA_TEST 2 × 1,250, MME 1,187 image pairs), scored by the real scorers. The reference is
+ChartQA_TEST 2 × 1,250, MME 1,187 image pairs, MMBench_DEV_EN 1,164 circular groups whose 20
+categories' accuracies run from 0.2 to 0.95), scored by the real scorers. The reference is
 the unshifted model's numbers on the whole benchmark: a subset of that model must pass, and a
 model whose accuracy is lower by 8 points must fail once the subset is large enough.
 """
@@ -46,9 +47,45 @@ def _mme():
     return pd.DataFrame(rows)
 
 
-FRAMES = {"DocVQA_VAL": _docvqa, "ChartQA_TEST": _chartqa, "MME": lambda n: _mme()}
+MMBENCH_L2 = {
+    "coarse_perception": ["image_emotion", "image_quality", "image_scene", "image_style", "image_topic"],
+    "finegrained_perception (instance-level)": ["attribute_recognition", "celebrity_recognition",
+                                                "object_localization", "ocr"],
+    "finegrained_perception (cross-instance)": ["action_recognition", "attribute_comparison",
+                                                "spatial_relationship"],
+    "logic_reasoning": ["future_prediction", "structuralized_imagetext_understanding"],
+    "relation_reasoning": ["nature_relation", "physical_relation", "social_relation"],
+    "attribute_reasoning": ["function_reasoning", "identity_reasoning", "physical_property_reasoning"],
+}
+MMBENCH_CATEGORIES = [c for cs in MMBENCH_L2.values() for c in cs]
+# Categories far apart in accuracy: what makes a subset's draw of a small one misleading.
+MMBENCH_OFFSET = dict(zip(MMBENCH_CATEGORIES, np.linspace(0.2, 0.95, 20) - ACCURACY["base"]))
+
+
+def _mmbench(n_rows):
+    """1,164 circular groups (837 of 4 options, 327 of 3: 4,329 rows) in 20 categories of
+    uneven size."""
+    raw = np.random.default_rng(0).integers(20, 110, size=20).astype(float)
+    groups = np.round(raw / raw.sum() * 1164).astype(int)
+    groups[np.argmax(groups)] += 1164 - groups.sum()
+    rows, g = [], 0
+    for l2, categories in MMBENCH_L2.items():
+        for category in categories:
+            for _ in range(groups[MMBENCH_CATEGORIES.index(category)]):
+                options = "ABCD" if g < 837 else "ABC"
+                for k in range(len(options)):
+                    rows.append({"index": g + k * 1_000_000, "question": f"q{g}", "hint": np.nan,
+                                 **{o: f"opt{o}" for o in options}, "answer": options[(g + k) % len(options)],
+                                 "category": category, "l2-category": l2, "split": "dev"})
+                g += 1
+    return pd.DataFrame(rows)
+
+
+FRAMES = {"DocVQA_VAL": _docvqa, "ChartQA_TEST": _chartqa, "MME": lambda n: _mme(),
+          "MMBench_DEV_EN": _mmbench}
 ROWS = {"DocVQA_VAL": ["Overall"], "ChartQA_TEST": ["test_human", "test_augmented", "Overall"],
-        "MME": ["perception", "reasoning", "total"]}
+        "MME": ["perception", "reasoning", "total"],
+        "MMBench_DEV_EN": ["Overall", "CP", "LR", "ocr", "image_emotion"]}
 
 
 def _wrong(answer):
@@ -56,8 +93,15 @@ def _wrong(answer):
 
 
 def _predictions(meta, variant, shift, seed):
+    accuracy = ACCURACY[variant] - shift
+    if "l2-category" in meta:  # MMBench: one draw per circular group (all its rows alike)
+        group = meta["question"].str[1:].astype(int).to_numpy()
+        draw = np.random.default_rng(seed).random(group.max() + 1)[group]
+        correct = draw < accuracy + meta["category"].map(MMBENCH_OFFSET).to_numpy()
+        wrong = meta["answer"].map(lambda a: "B" if a == "A" else "A")
+        return meta.assign(prediction=np.where(correct, meta["answer"], wrong))
     draw = np.random.default_rng(seed).random(len(meta))  # the same draw for both variants: paired
-    correct = draw < ACCURACY[variant] - shift
+    correct = draw < accuracy
     right = meta["answer"].map(lambda a: a.strip("[]'"))
     return meta.assign(prediction=[r if c else _wrong(r) for r, c in zip(right, correct)])
 
@@ -119,11 +163,44 @@ def test_the_whole_benchmark_is_no_subset(full_size, reference):
 def test_a_model_8_points_lower_fails_on_half_the_benchmark(full_size, reference):
     verdicts = {(v.row_id, v.quantity): v for v in _judge(full_size, reference, SHIFT, fraction=0.5)}
     for row_id in ("DocVQA_VAL-Overall", "ChartQA_TEST-Overall", "ChartQA_TEST-test_human",
-                   "MME-perception", "MME-total"):
+                   "MME-perception", "MME-total", "MMBench_DEV_EN-Overall"):
         for quantity in ("base", "lavender"):
             assert verdicts[(row_id, quantity)].status == "fail", verdicts[(row_id, quantity)].message()
     # The gain did not move: it still passes.
     assert verdicts[("DocVQA_VAL-Overall", "gain")].status == "pass"
+
+
+# Runs of the reference's own model on subsets drawn with many seeds. The run's confidence is
+# shared out over its verdicts (gate.verdicts), so at most 1 − confidence of the runs may
+# fail: 2 of 40 at 95 %.
+SEEDS = range(40)
+
+
+def _failing_runs(full_size, reference, pick, benchmarks):
+    failing = {}
+    for seed in SEEDS:
+        results = {}
+        for name in benchmarks:
+            bench, meta = get_benchmark(name), full_size[name]["meta"]
+            results[name] = {v: bench.score(subset(full_size[name][0.0][v], bench, seed=seed, **pick),
+                                            meta=meta) for v in ACCURACY}
+        failed = [v.message().splitlines()[0] for v in judge(reference, results, n_resamples=100)
+                  if v.status == "fail" and v.benchmark in benchmarks]
+        if failed:
+            failing[seed] = failed
+    return failing
+
+
+@pytest.mark.parametrize("benchmarks, pick", [
+    (["MMBench_DEV_EN"], dict(fraction=0.25)), (["MMBench_DEV_EN"], dict(fraction=0.5)),
+    (["MMBench_DEV_EN"], dict(limit=60)),
+    (["DocVQA_VAL", "ChartQA_TEST", "MME"], dict(fraction=0.1)),
+], ids=str)
+def test_the_reference_model_fails_at_most_the_promised_share_of_subset_runs(full_size, reference,
+                                                                            benchmarks, pick):
+    failing = _failing_runs(full_size, reference, pick, benchmarks)
+    allowed = int((1 - reference.gate.confidence) * len(SEEDS))
+    assert len(failing) <= allowed, failing
 
 
 def test_subset_bands_widen_as_the_subset_shrinks(full_size, reference):
@@ -156,4 +233,6 @@ def test_a_subset_of_one_unit_has_a_wide_band_not_the_floor(tmp_path):
     assert {v.status for v in judge(ref, {"DocVQA_VAL": whole})} == {"fail"}
     assert all(v.status == "pass" for v in verdicts.values()), [v.message() for v in verdicts.values()]
     assert verdicts["base"].band == (0.0, 100.0)  # clipped to the percentage's range
-    assert "1 of 24" in verdicts["base"].message() and "least variance in all" in verdicts["base"].message()
+    # The variance is a one-unit score's at the reported 40 %: 0.4 × 0.6.
+    assert "1 of 24" in verdicts["base"].message()
+    assert verdicts["base"].sampling_sd == pytest.approx(100 / 24 * np.sqrt(24 * 23 * 0.24))

@@ -239,3 +239,23 @@ def test_strata_sampled_at_different_rates_give_a_bias():
 def test_a_numerator_beyond_its_denominator_is_refused():
     with pytest.raises(ValueError, match="outside"):
         subset_sampling([([Ratio(np.array([2.0]), np.array([1.0]))], 1.0)], np.array(["a"]), {"a": 2})
+
+
+def test_the_variance_is_taken_at_the_reported_value():
+    # 1 right of 24 drawn from a stratum of 96 whose whole has 20 % right: the sample's own
+    # variance (4 %) would give a band too narrow to reach 20 %; at the reported 20 % it is
+    # the variance a 0/1 score has there.
+    values = np.zeros(24)
+    values[0] = 1.0
+    strata, population = np.array(["a"] * 24), {"a": 96}
+    own = subset_sampling([(_mean_form(values), 1.0)], strata, population)
+    tested = subset_sampling([(_mean_form(values), 1.0, 20.0)], strata, population)
+    assert tested.sd == pytest.approx(100 * np.sqrt(0.75 / 24 * (values.var(ddof=1) + 0.2 * 0.8 - (1 / 24) * (23 / 24))))
+    assert tested.sd > 1.5 * own.sd  # 7.1 against 4.5 (already raised to the least variance)
+    # A gain adds each model's change, the pair's covariance kept.
+    lav = values.copy()
+    lav[1] = 1.0
+    gain = subset_sampling([(_mean_form(lav), 1.0, 25.0), (_mean_form(values), -1.0, 20.0)], strata, population)
+    moves = (0.25 * 0.75 - (2 / 24) * (22 / 24)) + (0.2 * 0.8 - (1 / 24) * (23 / 24))
+    assert gain.bounded_strata == ()
+    assert gain.sd == pytest.approx(100 * np.sqrt(0.75 / 24 * ((lav - values).var(ddof=1) + moves)))
