@@ -483,6 +483,9 @@ def load_benchmark(
         keep = frame["image"].notna().to_numpy()
         rows_without_image = int((~keep).sum())
         frame = frame[keep].reset_index(drop=True)
+    if frame.empty:
+        raise DataError(f"{read_from}: no data rows " + (
+            f"with an image ({rows_without_image} without one)" if rows_without_image else "(a header only)"))
     index_text = _normalise_index(frame, read_from)
     if not pd.api.types.is_integer_dtype(frame["index"]):
         # VLMEvalKit would keep string indices, but the four benchmarks' files have integer

@@ -144,6 +144,18 @@ def test_unreadable_tsv_is_a_data_error(tmp_path, content, expected):
     assert str(path) in str(err.value) and expected in str(err.value)
 
 
+def test_a_header_only_tsv_is_a_data_error_naming_the_file(tmp_path):
+    path = tmp_path / "DocVQA_VAL.tsv"
+    path.write_bytes(b"index\timage\tquestion\tanswer\n")
+    with pytest.raises(data.DataError) as err:
+        load_quietly("DocVQA_VAL", tmp_path)
+    assert str(err.value) == f"{path}: no data rows (a header only)"
+    # Rows that all lack an image leave none either (VLMEvalKit drops them).
+    write_tsv(tmp_path, "DocVQA_VAL.tsv", vqa_frame([None, None]))
+    with pytest.raises(data.DataError, match="no data rows with an image [(]2 without one[)]"):
+        load_quietly("DocVQA_VAL", tmp_path)
+
+
 def test_duplicate_indices_are_named(tmp_path):
     write_tsv(tmp_path, "DocVQA_VAL.tsv", vqa_frame([b64(picture())] * 3, indices=[4, 7, 4]))
     with pytest.raises(data.DataError) as err:
