@@ -328,7 +328,7 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
     them and scored; a benchmark whose files are absent is missing, saying where it looked.
     The benchmark TSV, when LMUData has it, checks the indices (and gives MMBench its answers,
     as in VLMEvalKit)."""
-    from lavender_checks.benchmarks.signature import check_signature
+    from lavender_checks.benchmarks.signature import check_questions, check_signature
     from lavender_checks.data import provenance, provenance_of, subset
     from lavender_checks.vlmeval_io import find_prediction_file, read_prediction_file
 
@@ -360,6 +360,9 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
         for v in VARIANTS:  # a file of another benchmark is refused, naming what it looks like
             check_signature(frames[v], benchmark, str(paths[v]))
         meta = _optional_meta(bench, meta_root)
+        if meta is not None:
+            for v in VARIANTS:  # as score --meta: a file of an edited TSV is refused
+                check_questions(frames[v], meta, str(paths[v]), str(meta_root / bench.spec.tsv))
         if meta is not None and config.strict_data:
             _refuse_noncomparable(config, benchmark, provenance_of(meta))
         whole = frames

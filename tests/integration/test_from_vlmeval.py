@@ -418,3 +418,23 @@ def test_pytest_gate_over_a_folder_fails_what_is_missing(tmp_path, seed_frames):
     assert "lavender-checks gate" in out and f"missing MME: no prediction file {LAVENDER}_MME" in out
     runs = [p.name for p in reports.iterdir() if RUN_ID_PATTERN.match(p.name)]
     assert len(runs) == 1 and (reports / runs[0] / "report.json").is_file()  # written once
+
+
+def test_a_file_whose_questions_are_not_the_tsvs_is_refused(tmp_path):
+    """With the benchmark's TSV in LMUData, every file's questions are checked against it, as
+    ``score --meta`` does: a file of an edited TSV is refused, naming the row."""
+    from lavender_checks.benchmarks.signature import SignatureMismatch
+    from lavender_checks.data import load_benchmark_frame
+    from lavender_checks.run.config import MINI_LMUDATA
+
+    meta = load_benchmark_frame("DocVQA_VAL", MINI_LMUDATA).drop(columns=["image"], errors="ignore")
+    frame = meta.assign(prediction=meta["answer"])
+    edited = frame.copy()
+    edited.loc[1, "question"] = "an edited question?"
+    work = write_run(tmp_path / "ok", {"DocVQA_VAL": {"base": frame, "lavender": frame}})
+    run, _ = gate(work, benchmarks=("DocVQA_VAL",), lmu_data=MINI_LMUDATA)
+    assert run.results["DocVQA_VAL"]["base"] is not None
+    work = write_run(tmp_path / "edited", {"DocVQA_VAL": {"base": frame, "lavender": edited}})
+    with pytest.raises(SignatureMismatch, match=r"1 row\(s\) whose question is not the one of .*DocVQA_VAL.tsv "
+                                                r"at the same index, e.g. index .*'an edited question\?' in the file"):
+        gate(work, benchmarks=("DocVQA_VAL",), lmu_data=MINI_LMUDATA)
