@@ -41,17 +41,10 @@ class Subject:
 
 
 def _greedy_config(model: Any, processor: Any, force_lengths: bool):
-    import copy
-
     from lavender_checks.engines.fast.mllama import unwrap
+    from lavender_checks.engines.request import greedy_settings
 
-    config = copy.deepcopy(unwrap(model).generation_config)
-    config.do_sample = False
-    config.num_beams = 1
-    for name in ("temperature", "top_p", "top_k"):
-        if hasattr(config, name):
-            setattr(config, name, None)
-    config.pad_token_id = processor.tokenizer.pad_token_id
+    config = greedy_settings(unwrap(model).generation_config, processor.tokenizer).generation_config
     if force_lengths:
         # Forced lengths must be exact: EOS is made impossible (its score -inf at every step),
         # as min_new_tokens does in generate. The one-sample loop sets it to each row's budget;

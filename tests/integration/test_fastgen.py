@@ -224,3 +224,38 @@ def test_split_vision_attention_is_the_masked_attention():
     _PAD_SPLITS.clear()
     assert torch.allclose(got, reference, atol=1e-5)
     assert not torch.allclose(got, torch.softmax(q @ k.transpose(-1, -2) * 0.25, -1).matmul(v).transpose(1, 2), atol=1e-3)
+
+
+def test_one_greedy_config_for_every_engine(pair):
+    """The fast engine's default config and the speed bench's are the batched engine's
+    (``greedy_settings``): the same settings, and the same tokens on both engines."""
+    from lavender_checks.engines.fast.mllama import unwrap
+    from lavender_checks.speed.subject import FORCE_NEVER_EOS, _greedy_config
+
+    settings = _greedy_settings(pair)
+    default = FastGenerator(pair.model, pair.processor, variant_context=pair.variant)
+    assert default.rules == GreedyRules.from_generation_config(settings.generation_config)
+    assert _greedy_config(pair.model, pair.processor, False).to_dict() == settings.generation_config.to_dict()
+    forced = _greedy_config(pair.model, pair.processor, True)
+    assert forced.min_new_tokens == FORCE_NEVER_EOS
+    forced.min_new_tokens = settings.generation_config.min_new_tokens
+    assert forced.to_dict() == settings.generation_config.to_dict()
+    # A checkpoint whose config names no EOS: every engine stops at <|eot_id|>, as generate does.
+    checkpoint = unwrap(pair.model).generation_config
+    saved = checkpoint.eos_token_id
+    checkpoint.eos_token_id = None
+    try:
+        eos = _greedy_settings(pair).eos_ids
+        assert eos and set(FastGenerator(pair.model, pair.processor).rules.eos_ids) == set(eos)
+        assert _greedy_config(pair.model, pair.processor, False).eos_token_id in eos
+    finally:
+        checkpoint.eos_token_id = saved
+    # Sampling fields left unset (the bench's former config) or neutral (greedy_settings):
+    # greedy decoding does not read them, on either engine.
+    unset = copy.deepcopy(settings.generation_config)
+    for name in ("temperature", "top_p", "top_k"):
+        setattr(unset, name, None)
+    requests = make_requests(pair.processor, 4, seed=6)
+    expected = one_sample(pair, requests, "lavender", settings.generation_config)
+    assert one_sample(pair, requests, "lavender", unset) == expected
+    assert fast_for(pair, unset).generate_ids(requests, "lavender") == expected

@@ -37,13 +37,14 @@ from lavender_checks.engines.fast.inputs import (
     load_and_encode,
     prepare_rows,
 )
-from lavender_checks.engines.fast.rules import GreedyRules, greedy_copy
+from lavender_checks.engines.fast.rules import GreedyRules
 from lavender_checks.engines.fast.runner import ModelRunner
 from lavender_checks.engines.fast.scheduler import Row, Scheduler
 from lavender_checks.engines.fast.stats import FastGenStats
 from lavender_checks.engines.request import (
     OnFinish,
     decode_output,
+    greedy_settings,
     pair_greedy_settings,
 )
 from lavender_checks.model import BASE_VARIANT
@@ -83,7 +84,8 @@ class FastGenerator:
         base = mllama.unwrap(model)
         self.parts = mllama.MllamaParts.of(base)
         self.rules = GreedyRules.from_generation_config(
-            generation_config if generation_config is not None else greedy_copy(base.generation_config))
+            generation_config if generation_config is not None
+            else greedy_settings(base.generation_config, processor.tokenizer).generation_config)
         self.eos_ids = frozenset(self.rules.eos_ids)
         self.image_token_id = _image_token_id(processor, base)
         device, dtype = base.lm_head.weight.device, base.lm_head.weight.dtype

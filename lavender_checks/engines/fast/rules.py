@@ -6,7 +6,6 @@ into its suppress/decay buffers.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,12 +83,3 @@ class GreedyRules:
         if self.decay_start is None or generated <= self.decay_start:
             return 0.0
         return pow(self.decay_factor, generated - self.decay_start) - 1
-
-
-
-def greedy_copy(generation_config: Any) -> Any:
-    """The model's generation config switched to greedy, as the suite's generate does."""
-    config = copy.deepcopy(generation_config)
-    config.do_sample = False
-    config.num_beams = 1
-    return config
