@@ -513,6 +513,12 @@ def write_report(
     all_metrics = _all_metrics(reference, results)
     flip_lines, flip_counts = _flips(results)
     counts = {s: sum(v.status == s for v in verdicts) for s in STATUSES}
+    verdicts_passed = counts["fail"] == 0 and counts["missing"] == 0
+    # "passed" is what the exit status says: data that cannot test the reference fails the run
+    # unless --allow-noncomparable was given.
+    problems = noncomparable(reference, metadata)
+    comparable = not problems
+    allowed = bool((metadata.get("config") or {}).get("allow_noncomparable"))
 
     (partial / "report.md").write_text(
         _markdown(run_id, created, reference, verdicts, metadata, all_metrics, flip_counts),
@@ -521,9 +527,9 @@ def write_report(
         "run_id": run_id,
         "created": created,
         "modes": sorted({v.mode for v in verdicts}),
-        "summary": {**counts, "passed": counts["fail"] == 0 and counts["missing"] == 0,
-                    "comparable": not noncomparable(reference, metadata),
-                    "noncomparable": noncomparable(reference, metadata)},
+        "summary": {**counts, "passed": verdicts_passed and (comparable or allowed),
+                    "verdicts_passed": verdicts_passed, "comparable": comparable,
+                    "noncomparable": problems},
         "metadata": metadata,
         "reference": {
             "path": reference.path,

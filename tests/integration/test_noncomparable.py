@@ -4,6 +4,7 @@ last on the console and first in report.md, fails unless --allow-noncomparable, 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -61,13 +62,19 @@ def test_the_run_fails_and_says_so_last_and_first(tmp_path, edited_lmudata, caps
     report = next(p for p in (tmp_path / "reports").iterdir() if p.name[0].isdigit())
     md = (report / "report.md").read_text(encoding="utf-8").splitlines()
     assert md[2].startswith("> **NOT COMPARABLE")
+    # report.json's passed is the exit status's meaning; the verdicts alone are kept apart.
+    summary = json.loads((report / "report.json").read_text(encoding="utf-8"))["summary"]
+    assert (summary["passed"], summary["verdicts_passed"], summary["comparable"]) == (False, True, False)
 
 
-def test_allow_noncomparable_gates_it_anyway(edited_lmudata, capsys, _run):
+def test_allow_noncomparable_gates_it_anyway(tmp_path, edited_lmudata, capsys, _run):
     with pytest.warns(UserWarning, match="LMUDATA MISMATCH"):
         assert _run(edited_lmudata, "--allow-noncomparable") == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-2].startswith("NOT COMPARABLE with the reference: --allow-noncomparable was given")
+    report = next(p for p in (tmp_path / "reports").iterdir() if p.name[0].isdigit())
+    summary = json.loads((report / "report.json").read_text(encoding="utf-8"))["summary"]
+    assert (summary["passed"], summary["verdicts_passed"], summary["comparable"]) == (True, True, False)
 
 
 def test_strict_data_refuses_it_before_any_work(tmp_path, edited_lmudata, capsys, _run):
