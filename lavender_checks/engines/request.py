@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 EOT_TOKEN = "<|eot_id|>"
@@ -84,9 +84,7 @@ def opened(request: GenerationRequest) -> GenerationRequest:
     if not any(callable(image) for image in request.images):
         return request
     images = [image() if callable(image) else image for image in request.images]
-    return GenerationRequest(key=request.key, text=request.text, images=images,
-                             max_new_tokens=request.max_new_tokens, image_key=request.image_key,
-                             clean_up_spaces=request.clean_up_spaces)
+    return replace(request, images=images)
 
 
 # ---------------------------------------------------------------------------------------

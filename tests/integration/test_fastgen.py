@@ -165,8 +165,12 @@ def test_bad_requests_are_refused(pair):
     no_token = GenerationRequest(key="plain", text="no image token here", images=good[0].images, max_new_tokens=3)
     with pytest.raises(ValueError, match="'plain'.*one image token"):
         fast.generate_ids([no_token], "base")
-    with pytest.raises(ValueError, match="repeat a key"):
+    # The batched engine's checks (engines.request.check_requests), before any work.
+    with pytest.raises(ValueError, match=r"duplicate request keys: \['r0'\]"):
         fast.generate_ids([good[0], good[0]], "base")
+    none = GenerationRequest(key="none", text=good[0].text, images=good[0].images, max_new_tokens=0)
+    with pytest.raises(ValueError, match="'none': max_new_tokens must be at least 1, got 0"):
+        fast.generate_ids([none], "base")
 
 
 def test_greedy_rules():

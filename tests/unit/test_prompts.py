@@ -168,3 +168,19 @@ def test_both_profiles_ask_for_the_transformers_4_decode_clean_up():
         profile = load_profile(name)
         assert profile.clean_up_tokenization_spaces is True
         assert profile.describe()["decoding"]["clean_up_tokenization_spaces"] is True
+
+
+def test_an_opened_request_keeps_every_field_but_its_images():
+    import dataclasses
+
+    from lavender_checks.engines.request import GenerationRequest, opened
+
+    request = GenerationRequest(key="k", text="t", images=[lambda: "pixels", "open"], max_new_tokens=7,
+                                image_key="img", clean_up_spaces=True)
+    done = opened(request)
+    assert done.images == ["pixels", "open"]
+    for f in dataclasses.fields(GenerationRequest):
+        if f.name != "images":
+            assert getattr(done, f.name) == getattr(request, f.name), f.name
+    plain = GenerationRequest(key="p", text="t", images=["open"])
+    assert opened(plain) is plain

@@ -43,6 +43,7 @@ from lavender_checks.engines.fast.scheduler import Row, Scheduler
 from lavender_checks.engines.fast.stats import FastGenStats
 from lavender_checks.engines.request import (
     OnFinish,
+    check_requests,
     decode_output,
     greedy_settings,
     pair_greedy_settings,
@@ -136,9 +137,8 @@ class FastGenerator:
         if not requests:
             self.last_stats = stats
             return {}
+        check_requests(requests)
         keys = [r.key for r in requests]
-        if len(set(keys)) != len(keys):
-            raise ValueError("requests repeat a key; each request needs its own")
 
         with concurrent.futures.ThreadPoolExecutor(max(1, self.config.prep_threads)) as pool:
             rows, first_images = prepare_rows(requests, pool, self.processor, self.add_special_tokens,

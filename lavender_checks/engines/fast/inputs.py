@@ -63,9 +63,6 @@ def request_parts(request: Any) -> tuple[Any, str, Any, int, str | None]:
     if len(images) != 1:
         raise ValueError(f"request {request.key!r}: the fast path takes exactly one image per request, "
                          f"got {len(images)}")
-    if int(request.max_new_tokens) < 1:
-        raise ValueError(f"request {request.key!r}: max_new_tokens must be at least 1, "
-                         f"got {request.max_new_tokens}")
     image_key = getattr(request, "image_key", None)
     return request.key, request.text, images[0], int(request.max_new_tokens), image_key
 
