@@ -85,7 +85,8 @@ class FastEngine:
                 "numerics": {"decode_rows": config.decode_rows, "prefill_rows": config.prefill_rows,
                              "prefill_bucket": config.prefill_bucket, "min_cache_len": config.min_cache_len,
                              "invariant_blas": config.invariant_blas} if config.invariant else None,
-                "environment": invariant.environment(getattr(self.pair, "device", None))}
+                # the generator's device: asking a lazy pair for its device would load the model
+                "environment": invariant.environment(getattr(self._generator, "device", None))}
 
     def _generator_for(self, requests) -> tuple[Any, str | None]:
         """(the generator, None) when it can run ``requests``, else (None, why not)."""
