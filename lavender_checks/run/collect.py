@@ -149,8 +149,13 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
 
     # Built over the (lazy) pair without touching its weights: an engine builds its model
     # state on its first generate.
+    fast_config = None
+    if not config.batch_invariant:
+        from lavender_checks.engines.fast.config import FastGenConfig
+
+        fast_config = FastGenConfig(invariant=False)
     engine = make_engine(config.engine, pair, batch_size=config.batch_size,
-                         chunk_rows=config.chunk_rows)
+                         chunk_rows=config.chunk_rows, fast_config=fast_config)
 
     def predict(item: _BenchmarkData, frame, variant: str):
         return predict_run(pair, engine, item.bench, frame, profile, variant, store,

@@ -64,6 +64,9 @@ class RunConfig:
     # How predictions are generated; not what they are, so not part of label().
     engine: str = DEFAULT_ENGINE
     chunk_rows: int | None = None  # rows per fast-engine call; None: the fast engine's default
+    # The fast engine's batch-invariant mode (engines/fast/invariant.py): predictions that do
+    # not depend on -n, the slot count, chunking or the resume point. False: the throughput mode.
+    batch_invariant: bool = True
     # Data that is not what the reference was measured on (gate.verdicts.noncomparable):
     strict_data: bool = False  # refuse it before any work
     allow_noncomparable: bool = False  # gate it anyway (the report still says so first)
@@ -118,6 +121,9 @@ class RunConfig:
                                     "time: it needs --engine fast")
             if self.chunk_rows < 1:
                 raise RunInputError(f"--chunk-rows must be at least 1, got {self.chunk_rows}")
+        if not self.batch_invariant and self.engine != FAST_ENGINE:
+            raise RunInputError("--no-batch-invariance switches the fast engine to its throughput mode: "
+                                "it needs --engine fast")
         for name in ("base_name", "lavender_name"):
             if not getattr(self, name):
                 raise RunInputError(f"--{name.replace('_', '-')} must not be empty")
@@ -261,6 +267,10 @@ RUN_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
                           help="with --engine fast: rows handed to the engine at a time, grouped by "
                                "image (default: a whole benchmark); an interrupted run keeps every "
                                "finished row")),
+    ("--no-batch-invariance", dict(dest="batch_invariant", action="store_false", default=True,
+                                   help="with --engine fast: its throughput mode, whose bf16 predictions "
+                                        "depend on which rows share a batch (-n, slots, chunks, resume "
+                                        "point); by default each row's tokens depend on that row alone")),
     ("--strict-data", dict(action="store_true", default=False,
                            help="refuse, before any work, a TSV that is not the one the reference's "
                                 "numbers came from (VLMEvalKit's: md5, row count)")),

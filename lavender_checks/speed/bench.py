@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import asdict
@@ -36,20 +35,17 @@ from pathlib import Path
 from typing import Any
 
 from lavender_checks import REPORTS
-from lavender_checks.engines.fast.config import DEFAULT_CHUNK_ROWS
 from lavender_checks.speed.measure import (
     equivalence_section,
     measure_card,
-    run_fast,
+    measure_fast,
     run_hf_batched,
     run_one_sample,
     run_plain_section,
-    run_warmup,
 )
 from lavender_checks.speed.project import (
     figures,
     model_costs,
-    project_fast,
     project_one_sample,
 )
 from lavender_checks.speed.subject import (
@@ -103,13 +99,24 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> list[argparse.Act
                         help="a real adapter_config.json whose r, lora_alpha and target_modules the random adapter takes")
     add("--attn", default="sdpa", help="attention implementation of the model (default sdpa)")
     add("--seed", type=int, default=0, help="seed of the random weights")
+    add("--throughput-mode", action="store_true",
+        help="the fast path without batch invariance (FastGenConfig.invariant=False)")
     return added
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_workload_arguments(parser)
     parser.add_argument("--paths", default="a,fast",
-                        help="comma-separated paths to run: a (one-sample loop), fast, plain (default a,fast)")
+                        help="comma-separated paths to run: a (one-sample loop), fast, plain, repro "
+                             "(batch invariance: speed/repro.py) (default a,fast)")
+    parser.add_argument("--repro-rows", type=int, default=52,
+                        help="repro: rows per benchmark (default 52: 208 rows, each in both variants)")
+    parser.add_argument("--repro-max-new", type=int, default=32,
+                        help="repro: cap of every row's drawn output length (default 32)")
+    parser.add_argument("--no-repro-throughput", dest="repro_throughput", action="store_false",
+                        help="repro: skip the throughput mode's spread")
+    parser.add_argument("--no-repro-projection", dest="repro_projection", action="store_false",
+                        help="repro: skip the projected full gate of both modes")
     parser.add_argument("--a-rows", type=int, default=6,
                         help="rows per benchmark and variant for the one-sample loop and the correctness sample")
     parser.add_argument("--a-max-new-tokens", type=int, default=16,
@@ -152,9 +159,9 @@ def main(args: argparse.Namespace) -> int:
               "use --tiny-cpu to run the harness on the tiny model on CPU", file=sys.stderr)
         return 2
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    unknown = sorted(set(paths) - {"a", "fast", "plain"})
+    unknown = sorted(set(paths) - {"a", "fast", "plain", "repro"})
     if unknown or not paths:
-        print(f"lavender-checks bench: unknown path(s) {unknown or paths}; choose from a, fast, plain",
+        print(f"lavender-checks bench: unknown path(s) {unknown or paths}; choose from a, fast, plain, repro",
               file=sys.stderr)
         return 2
     if not 0 < args.scale <= 1:
@@ -187,7 +194,6 @@ def run_bench(workload: Workload, args, paths: list[str]) -> dict:
 
     from lavender_checks.engines.fast.config import FastGenConfig
     from lavender_checks.engines.fast.engine import FastGenerator
-    from lavender_checks.engines.fast.stats import FastGenStats
 
     started = time.strftime("%Y%m%dT%H%M%S")
     out = Path(args.out) if args.out else REPORTS / "bench" / f"bench-{started}.json"
@@ -246,6 +252,8 @@ def run_bench(workload: Workload, args, paths: list[str]) -> dict:
         overrides["bucket_growth"] = args.buckets
     if args.admit_fraction:
         overrides["admit_fraction"] = args.admit_fraction
+    if getattr(args, "throughput_mode", False):
+        overrides["invariant"] = False
     cfg = FastGenConfig(**{**asdict(cfg), **overrides, "phase_timing": True})
     engine = FastGenerator(subject.model, subject.processor, variant_context=subject.variant_context,
                            generation_config=subject.generation_config, config=cfg)
@@ -264,7 +272,6 @@ def run_bench(workload: Workload, args, paths: list[str]) -> dict:
             mine = shard_rows(rows, args.shard)
             share[name] = len(mine) / len(rows)
             scaled[name] = mine
-    chunk_rows = args.chunk_rows or DEFAULT_CHUNK_ROWS
     if "a" in paths:
         a_cap = min(args.a_max_new_tokens, cap or args.a_max_new_tokens)
         a_requests = {name: maker.requests(rows[: args.a_rows], cap=a_cap)[0] for name, rows in scaled.items()}
@@ -318,54 +325,22 @@ def run_bench(workload: Workload, args, paths: list[str]) -> dict:
         save()
 
     if "fast" in paths:
-        reset_peak(subject.device)
-        fast_section: dict[str, Any] = {"per_run": {}, "chunk_rows": chunk_rows}
-        report["fast"] = fast_section  # saved as it grows
-        total = FastGenStats()
-        made = {name: maker.requests(rows, cap=cap) for name, rows in scaled.items()}
-        fast_section["warmup"] = run_warmup(engine, made, workload.variants, args.warmup_rows, chunk_rows)
-        save()
-        # Benchmark by benchmark, both variants each: a run cut short still projects whole benchmarks.
-        for load in workload.benchmarks:
-            for variant in workload.variants:
-                rows = scaled[load.name]
-                if not rows:  # a shard of a tiny scaled benchmark can be empty: its share is 0
-                    continue
-                requests, lengths = made[load.name]
-                result = run_fast(engine, requests, variant, chunk_rows)
-                stats = result["stats"]
-                total.add(stats)
-                tokens = sum(len(v) for v in result["ids"].values())
-                expected_images = len({r.image_id for r in rows})
-                if stats.images != expected_images:
-                    report["notes"].append(
-                        f"{variant}/{load.name}: the fast path encoded {stats.images} images for "
-                        f"{expected_images} distinct image ids: the projection of this run is not valid")
-                full_rows = totals[load.name]["rows"] * share[load.name]
-                fast_section["per_run"][f"{variant}/{load.name}"] = {
-                    "rows": len(rows), "full_rows": full_rows,
-                    "chunks": result["chunks"], "full_chunks": max(1, math.ceil(full_rows / chunk_rows)),
-                    "images": stats.images, "distinct_image_ids": expected_images,
-                    "seconds": result["seconds"], "capture_seconds": stats.seconds.get("capture", 0.0),
-                    "decode_seconds": stats.seconds.get("decode", 0.0),
-                    "drain_seconds": stats.seconds.get("drain", 0.0), "drain_rows": stats.drain_rows,
-                    "slots": stats.slots,
-                    "new_tokens": tokens, "prompt_tokens": sum(lengths.values()),
-                    "prompt_tokens_drawn": sum(r.prompt_tokens for r in rows),
-                    "stats": stats.as_dict(),
-                }
-                print(f"fast {variant}/{load.name}: {len(rows)} rows, {tokens} new tokens in "
-                      f"{result['seconds']:.1f} s", file=sys.stderr)
-                save()
-        fast_section["peak_gib"] = peak_gib(subject.device)
-        fast_section["stats"] = total.as_dict()
-        fast_section["projection"] = project_fast(fast_section["per_run"], fast_section["warmup"])
+        report["fast"] = {}  # saved as it grows
+        fast_section = measure_fast(engine, workload, scaled, totals, share, maker, args, cap, report["fast"],
+                                    report["notes"], save)
         # What this process spent on the gate's work, start-up included (what a pytest-xdist
         # worker spends): building the model, the warm-up and the timed pass.
         fast_section["process_gate_seconds"] = (subject.description.get("build_seconds", 0.0)
                                                 + fast_section["warmup"]["seconds"]
                                                 + fast_section["projection"]["measured"]["seconds"])
         save()
+
+    if "repro" in paths:
+        from lavender_checks.speed.repro import run_repro_path
+
+        report["repro"] = {}  # saved as it grows
+        run_repro_path(subject, workload, scaled, totals, share, maker, args, cap, cfg, engine,
+                       report["repro"], report["notes"], save)
 
     if "plain" in paths:
         report["plain"] = run_plain_section(subject, workload, maker, args, cap)
@@ -400,6 +375,19 @@ def summary_text(report: dict) -> str:
     for name, check in f["targets"].items():
         met = {True: "met", False: "NOT met", None: "not measured"}[check["met"]]
         lines.append(f"  {name:13s} {fmt(check['value'], '.3f'):>14s}  target {check['target']:>8s}  {met}")
+    repro = report.get("repro")
+    if repro and repro.get("invariant"):
+        inv = repro["invariant"]
+        lines.append(f"  repro: {inv['rows']} rows x {len(inv['variants'])} variants; sequences identical to "
+                     "the rows run alone:")
+        for name, c in inv["configurations"].items():
+            lines.append(f"    {name:34s} {c['identical']}/{c['sequences']}")
+        for name, c in (repro.get("throughput_mode") or {}).get("configurations", {}).items():
+            lines.append(f"    throughput mode, {name:17s} {c['identical']}/{c['sequences']} (vs its default run)")
+        minutes = repro.get("projected_gate_minutes")
+        if minutes:
+            lines.append(f"    projected full gate: invariant {minutes['invariant']:.1f} min, throughput mode "
+                         f"{minutes['throughput']:.1f} min ({repro['invariant_cost']:+.1%})")
     return "\n".join(lines)
 
 

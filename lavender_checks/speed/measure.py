@@ -243,3 +243,61 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def measure_fast(engine: Any, workload: Workload, scaled: dict, totals: dict, share: dict, maker: RequestMaker,
+                 args, cap: int | None, fast_section: dict, notes: list, save) -> dict:
+    """The ``fast`` pass: a warm-up, then every benchmark and variant through ``engine`` in
+    runner-sized chunks, projected to the full gate; fills and returns ``fast_section``
+    (``save()`` is called as it grows)."""
+    import math
+    import sys
+
+    from lavender_checks.engines.fast.config import DEFAULT_CHUNK_ROWS
+    from lavender_checks.engines.fast.stats import FastGenStats
+    from lavender_checks.speed.project import project_fast
+
+    chunk_rows = args.chunk_rows or DEFAULT_CHUNK_ROWS
+    reset_peak(engine.device)
+    fast_section.update({"per_run": {}, "chunk_rows": chunk_rows, "invariant": engine.config.invariant})
+    total = FastGenStats()
+    made = {name: maker.requests(rows, cap=cap) for name, rows in scaled.items()}
+    fast_section["warmup"] = run_warmup(engine, made, workload.variants, args.warmup_rows, chunk_rows)
+    save()
+    # Benchmark by benchmark, both variants each: a run cut short still projects whole benchmarks.
+    for load in workload.benchmarks:
+        for variant in workload.variants:
+            rows = scaled[load.name]
+            if not rows:  # a shard of a tiny scaled benchmark can be empty: its share is 0
+                continue
+            requests, lengths = made[load.name]
+            result = run_fast(engine, requests, variant, chunk_rows)
+            stats = result["stats"]
+            total.add(stats)
+            tokens = sum(len(v) for v in result["ids"].values())
+            expected_images = len({r.image_id for r in rows})
+            if stats.images != expected_images:
+                notes.append(
+                    f"{variant}/{load.name}: the fast path encoded {stats.images} images for "
+                    f"{expected_images} distinct image ids: the projection of this run is not valid")
+            full_rows = totals[load.name]["rows"] * share[load.name]
+            fast_section["per_run"][f"{variant}/{load.name}"] = {
+                "rows": len(rows), "full_rows": full_rows,
+                "chunks": result["chunks"], "full_chunks": max(1, math.ceil(full_rows / chunk_rows)),
+                "images": stats.images, "distinct_image_ids": expected_images,
+                "seconds": result["seconds"], "capture_seconds": stats.seconds.get("capture", 0.0),
+                "decode_seconds": stats.seconds.get("decode", 0.0),
+                "drain_seconds": stats.seconds.get("drain", 0.0), "drain_rows": stats.drain_rows,
+                "slots": stats.slots,
+                "new_tokens": tokens, "prompt_tokens": sum(lengths.values()),
+                "prompt_tokens_drawn": sum(r.prompt_tokens for r in rows),
+                "stats": stats.as_dict(),
+            }
+            print(f"fast {variant}/{load.name}: {len(rows)} rows, {tokens} new tokens in "
+                  f"{result['seconds']:.1f} s", file=sys.stderr)
+            save()
+    fast_section["peak_gib"] = peak_gib(engine.device)
+    fast_section["stats"] = total.as_dict()
+    fast_section["projection"] = project_fast(fast_section["per_run"], fast_section["warmup"])
+    save()
+    return fast_section

@@ -6,7 +6,8 @@ tests/integration/test_resume_after_kill.py.
 The process imports torch and loads the tiny pair once, prints ``ready``, then reads
 commands on stdin, one a line:
 
-* ``run STORE RESULT``: fork a child process that predicts into the store folder STORE and
+* ``run STORE RESULT [I/N]``: fork a child process that predicts (only shard I of N of the
+  rows, split as the gate splits them, when given) into the store folder STORE and
   writes ``{"reused", "generated", "recomputed", "predictions"}`` as JSON to RESULT; prints
   ``pid N`` at once and ``exit N CODE`` when the child ends (CODE as ``subprocess`` gives it:
   ``-9`` when SIGKILLed; 130 after Ctrl-C/SIGINT, as the ``lavender-checks`` command exits);
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default="lavender")
     parser.add_argument("--engine", default="generate")
     parser.add_argument("--slots", type=int, default=None, help="the fast engine's decode batch")
+    parser.add_argument("--dtype", default=None, help="the tiny pair's dtype (default float32)")
     args = parser.parse_args(argv)
 
     import torch
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from lavender_checks.synthetic.tiny import ensure_tiny_checkpoints
 
     tiny = ensure_tiny_checkpoints()
-    pair = load_pair(tiny.base, tiny.adapter, device="cpu")
+    pair = load_pair(tiny.base, tiny.adapter, device="cpu", dtype=args.dtype)
     from lavender_checks.engines import make_engine
     from lavender_checks.engines.fast.config import FastGenConfig
 
@@ -59,9 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     profile = load_profile(args.profile)
     frame = subset(load_benchmark_frame(args.benchmark, args.lmu_root), args.benchmark, limit=args.limit)
 
-    def run(store: str, result: str) -> int:
+    def run(store: str, result: str, shard: str | None = None) -> int:
+        rows = frame
+        if shard is not None:
+            index, count = (int(part) for part in shard.split("/"))
+            rows = subset(frame, args.benchmark, shard=(index, count))
         try:
-            outcome = predict_run(pair, engine, args.benchmark, frame, profile, args.variant,
+            outcome = predict_run(pair, engine, args.benchmark, rows, profile, args.variant,
                                   PredictionStore(store), lmu_root=args.lmu_root, progress=False)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr, flush=True)
@@ -77,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         command = line.split()
         if command == ["quit"]:
             return 0
-        if len(command) != 3 or command[0] != "run":
+        if len(command) not in (3, 4) or command[0] != "run":
             print(f"unknown command {line!r}", file=sys.stderr, flush=True)
             return 2
         sys.stderr.flush()
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         if pid == 0:  # the child: run, then leave without the parent's exit handlers
             code = 1
             try:
-                code = run(command[1], command[2])
+                code = run(*command[1:])
             except BaseException:
                 traceback.print_exc()
             finally:

@@ -282,6 +282,29 @@ def test_whole_harness_on_the_tiny_model(tmp_path, capsys):
     assert set(report["plain"]["per_benchmark"]) == set(workloads.BENCHMARK_ORDER)
 
 
+@pytest.mark.slow
+def test_repro_path_on_the_tiny_model(tmp_path, capsys):
+    """The repro path's matrix on the tiny pair (float32 on CPU): every configuration is counted
+    against the rows run alone, the kills really happen mid-run, and both modes are projected."""
+    out = tmp_path / "repro.json"
+    code = bench.main(parse(["--tiny-cpu", "--scale", "0.002", "--paths", "repro", "--repro-rows", "9",
+                             "--repro-max-new", "6", "--max-output-tokens", "6", "--warmup-rows", "1",
+                             "--out", str(out)]))
+    assert code == 0
+    repro = json.loads(out.read_text())["repro"]
+    inv = repro["invariant"]
+    assert inv["rows"] == 36 and inv["sequences"] == 72
+    assert set(inv["configurations"]) == {"default", "reversed", "shuffled", "shards 0/2 + 1/2", "shards 0/4 .. 3/4",
+                                          "slots 16", "slots 64", "killed 3x and resumed (16 slots)"}
+    assert all(c["identical"] == c["sequences"] == 72 for c in inv["configurations"].values())
+    assert inv["all_identical"]
+    assert all(0 < point < inv["rows"] for points in inv["kill_points"].values() for point in points)
+    assert any(inv["kill_points"].values())
+    assert set(repro["projected_gate_minutes"]) == {"invariant", "throughput"}
+    assert repro["fast"]["invariant"]["invariant"] and not repro["fast"]["throughput"]["invariant"]
+    assert repro["environment"]["torch"] and "throughput mode" in capsys.readouterr().out
+
+
 def test_breakdown_script_explains_a_saved_report(tmp_path, capsys):
     import runpy
 

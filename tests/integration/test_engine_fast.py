@@ -114,7 +114,12 @@ def test_a_fast_engine_run_computes_what_a_batched_engine_run_computes(tiny_pair
     assert recorders["fast"].engine.generator.last_stats.rows > 0
 
     # The engine is recorded, but it does not name the run.
-    assert fast.metadata["engine"] == {"name": "fast", "chunk_rows": 20, "fallbacks": []}
+    engine = dict(fast.metadata["engine"])
+    environment, numerics = engine.pop("environment"), engine.pop("numerics")
+    assert engine == {"name": "fast", "chunk_rows": 20, "fallbacks": [], "batch_invariant": True}
+    # what a bf16 snapshot depends on besides the inputs, recorded to explain a changed one
+    assert {"torch", "cuda", "transformers", "peft", "gpu"} <= set(environment) and environment["gpu"] is None
+    assert numerics["decode_rows"] == 128 and numerics["prefill_rows"] == 8
     assert default.metadata["engine"] == {"name": "generate"}
     assert fast.metadata["config"]["engine"] == "fast"
     assert fast.metadata["label"] == default.metadata["label"] == "tiny-mini"
@@ -409,12 +414,16 @@ def test_engine_options_reach_the_config_and_do_not_name_the_run():
     assert (default.engine, default.chunk_rows) == ("fast", None)  # the fast engine is the default
     with pytest.raises(SystemExit):
         parser.parse_args(["--engine", "slow"])
+    assert default.batch_invariant  # the fast engine's batch-invariant mode is the default
+    args = parser.parse_args(["--no-batch-invariance"])
+    assert not pipeline.config_from_options(lambda dest: getattr(args, dest)).batch_invariant
 
 
 @pytest.mark.parametrize("options, message", [
     (dict(engine="slow"), "unknown engine 'slow'"),
     (dict(engine="generate", chunk_rows=64), "--chunk-rows .* needs --engine fast"),
     (dict(engine="fast", chunk_rows=0), "--chunk-rows must be at least 1"),
+    (dict(engine="generate", batch_invariant=False), "--no-batch-invariance .* needs --engine fast"),
 ])
 def test_bad_engine_options_are_refused(options, message):
     with pytest.raises(RunInputError, match=message):
@@ -425,8 +434,9 @@ def test_the_report_names_the_engine_used_and_the_one_asked_for(tmp_path):
     config = RunConfig(store=tmp_path / "store", engine="answers-fast", benchmarks=("ChartQA_TEST",),
                        reference=pipeline.SEED_REFERENCE)
     run = pipeline.collect_results(config, pair=StandInPair(), progress=False)
-    assert run.metadata["engine"] == {"name": "fast", "chunk_rows": DEFAULT_CHUNK_ROWS, "fallbacks": [],
-                                      "asked": "answers-fast"}
+    described = {k: v for k, v in run.metadata["engine"].items() if k not in ("environment", "numerics")}
+    assert described == {"name": "fast", "chunk_rows": DEFAULT_CHUNK_ROWS, "fallbacks": [],
+                         "batch_invariant": True, "asked": "answers-fast"}
     path = pipeline.write_run_report(run, pipeline.judge_run(run), reports_root=tmp_path / "reports")
     report = (Path(path) / "report.md").read_text(encoding="utf-8")
     assert "- engine:\n" in report and "  - name: `fast`" in report

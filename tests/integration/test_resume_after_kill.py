@@ -67,9 +67,9 @@ class Runner:
             self.fail(f"expected {' '.join(words)!r} on stdout, got {line!r}")
         return line.split()
 
-    def start_run(self, store: Path, result: Path) -> int:
-        """Fork a run into ``store``; returns its pid."""
-        self.proc.stdin.write(f"run {store} {result}\n")
+    def start_run(self, store: Path, result: Path, shard: str | None = None) -> int:
+        """Fork a run (of shard ``"i/n"`` only, when given) into ``store``; returns its pid."""
+        self.proc.stdin.write(f"run {store} {result}" + (f" {shard}" if shard else "") + "\n")
         self.proc.stdin.flush()
         return int(self.expect("pid")[1])
 
@@ -123,15 +123,21 @@ class Observed:
     store: Path | None = None
 
 
-@pytest.fixture(scope="module", params=["generate", "fast"])
-def observed(request, tmp_path_factory) -> Observed:
-    engine = request.param
-    work = tmp_path_factory.mktemp(f"resume-{engine}")
+def kill_test_profile(work: Path) -> Path:
+    """The vlmevalkit profile with DocVQA's budget cut to MAX_NEW_TOKENS."""
     profile = work / "kill-test.toml"
     text = (PROFILES_DIR / "vlmevalkit.toml").read_text(encoding="utf-8")
     text = text.replace('name = "vlmevalkit"', 'name = "kill-test"', 1)
     text = text.replace("max_new_tokens = 512", f"max_new_tokens = {MAX_NEW_TOKENS}", 1)  # DocVQA's
     profile.write_text(text, encoding="utf-8")
+    return profile
+
+
+@pytest.fixture(scope="module", params=["generate", "fast"])
+def observed(request, tmp_path_factory) -> Observed:
+    engine = request.param
+    work = tmp_path_factory.mktemp(f"resume-{engine}")
+    profile = kill_test_profile(work)
     store = work / "store"
     seen = Observed(total=ROWS, store=store)
     runner = Runner(["--profile", str(profile), "--benchmark", BENCHMARK,
@@ -198,3 +204,71 @@ def test_every_prediction_stored_once_and_equal_to_the_uninterrupted_run(observe
     assert {r.index: r.prediction for r in records} == reference
     assert dict(map(tuple, observed.resumed["predictions"])) == reference
     assert [k for k, _ in observed.resumed["predictions"]] == [k for k, _ in observed.reference["predictions"]]
+
+
+# ---------------------------------------------------------------------------------------
+# Resumed under another shard count: the fast engine's batch invariance at work. The rows a
+# resumed run still has to generate are batched with other rows than in an uninterrupted
+# run; in bfloat16 that changes predictions unless each row's tokens depend on itself alone.
+
+
+@dataclass
+class Resharded:
+    total: int = 0
+    exit_codes: dict[str, int] = field(default_factory=dict)
+    generated: dict[str, int] = field(default_factory=dict)
+    reference: dict = field(default_factory=dict)
+    resumed: dict = field(default_factory=dict)
+    store: Path | None = None
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def resharded(request, tmp_path_factory) -> Resharded:
+    """An uninterrupted run, then in another store: a whole run killed, shard 0/2 killed,
+    shard 1/2 killed, shards 0/4 .. 3/4 run to the end, and a whole run again (which only
+    reads the store). Two slots, so rows finish and are stored one by one."""
+    dtype = request.param
+    work = tmp_path_factory.mktemp(f"reshard-{dtype}")
+    store = work / "store"
+    seen = Resharded(total=ROWS, store=store)
+    runner = Runner(["--profile", str(kill_test_profile(work)), "--benchmark", BENCHMARK,
+                     "--lmu-root", str(FIXTURES / "lmudata-mini"), "--limit", str(ROWS),
+                     "--batch-size", str(BATCH_SIZE), "--engine", "fast", "--slots", "2",
+                     "--dtype", dtype], work)
+
+    def finish(name: str, shard: str | None = None) -> dict:
+        result_file = work / (name.replace(" ", "-").replace("/", "of") + ".json")
+        pid = runner.start_run(store if name != "reference" else work / "reference", result_file, shard)
+        seen.exit_codes[name] = runner.exit_code(pid)
+        if seen.exit_codes[name] != 0:
+            runner.fail(f"run {name} failed")
+        result = json.loads(result_file.read_text())
+        seen.generated[name] = result["generated"]
+        return result
+
+    try:
+        runner.expect("ready")
+        seen.reference = finish("reference")
+        lines = 0
+        for name, shard, more in (("whole", None, STEP), ("shard 0/2", "0/2", 2), ("shard 1/2", "1/2", 2)):
+            pid = runner.start_run(store, work / "killed.json", shard)
+            seen.exit_codes[name] = interrupt_when(runner, pid, store, lines + more, signal.SIGKILL)
+            lines = stored_lines(store)
+        for index in range(4):
+            finish(f"shard {index}/4", f"{index}/4")
+        seen.resumed = finish("resumed")
+    finally:
+        runner.stop()
+    return seen
+
+
+def test_resumed_under_other_shard_counts_equals_the_uninterrupted_run(resharded):
+    assert [resharded.exit_codes[n] for n in ("whole", "shard 0/2", "shard 1/2")] == [-signal.SIGKILL] * 3
+    four = sum(resharded.generated[f"shard {i}/4"] for i in range(4))
+    assert 0 < four < resharded.total  # the 4-way shards resumed what the kills left
+    assert resharded.generated["resumed"] == 0  # everything was in the store
+    records = store_log(resharded.store).records()
+    assert len(records) == len({r.index for r in records}) == resharded.total  # each row generated once
+    reference = dict(map(tuple, resharded.reference["predictions"]))
+    assert len(reference) == resharded.total
+    assert dict(map(tuple, resharded.resumed["predictions"])) == reference

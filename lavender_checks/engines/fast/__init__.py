@@ -75,7 +75,18 @@ class FastEngine:
         return self.fallback.generate(requests, variant, on_finish)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "chunk_rows": self.chunk_rows, "fallbacks": list(self.fallbacks)}
+        """The engine, and what its bf16 numbers depend on besides the inputs: the invariant
+        mode and its shapes, the GPU model and the software versions (``invariant.environment``)."""
+        from lavender_checks.engines.fast import invariant
+
+        config = self.config or FastGenConfig()
+        return {"name": self.name, "chunk_rows": self.chunk_rows, "fallbacks": list(self.fallbacks),
+                "batch_invariant": config.invariant,
+                "numerics": {"decode_rows": config.decode_rows, "prefill_rows": config.prefill_rows,
+                             "prefill_bucket": config.prefill_bucket, "min_cache_len": config.min_cache_len,
+                             "invariant_blas": config.invariant_blas} if config.invariant else None,
+                # the generator's device: asking a lazy pair for its device would load the model
+                "environment": invariant.environment(getattr(self._generator, "device", None))}
 
     def _generator_for(self, requests) -> tuple[Any, str | None]:
         """(the generator, None) when it can run ``requests``, else (None, why not)."""

@@ -35,3 +35,19 @@ class FastGenConfig:
     # "transformers" (its masked attention); docs/speed.md compares them
     vision_attention: str = "split"
     phase_timing: bool = False  # synchronise at phase ends so that phase times are exact
+    # Batch invariance (invariant.py): a row's tokens depend on that row alone, not on the rows
+    # run with it. False: the throughput mode (prefill of the admitted rows together,
+    # vision_batch images a call, decode over the slots in use and key-length buckets), whose
+    # bf16 tokens depend on the batch. decode_rows, prefill_rows, prefill_bucket and
+    # min_cache_len set the shapes every row is computed with: part of the numerics, like the dtype.
+    invariant: bool = True
+    decode_rows: int = 128  # invariant mode: rows of every decode step (max_slots is capped at it)
+    # invariant mode: prefill calls of exactly prefill_rows rows (the last one filled with copies
+    # that write nothing), each row padded to its own length rounded up to prefill_bucket;
+    # prefill_rows=1: one unpadded row per call
+    prefill_rows: int = 8
+    prefill_bucket: int = 64
+    invariant_blas: bool = True  # invariant mode on CUDA: cuBLASLt with split-K reductions off
+    # invariant mode: one image per vision call needs about a quarter of the vision activations
+    # that workspace_gib is sized for (four 4-tile images at once)
+    invariant_workspace_gib: float = 6.0

@@ -12,6 +12,9 @@ Same requests and predictions as the batched engine, and the same greedy tokens 
   slots (continuous batching, ``scheduler.py``) instead of riding along to the longest row.
 * **One launch per decode step.** The decode step is a CUDA graph per variant and key-length
   bucket over static caches (``runner.py``); the layers are ``mllama.py``.
+* **Batch invariance** (``invariant.py``, on by default): every row's tokens depend on that
+  row alone, not on the rows run with it, their order, the slot count, the chunking, the
+  shard or the resume point; ``FastGenConfig(invariant=False)`` is the throughput mode.
 * **CPU work overlaps the GPU.** Image loading, hashing and preprocessing run on a thread
   pool ahead of the GPU loop (``inputs.py``). A request's image may be a zero-argument
   loader; it is called on that pool, and only the images being preprocessed are held in
@@ -30,7 +33,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from lavender_checks.engines.fast import mllama
+from lavender_checks.engines.fast import invariant, mllama
 from lavender_checks.engines.fast.config import FastGenConfig
 from lavender_checks.engines.fast.inputs import (
     EncodedImage,
@@ -110,6 +113,10 @@ class FastGenerator:
         """GPU bytes one slot's caches take at ``cache_len`` self-attention positions."""
         return self.runner.slot_bytes(cache_len)
 
+    def release(self) -> None:
+        """Free the caches and captured graphs (the next call allocates them again)."""
+        self.runner.release()
+
     # -- public API --------------------------------------------------------------------
 
     def generate(self, requests: Sequence[Any], variant: str, on_finish: OnFinish | None = None) -> dict[Any, str]:
@@ -150,9 +157,12 @@ class FastGenerator:
             stats.rows = len(rows)
             stats.rows_sharing_image = len(rows) - len(by_image)
             need = max(len(r.ids) + r.max_new for r in rows)
-            with torch.inference_mode(), self.variant_context(variant):
+            with (torch.inference_mode(), self.variant_context(variant),
+                  invariant.blas_settings(self.device, self.config.invariant and self.config.invariant_blas)):
                 self.runner.ensure_buffers(need)
                 stats.slots = self.runner.slots
+                stats.cache_len = self.runner.cache_len
+                stats.invariant = self.config.invariant
                 waiting = [row for group in by_image.values() for row in group]
                 feed = _ImageFeed(self.processor, first_images, pool,
                                   window=max(2 * self.config.vision_batch, 2 * self.runner.slots))
@@ -181,9 +191,12 @@ class FastGenerator:
     def _admit(self, scheduler: Scheduler, feed: "_ImageFeed", stats: FastGenStats) -> None:
         """Prefill the next waiting rows into free slots (their images through vision first)."""
         rows, slots = scheduler.admit()
-        feed.ensure(rows, self.runner, self.config.vision_batch, stats)
+        invariant_mode = self.config.invariant
+        # invariant mode: one image a vision call (every call the same shape)
+        feed.ensure(rows, self.runner, 1 if invariant_mode else self.config.vision_batch, stats)
         t0 = time.perf_counter()
-        first = self.runner.prefill(rows, slots, feed.kv, feed.meta, stats)
+        prefill = self.runner.prefill_invariant if invariant_mode else self.runner.prefill
+        first = prefill(rows, slots, feed.kv, feed.meta, stats)
         stats.seconds["prefill"] += time.perf_counter() - t0
         feed.drop(scheduler.started(rows, slots, first))
 

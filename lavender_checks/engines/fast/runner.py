@@ -4,7 +4,9 @@ The decode step (every layer, LoRA included) is captured as a CUDA graph per var
 key-length bucket, over a static self-attention cache and a static cross-attention cache that
 this module owns (transformers' static cache does not fit Mllama's cross-attention). Attention
 reads only the bucket's prefix of the cache, so short rows do not pay for the longest
-possible row. Without CUDA the same code runs eagerly.
+possible row. In the batch-invariant mode (``invariant.py``) the shapes are fixed instead:
+``decode_rows`` rows over the whole cache each step, prefill in calls of ``prefill_rows``
+rows of one padded length. Without CUDA the same code runs eagerly.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import time
 from typing import Any
 
-from lavender_checks.engines.fast import mllama
+from lavender_checks.engines.fast import invariant, mllama
 from lavender_checks.engines.fast.config import GIB, FastGenConfig
 from lavender_checks.engines.fast.rules import GreedyRules
 from lavender_checks.engines.fast.scheduler import Row
@@ -41,8 +43,10 @@ class ModelRunner:
         self.graph_error: str | None = None
         self._graphs: dict[tuple[str, int], Any] = {}
         self._graph_pool = None
-        self.slots = 0
+        self.slots = 0  # rows decoded at once (admitted into free slots)
+        self.rows = 0  # rows of the decode buffers (invariant mode: decode_rows, else slots)
         self.cache_len = 0
+        self._invariant_buffers: bool | None = None
 
     # -- buffers -----------------------------------------------------------------------
 
@@ -55,10 +59,22 @@ class ModelRunner:
 
     def ensure_buffers(self, need: int) -> None:
         """Caches for rows of up to ``need`` positions (grown, never shrunk)."""
-        torch, p = self._torch, self.parts
-        cache_len = max(self.config.min_bucket, self.config.min_cache_len, _round_up(need, 64))
-        if self.slots and cache_len <= self.cache_len:
+        torch, p, cfg = self._torch, self.parts, self.config
+        if cfg.invariant:
+            if cfg.decode_rows < 1:
+                raise ValueError(f"decode_rows must be at least 1, got {cfg.decode_rows}")
+            cache_len = invariant.cache_length(need, cfg.min_cache_len)
+        else:
+            cache_len = max(cfg.min_bucket, cfg.min_cache_len, _round_up(need, 64))
+        same_mode = cfg.invariant == self._invariant_buffers and (not cfg.invariant or self.rows == cfg.decode_rows)
+        if self.slots and cache_len <= self.cache_len and same_mode:
+            if cfg.invariant:  # the slot count only limits admission: the buffers stay decode_rows
+                self.slots = min(cfg.max_slots, self.rows)
             return
+        if cfg.invariant and cache_len > max(self.cache_len, cfg.min_cache_len):
+            log.warning("fast path: a row needs %d cache positions, more than min_cache_len=%d: the "
+                        "decode caches grow to %d, and rows decoded with them are computed with other "
+                        "shapes than in a run without such a row", need, cfg.min_cache_len, cache_len)
         cache_len = max(cache_len, self.cache_len)
         # Free the old caches and the graphs that point into them before sizing the new ones.
         # The graphs' memory pool goes with them: capturing into a pool whose graphs are all
@@ -69,27 +85,47 @@ class ModelRunner:
         self._graph_pool = None
         for name in ("_self_k", "_self_v", "_cross_k", "_cross_v"):
             setattr(self, name, None)
-        slots = self._slots_that_fit(cache_len)
-        shape_self = (slots, p.kv_heads, cache_len, p.head_dim)
-        shape_cross = (slots, p.kv_heads, p.vision_tokens, p.head_dim)
+        if cfg.invariant:
+            rows = cfg.decode_rows
+            self._slots_that_fit(cache_len, at_least=rows)
+            slots = min(cfg.max_slots, rows)
+        else:
+            slots = rows = self._slots_that_fit(cache_len)
+        shape_self = (rows, p.kv_heads, cache_len, p.head_dim)
+        shape_cross = (rows, p.kv_heads, p.vision_tokens, p.head_dim)
         make = lambda shape: torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731
         self._self_k = [make(shape_self) for _ in p.self_index]
         self._self_v = [make(shape_self) for _ in p.self_index]
         self._cross_k = [make(shape_cross) for _ in p.cross_index]
         self._cross_v = [make(shape_cross) for _ in p.cross_index]
-        self._tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
-        self._positions = torch.zeros(slots, dtype=torch.long, device=self.device)
-        self._next = torch.zeros(slots, dtype=torch.long, device=self.device)
-        self._suppress = torch.zeros(slots, dtype=torch.bool, device=self.device)
-        self._decay = torch.zeros(slots, dtype=torch.float32, device=self.device)
+        self._tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self._positions = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self._next = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self._suppress = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        self._decay = torch.zeros(rows, dtype=torch.float32, device=self.device)
         # Every slot sees the first tile until a row moves in, so no attention row is all-masked.
-        self._tile_ok = torch.zeros(slots, p.vision_tokens, dtype=torch.bool, device=self.device)
+        self._tile_ok = torch.zeros(rows, p.vision_tokens, dtype=torch.bool, device=self.device)
         self._tile_ok[:, : p.num_patches] = True
         self._key_arange = torch.arange(cache_len, device=self.device)
-        self._slot_arange = torch.arange(slots, device=self.device)
-        self.slots, self.cache_len = slots, cache_len
+        self._slot_arange = torch.arange(rows, device=self.device)
+        self.slots, self.rows, self.cache_len = slots, rows, cache_len
+        self._invariant_buffers = cfg.invariant
 
-    def _slots_that_fit(self, cache_len: int) -> int:
+    def release(self) -> None:
+        """Free the caches and captured graphs (the next call allocates them again)."""
+        if self.device.type == "cuda":
+            self._torch.cuda.synchronize(self.device)
+        self._graphs.clear()
+        self._graph_pool = None
+        for name in ("_self_k", "_self_v", "_cross_k", "_cross_v"):
+            setattr(self, name, None)
+        self.slots = self.rows = self.cache_len = 0
+        if self.device.type == "cuda":
+            self._torch.cuda.empty_cache()
+
+    def _slots_that_fit(self, cache_len: int, at_least: int = 1) -> int:
+        """Slots whose caches fit the memory budget (``max_slots`` at most); an error when
+        fewer than ``at_least`` fit (the invariant mode needs ``decode_rows``)."""
         torch = self._torch
         slots = self.config.max_slots
         if self.device.type != "cuda" or self.config.memory_budget_gib is None:
@@ -100,21 +136,27 @@ class ModelRunner:
         # The budget, or what this card can still give (a smaller card, another process),
         # less half a GiB for the CUDA context's own allocations.
         budget = min(self.config.memory_budget_gib * GIB, in_use + free - GIB // 2)
-        room = budget - in_use - self.config.workspace_gib * GIB
+        workspace = self.config.invariant_workspace_gib if self.config.invariant else self.config.workspace_gib
+        room = budget - in_use - workspace * GIB
         fit = int(room // self.slot_bytes(cache_len))
-        if fit < 1:
+        if fit < at_least:
             raise RuntimeError(
-                f"the fast path needs {self.slot_bytes(cache_len) / GIB:.2f} GiB per slot and "
-                f"{self.config.workspace_gib} GiB of workspace; only {room / GIB:.2f} GiB are "
+                f"the fast path needs {self.slot_bytes(cache_len) / GIB:.2f} GiB per slot, "
+                + (f"{at_least} slots (decode_rows, invariant mode) " if at_least > 1 else "")
+                + f"and {workspace} GiB of workspace; only {room / GIB:.2f} GiB are "
                 f"left under a {budget / GIB:.1f} GiB budget ({self.config.memory_budget_gib} GiB "
-                f"asked, {(in_use + free) / GIB:.1f} GiB on the card for this process)")
+                f"asked, {(in_use + free) / GIB:.1f} GiB on the card for this process)"
+                + ("; lower decode_rows or raise memory_budget_gib" if at_least > 1 else ""))
         if fit < slots:
             log.info("fast path: %d slots fit the %.1f GiB budget (asked for %d)", fit, budget / GIB, slots)
             slots = fit
         return slots
 
     def bucket(self, length: int) -> int:
-        """Keys the decode step reads: a bucket at least ``length`` long (one graph per bucket)."""
+        """Keys the decode step reads: a bucket at least ``length`` long (one graph per bucket);
+        in invariant mode the whole cache, whatever the other rows' lengths."""
+        if self.config.invariant:
+            return self.cache_len
         step = self.config.min_bucket
         if self.config.bucket_growth == "linear":
             return min(_round_up(length, step), self.cache_len)
@@ -154,12 +196,40 @@ class ModelRunner:
 
     # -- prefill -----------------------------------------------------------------------
 
-    def prefill(self, batch: list[Row], targets: list[int], image_kv, image_meta, stats: FastGenStats) -> list[int]:
-        """Run the prompts of ``batch`` (left-padded), fill their slots, return first tokens."""
+    def prefill_invariant(self, batch: list[Row], targets: list[int], image_kv, image_meta,
+                          stats: FastGenStats) -> list[int]:
+        """Prefill with shapes that depend on each row alone: rows grouped by their padded
+        length (their own length rounded up to ``prefill_bucket``), in calls of exactly
+        ``prefill_rows`` rows, the last call of a group filled up with copies of its first row
+        (which compute but write nothing)."""
+        cfg = self.config
+        if cfg.prefill_rows <= 1:
+            return [self.prefill([row], [slot], image_kv, image_meta, stats)[0] for row, slot in zip(batch, targets)]
+        if cfg.prefill_bucket < 1:
+            raise ValueError(f"prefill_bucket must be at least 1, got {cfg.prefill_bucket}")
+        groups: dict[int, list[tuple[Row, int]]] = {}
+        for row, slot in zip(batch, targets):
+            groups.setdefault(_round_up(len(row.ids), cfg.prefill_bucket), []).append((row, slot))
+        first: dict[int, int] = {}
+        for length, members in groups.items():
+            for start in range(0, len(members), cfg.prefill_rows):
+                part = members[start:start + cfg.prefill_rows]
+                padded = part + [part[0]] * (cfg.prefill_rows - len(part))
+                tokens = self.prefill([r for r, _ in padded], [s for _, s in padded], image_kv, image_meta,
+                                      stats, seq=length, real_rows=len(part))
+                first.update((slot, token) for (_, slot), token in zip(part, tokens))
+        return [first[slot] for slot in targets]
+
+    def prefill(self, batch: list[Row], targets: list[int], image_kv, image_meta, stats: FastGenStats,
+                seq: int | None = None, real_rows: int | None = None) -> list[int]:
+        """Run the prompts of ``batch`` (left-padded to ``seq``, default the longest), fill
+        their slots, return first tokens. Rows from ``real_rows`` on are filler: computed, but
+        they write into no cache or slot."""
         torch, p = self._torch, self.parts
         dev = self.device
         n = len(batch)
-        seq = max(len(r.ids) for r in batch)
+        real_rows = n if real_rows is None else real_rows
+        seq = seq or max(len(r.ids) for r in batch)
         stats.prefill_calls += 1
         stats.prefill_tokens += n * seq
         ids = torch.full((n, seq), self.pad_id, dtype=torch.long)
@@ -178,7 +248,7 @@ class ModelRunner:
         # Cross-attention keys and values of the new rows go into their slots; the prefill reads
         # them from there (a view when the slots are consecutive, else a gather per layer).
         for j in range(len(p.cross_index)):
-            for slot, row in zip(targets, batch):
+            for slot, row in zip(targets[:real_rows], batch[:real_rows]):
                 self._cross_k[j][slot] = image_kv[row.image][0][j]
                 self._cross_v[j][slot] = image_kv[row.image][1][j]
         consecutive = targets == list(range(targets[0], targets[0] + n))
@@ -190,7 +260,7 @@ class ModelRunner:
             return self._cross_k[j][slots], self._cross_v[j][slots]
         vision_index = torch.arange(p.vision_tokens, device=dev)
         tile_ok = (vision_index // p.num_patches)[None, :] < tiles[:, None]  # (n, T)
-        self._tile_ok[slots] = tile_ok
+        self._tile_ok[slots[:real_rows]] = tile_ok[:real_rows]
 
         positions = torch.arange(seq, device=dev)
         sees = positions[None, :] >= image_pos[:, None]  # (n, S): at or after <|image|>
@@ -206,7 +276,7 @@ class ModelRunner:
         self_mask = ((causal[None] & valid[:, None, :]) | eye[None])[:, None]
 
         # Where the real prompt tokens go in the slot caches: slot row, position 0..len-1.
-        real = valid.nonzero(as_tuple=False)
+        real = valid[:real_rows].nonzero(as_tuple=False)
         src_row, src_pos = real[:, 0], real[:, 1]
         dst_slot = slots[src_row]
         dst_pos = src_pos - (seq - valid.sum(-1))[src_row]
@@ -230,8 +300,8 @@ class ModelRunner:
         h = tm.norm(h[:, -1:])
         suppress = torch.tensor([self.rules.suppress_eos(len(r.ids), 0) for r in batch], device=dev)
         decay = torch.tensor([self.rules.decay_multiplier(0) for _ in batch], dtype=torch.float32, device=dev)
-        first = self._greedy_choice(h[:, -1], suppress, decay)
-        self._tokens[slots] = first
+        first = self._greedy_choice(h[:, -1], suppress, decay)[:real_rows]
+        self._tokens[slots[:real_rows]] = first
         return first.tolist()
 
     # -- decode ------------------------------------------------------------------------
@@ -239,9 +309,10 @@ class ModelRunner:
     def set_step_inputs(self, positions: list[int], running: dict[int, Row]) -> None:
         """The host's per-slot positions, and the length rules of the running rows."""
         torch, rules = self._torch, self.rules
-        self._positions.copy_(torch.tensor(positions, dtype=torch.long))
+        idle = [0] * (self.rows - len(positions))  # invariant mode: rows beyond the slots ride along
+        self._positions.copy_(torch.tensor(list(positions) + idle, dtype=torch.long))
         if rules.suppresses or rules.decays:
-            suppress, decay = [False] * self.slots, [0.0] * self.slots
+            suppress, decay = [False] * self.rows, [0.0] * self.rows
             for slot, row in running.items():
                 suppress[slot] = rules.suppress_eos(len(row.ids), len(row.out))
                 decay[slot] = rules.decay_multiplier(len(row.out))
@@ -250,7 +321,7 @@ class ModelRunner:
 
     def next_tokens(self) -> list[int]:
         """The tokens the last step chose (per slot); they are the next step's input."""
-        chosen = self._next.tolist()
+        chosen = self._next[:self.slots].tolist()
         self._tokens.copy_(self._next)
         return chosen
 

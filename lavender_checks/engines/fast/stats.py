@@ -26,6 +26,8 @@ class FastGenStats:
     prefill_tokens: int = 0  # padded
     graph_captures: int = 0
     graphs: str = "off"
+    cache_len: int = 0  # self-attention positions of the decode caches
+    invariant: bool = False  # the batch-invariant mode ran (config.invariant)
     # "drain" is the part of "decode" spent in drain steps: once per call, whatever its size
     seconds: dict[str, float] = field(default_factory=lambda: {
         "total": 0.0, "prep_wait": 0.0, "vision": 0.0, "prefill": 0.0, "decode": 0.0, "drain": 0.0,
@@ -35,7 +37,9 @@ class FastGenStats:
         for name in _COUNTS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.slots = max(self.slots, other.slots)
+        self.cache_len = max(self.cache_len, other.cache_len)
         self.graphs = other.graphs
+        self.invariant = other.invariant
         for k, v in other.seconds.items():
             self.seconds[k] = self.seconds.get(k, 0.0) + v
 
@@ -53,5 +57,6 @@ class FastGenStats:
             "drain_steps": self.drain_steps, "drain_rows": self.drain_rows,
             "slots": self.slots, "occupancy": self.occupancy, "prefill_calls": self.prefill_calls,
             "prefill_tokens": self.prefill_tokens, "graph_captures": self.graph_captures,
-            "graphs": self.graphs, "seconds": dict(self.seconds),
+            "graphs": self.graphs, "cache_len": self.cache_len, "invariant": self.invariant,
+            "seconds": dict(self.seconds),
         }
