@@ -34,6 +34,9 @@ class Engine(Protocol):
     """What a run needs of an engine."""
 
     name: str
+    # True when each row's tokens are a function of that row alone, whatever else shares its
+    # calls; the store keeps the predictions of engines that are not apart (run.predict.store_key).
+    batch_invariant: bool
 
     def plan(self, keys: Sequence[Any], image_key_of: Callable[[Any], str]) -> list[list[Any]]:
         """How a run hands its rows (``keys``, in frame order) to ``generate``: the calls, in

@@ -175,6 +175,7 @@ class BatchedEngine:
     """
 
     name = GENERATE_ENGINE
+    batch_invariant = False  # padding and batch composition reach a row's bf16 sums
 
     def __init__(self, pair: "ModelPair", *, batch_size: int = 8, progress: bool = False, **_: Any):
         if batch_size < 1:

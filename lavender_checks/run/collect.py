@@ -176,7 +176,8 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
         # The store key of every benchmark and variant, with the indices of shard index of count.
         from lavender_checks.run.predict import store_key
 
-        return [(store_key(pair, item.bench, item.full, profile, variant, root),
+        return [(store_key(pair, item.bench, item.full, profile, variant, root,
+                           batch_invariant=engine.batch_invariant),
                  shard_frame(item, index, count)["index"].tolist())
                 for item in data.values() for variant in VARIANTS]
 

@@ -81,7 +81,8 @@ def predict_run(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: pd
              for index, row in zip(indices, rows)}
     wanted = {index: request_sha(text, prompting.max_new_tokens) for index, text in texts.items()}
 
-    prediction_log = store.log(store_key(pair, bench, frame, profile, variant, lmu_root), writer=writer)
+    prediction_log = store.log(store_key(pair, bench, frame, profile, variant, lmu_root,
+                                         batch_invariant=engine.batch_invariant), writer=writer)
     stored = prediction_log.existing()
     reusable = prediction_log.matching(wanted)
     predictions: dict[Index, str] = {index: reusable[index].prediction
@@ -154,8 +155,15 @@ def predict_run(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: pd
 
 
 def store_key(pair: Any, bench: Benchmark, frame: pd.DataFrame, profile: Profile, variant: str,
-              lmu_root: str | Path) -> StoreKey:
-    """Where the predictions of ``variant`` on ``bench`` (a frame of its TSV) are stored."""
+              lmu_root: str | Path, *, batch_invariant: bool = True) -> StoreKey:
+    """Where the predictions of ``variant`` on ``bench`` (a frame of its TSV) are stored.
+
+    Below float32, an engine that is not batch-invariant makes predictions that depend on how
+    the run was cut: they are kept apart, so that a batch-invariant run never resumes from
+    them (nor they from it)."""
+    compute = _compute_of(pair)
+    if compute and not batch_invariant and not compute.endswith("float32"):
+        compute += "-batch-dependent"
     return StoreKey(
         base_fingerprint=pair.base_fingerprint,
         adapter_fingerprint=None if variant == BASE_VARIANT else pair.adapter_fingerprint,
@@ -163,7 +171,7 @@ def store_key(pair: Any, bench: Benchmark, frame: pd.DataFrame, profile: Profile
         tsv_md5=_tsv_md5(frame, bench, Path(lmu_root)),
         profile_name=profile.name,
         profile_fingerprint=profile.fingerprint,
-        compute=_compute_of(pair),
+        compute=compute,
     )
 
 

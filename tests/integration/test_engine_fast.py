@@ -52,6 +52,7 @@ class Recording:
     def __init__(self, engine, stop_after: int | None = None):
         self.engine = engine
         self.name = engine.name
+        self.batch_invariant = engine.batch_invariant
         self.stop_after = stop_after
         self.calls: list[list] = []
         self.reported: list = []

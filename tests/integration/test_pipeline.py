@@ -64,6 +64,7 @@ class StandInEngine:
     """The engine "stand-in": answers at once, in batches of ``batch_size`` rows."""
 
     name = "stand-in"
+    batch_invariant = True  # each answer is a function of its request
 
     def __init__(self, pair: StandInPair, *, batch_size: int = 8, **_):
         self.pair, self.batch_size = pair, batch_size

@@ -94,6 +94,7 @@ class ReadOnlyEngine:
     """The engine "read-only": reading a store, generating anything is an error."""
 
     name = "read-only"
+    batch_invariant = True
 
     def __init__(self, pair, **_):
         pass

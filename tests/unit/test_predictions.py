@@ -386,3 +386,30 @@ def test_predictions_of_other_hardware_or_dtype_live_apart(tmp_path):
     assert cpu.directory != cuda.directory
     assert cuda.existing() == {}
     assert cpu.existing()[1].prediction == "Yes"
+
+
+@pytest.mark.parametrize("dtype, apart", [("bfloat16", True), ("float16", True), ("float32", False)])
+def test_batch_dependent_predictions_are_stored_apart_below_float32(mme_frame, dtype, apart):
+    from lavender_checks import FIXTURES
+    from lavender_checks.benchmarks import get_benchmark
+    from lavender_checks.profiles import load_profile
+    from lavender_checks.run.predict import store_key
+
+    pair = EchoPair()
+    pair.device, pair.dtype = "cuda", dtype
+    keys = {invariant: store_key(pair, get_benchmark("MME"), mme_frame, load_profile("seed-report"), "lavender",
+                                 FIXTURES / "lmudata-mini", batch_invariant=invariant)
+            for invariant in (True, False)}
+    assert keys[True].compute == f"cuda-{dtype}"
+    assert (keys[True].relative_dir() != keys[False].relative_dir()) is apart
+
+
+def test_a_run_keys_its_store_by_whether_its_engine_is_batch_invariant(tmp_path, mme_frame):
+    from lavender_checks.engines import make_engine
+    from lavender_checks.engines.fast import FastEngine
+    from lavender_checks.engines.fast.config import FastGenConfig
+
+    pair = EchoPair()
+    assert make_engine("generate", pair).batch_invariant is False
+    assert make_engine("fast", pair).batch_invariant is True  # the default mode
+    assert FastEngine(pair, fast_config=FastGenConfig(invariant=False)).batch_invariant is False

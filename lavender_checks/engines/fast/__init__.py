@@ -52,6 +52,10 @@ class FastEngine:
         self._refusal: str | None = None
 
     @property
+    def batch_invariant(self) -> bool:
+        return (self.config or FastGenConfig()).invariant
+
+    @property
     def generator(self):
         """The ``FastGenerator`` built so far (None before the first call, or when the
         generation config rules it out); its ``last_stats`` describe the last call."""
