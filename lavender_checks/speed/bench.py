@@ -27,7 +27,9 @@ asserted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -63,6 +65,10 @@ from lavender_checks.speed.workload import (
     shard_rows,
     workload_totals,
 )
+
+# Epoch seconds at which a launcher started this process (bench-gpus sets it; torchrun passes
+# it on to its ranks): the start of the time split.
+LAUNCHED_AT_ENV = "LAVENDER_BENCH_LAUNCHED_AT"
 
 
 def add_workload_arguments(parser: argparse.ArgumentParser) -> list[argparse.Action]:
@@ -125,6 +131,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard", type=parse_shard, default=None, metavar="I/N",
                         help="run shard I of N of every benchmark's scaled rows on the fast path (whole "
                              "images, as the gate shards under pytest-xdist); `bench-gpus` starts one per GPU")
+    parser.add_argument("--barrier", default=None, metavar="DIR",
+                        help="with --shard i/n: after the timed pass, wait in the file barrier in DIR until "
+                             "every shard's process is done, as pytest -n N workers do (`bench-gpus`)")
+    parser.add_argument("--torchrun", action="store_true",
+                        help="under torchrun: shard RANK of WORLD_SIZE on the GPU of LOCAL_RANK, the ranks "
+                             "meeting in a gloo group after the timed pass, as the gate's ranks do; --out "
+                             "and --tokens get -rank<RANK> before their suffix (`bench-gpus`)")
+    parser.add_argument("--tokens", default=None, metavar="JSONL",
+                        help="write the fast path's token ids of every row (one JSON line each: run, key, "
+                             "ids) to this file, for comparing shards with one GPU (`bench-gpus`)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                         help="weights and compute of the full-size model (default bfloat16 on CUDA). float32 "
                              "(TF32 off) makes the correctness sample immune to bf16 near ties; its "
@@ -152,6 +168,26 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def main(args: argparse.Namespace) -> int:
+    # Where the process's time starts: the launcher's clock (bench-gpus sets it before it
+    # starts a process or torchrun), else now.
+    launched = float(os.environ.get(LAUNCHED_AT_ENV) or time.time())
+    torchrun = getattr(args, "torchrun", False)
+    if torchrun:
+        from lavender_checks.run import distributed
+
+        if not distributed.launched():
+            print("lavender-checks bench: --torchrun needs torchrun's environment "
+                  f"({', '.join(distributed.TORCHRUN_ENV)})", file=sys.stderr)
+            return 2
+        if args.shard is not None or args.barrier:
+            print("lavender-checks bench: --torchrun takes its shard from torchrun (no --shard, no --barrier)",
+                  file=sys.stderr)
+            return 2
+        if not args.tiny_cpu:
+            distributed.pin_local_gpu(distributed.visible_gpus())  # before CUDA starts
+    if args.barrier and args.shard is None:
+        print("lavender-checks bench: --barrier needs --shard i/n", file=sys.stderr)
+        return 2
     import torch
 
     if not args.tiny_cpu and args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -167,29 +203,71 @@ def main(args: argparse.Namespace) -> int:
     if not 0 < args.scale <= 1:
         print(f"lavender-checks bench: --scale must be in (0, 1], got {args.scale}", file=sys.stderr)
         return 2
-    if args.shard is not None and paths != ["fast"]:
-        print("lavender-checks bench: --shard runs the fast path only (add --paths fast)", file=sys.stderr)
+    if (args.shard is not None or torchrun) and paths != ["fast"]:
+        print("lavender-checks bench: --shard and --torchrun run the fast path only (add --paths fast)", file=sys.stderr)
         return 2
     if args.chunk_rows is not None and args.chunk_rows < 1:
         print(f"lavender-checks bench: --chunk-rows must be at least 1, got {args.chunk_rows}", file=sys.stderr)
         return 2
+    # The ranks (or shard processes) meet before any work, as the gate's do.
+    meet = None
+    working = contextlib.ExitStack()
+    if torchrun:
+        group = distributed.Group()
+        args.shard = (group.rank, group.world_size)
+        default_out = str(REPORTS / "bench" / f"bench-{time.strftime('%Y%m%dT%H%M%S')}.json")
+        args.out, args.tokens = (_rank_path(p, group.rank) for p in (args.out or default_out, args.tokens))
+
+        def meet() -> None:
+            group.agree("bench: timed pass done")
+    elif args.barrier:
+        from lavender_checks.run.shards import ShardBarrier
+
+        barrier = ShardBarrier(args.barrier, args.shard[1], owner=f"bench pid {os.getpid()}")
+        if not barrier.claim(args.shard[0]):
+            print(f"lavender-checks bench: shard {args.shard[0]} of the barrier {args.barrier} is taken "
+                  f"by {barrier.owner_of(args.shard[0])}", file=sys.stderr)
+            return 2
+        # Working on the shard (a heartbeat, as a gate worker) until its timed pass ends.
+        working.enter_context(barrier.working(args.shard[0]))
+
+        def meet() -> None:
+            working.close()  # the shard is done
+            barrier.wait()
     threads = torch.get_num_threads()
     if args.tiny_cpu:
         torch.set_num_threads(1)  # the tiny model's ops are too small to split across threads
     try:
         workload = load_workload(args.workload)
-        report = run_bench(workload, args, paths)
-    except WorkloadError as exc:
-        print(f"lavender-checks bench: {exc}", file=sys.stderr)
-        return 2
+        report = run_bench(workload, args, paths, launched=launched, meet=meet)
+    except BaseException as exc:
+        with contextlib.suppress(BaseException):  # the barrier records the failure, then re-raises it
+            working.__exit__(type(exc), exc, exc.__traceback__)
+        if isinstance(exc, WorkloadError):
+            print(f"lavender-checks bench: {exc}", file=sys.stderr)
+            return 2
+        raise
     finally:
         torch.set_num_threads(threads)
     print(summary_text(report))
     return 0
 
 
-def run_bench(workload: Workload, args, paths: list[str]) -> dict:
-    """Run the chosen paths and return the report (also written to ``--out`` as it grows)."""
+def _rank_path(path: str | None, rank: int) -> str | None:
+    """``dir/name.json`` -> ``dir/name-rank<rank>.json``: one file per torchrun rank."""
+    if path is None:
+        return None
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}-rank{rank}{p.suffix}"))
+
+
+def run_bench(workload: Workload, args, paths: list[str], launched: float | None = None,
+              meet: Any = None) -> dict:
+    """Run the chosen paths and return the report (also written to ``--out`` as it grows).
+
+    ``launched``: when the process was started (epoch seconds), the start of the fast path's
+    time split; ``meet``: called after the fast path's timed pass, the barrier of a sharded
+    run (its wait is the split's last part)."""
     import torch
 
     from lavender_checks.engines.fast.config import FastGenConfig
@@ -327,7 +405,7 @@ def run_bench(workload: Workload, args, paths: list[str]) -> dict:
     if "fast" in paths:
         report["fast"] = {}  # saved as it grows
         fast_section = measure_fast(engine, workload, scaled, totals, share, maker, args, cap, report["fast"],
-                                    report["notes"], save)
+                                    report["notes"], save, launched=launched, meet=meet, tokens_path=args.tokens)
         # What this process spent on the gate's work, start-up included (what a pytest-xdist
         # worker spends): building the model, the warm-up and the timed pass.
         fast_section["process_gate_seconds"] = (subject.description.get("build_seconds", 0.0)

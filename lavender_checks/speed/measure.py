@@ -4,7 +4,9 @@ many sequences of each path equal one-sample ``generate``'s."""
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 from lavender_checks.speed.subject import (
@@ -246,10 +248,16 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 def measure_fast(engine: Any, workload: Workload, scaled: dict, totals: dict, share: dict, maker: RequestMaker,
-                 args, cap: int | None, fast_section: dict, notes: list, save) -> dict:
+                 args, cap: int | None, fast_section: dict, notes: list, save, *, launched: float | None = None,
+                 meet: Any = None, tokens_path: str | None = None) -> dict:
     """The ``fast`` pass: a warm-up, then every benchmark and variant through ``engine`` in
     runner-sized chunks, projected to the full gate; fills and returns ``fast_section``
-    (``save()`` is called as it grows)."""
+    (``save()`` is called as it grows).
+
+    ``fast_section["split"]``: the process's time from ``launched`` (epoch seconds; default
+    the start of this pass) in consecutive parts (``time_split``); ``meet`` is called after
+    the timed pass (the barrier of a sharded run: its wait is the split's last part).
+    ``tokens_path``: where every row's token ids go (``write_tokens``)."""
     import math
     import sys
 
@@ -262,7 +270,10 @@ def measure_fast(engine: Any, workload: Workload, scaled: dict, totals: dict, sh
     fast_section.update({"per_run": {}, "chunk_rows": chunk_rows, "invariant": engine.config.invariant})
     total = FastGenStats()
     made = {name: maker.requests(rows, cap=cap) for name, rows in scaled.items()}
+    clock = {"launched": launched if launched is not None else time.time(), "ready": time.time()}
+    token_ids: dict[str, dict[str, list[int]]] = {}
     fast_section["warmup"] = run_warmup(engine, made, workload.variants, args.warmup_rows, chunk_rows)
+    clock["warm"] = time.time()
     save()
     # Benchmark by benchmark, both variants each: a run cut short still projects whole benchmarks.
     for load in workload.benchmarks:
@@ -275,6 +286,7 @@ def measure_fast(engine: Any, workload: Workload, scaled: dict, totals: dict, sh
             stats = result["stats"]
             total.add(stats)
             tokens = sum(len(v) for v in result["ids"].values())
+            token_ids[f"{variant}/{load.name}"] = result["ids"]
             expected_images = len({r.image_id for r in rows})
             if stats.images != expected_images:
                 notes.append(
@@ -296,8 +308,37 @@ def measure_fast(engine: Any, workload: Workload, scaled: dict, totals: dict, sh
             print(f"fast {variant}/{load.name}: {len(rows)} rows, {tokens} new tokens in "
                   f"{result['seconds']:.1f} s", file=sys.stderr)
             save()
+    clock["timed"] = time.time()
+    if meet is not None:
+        meet()
+    clock["met"] = time.time()
+    fast_section["split"] = time_split(clock)
     fast_section["peak_gib"] = peak_gib(engine.device)
     fast_section["stats"] = total.as_dict()
+    if tokens_path:
+        fast_section["tokens_file"] = str(write_tokens(Path(tokens_path), token_ids))
     fast_section["projection"] = project_fast(fast_section["per_run"], fast_section["warmup"])
     save()
     return fast_section
+
+
+def time_split(clock: dict[str, float]) -> dict[str, Any]:
+    """The process's time, launch to barrier, in consecutive parts: start-up (interpreter,
+    imports, joining the others, model build, requests), warm-up, the timed pass and the wait
+    at the barrier; ``total`` is their sum. ``clock``: epoch seconds of each boundary."""
+    parts = (("startup", "launched", "ready"), ("warmup", "ready", "warm"), ("timed", "warm", "timed"),
+             ("barrier", "timed", "met"))
+    split: dict[str, Any] = {name: clock[end] - clock[start] for name, start, end in parts}
+    split["total"] = clock["met"] - clock["launched"]
+    split["clock"] = dict(clock)
+    return split
+
+
+def write_tokens(path: Path, token_ids: dict[str, dict[str, list[int]]]) -> Path:
+    """One JSON line per row: {"run": "<variant>/<benchmark>", "key": ..., "ids": [...]}."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        for run, ids in token_ids.items():
+            for key, row in ids.items():
+                fh.write(json.dumps({"run": run, "key": key, "ids": list(row)}) + "\n")
+    return path
