@@ -169,8 +169,8 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def main(args: argparse.Namespace) -> int:
     # Where the process's time starts: the launcher's clock (bench-gpus sets it before it
-    # starts a process or torchrun), else now.
-    launched = float(os.environ.get(LAUNCHED_AT_ENV) or time.time())
+    # starts a process or torchrun), else this process's start.
+    launched = float(os.environ.get(LAUNCHED_AT_ENV) or process_started())
     torchrun = getattr(args, "torchrun", False)
     if torchrun:
         from lavender_checks.run import distributed
@@ -251,6 +251,16 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     print(summary_text(report))
     return 0
+
+
+def process_started() -> float:
+    """Epoch seconds at which this process started (Linux: from /proc, to 10 ms), else now."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time()
 
 
 def _rank_path(path: str | None, rank: int) -> str | None:

@@ -207,3 +207,13 @@ def test_whole_harness_on_the_tiny_model_with_both_launchers(tmp_path, capsys):
         assert again["targets"]["identical_predictions"]["met"] is False
     text = capsys.readouterr().out
     assert "xdist on 2 GPUs" in text and "torchrun on 2 GPUs" in text and "identical_predictions" in text
+
+
+def test_a_process_started_by_hand_counts_from_its_own_start():
+    import subprocess
+    import sys
+
+    code = ("import time; time.sleep(0.6); from lavender_checks.speed.bench import process_started; "
+            "print(time.time() - process_started())")
+    age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0.6 <= age < 10
