@@ -248,6 +248,11 @@ def _check_same_workload(baseline: dict, args: argparse.Namespace) -> None:
         raise BenchProcessError(f"--baseline ran scale {baseline.get('scale')}, this run scale {args.scale}")
     if baseline.get("shard") not in (None, [0, 1]):
         raise BenchProcessError(f"--baseline is shard {baseline.get('shard')}, not a one-GPU run")
+    invariant = baseline.get("fast", {}).get("invariant")
+    if invariant is not None and invariant == bool(getattr(args, "throughput_mode", False)):
+        mode = "batch-invariant" if invariant else "throughput"
+        raise BenchProcessError(f"--baseline ran the fast engine's {mode} mode, this run the other "
+                                "(--throughput-mode)")
 
 
 def read_tokens(path: Path) -> dict[tuple[str, str], list[int]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lavender_checks.speed import bench
+from lavender_checks.speed import bench, measure
 from lavender_checks.speed import gpus as bench_gpus
 
 
@@ -132,6 +132,10 @@ def test_a_baseline_of_another_workload_is_refused(tmp_path):
         bench_gpus._check_same_workload({"scale": 0.05, "shard": None}, parse(["--scale", "0.1"]))
     with pytest.raises(bench_gpus.BenchProcessError, match="shard"):
         bench_gpus._check_same_workload({"scale": 0.1, "shard": [0, 2]}, parse(["--scale", "0.1"]))
+    invariant = {"scale": 0.1, "shard": [0, 1], "fast": {"invariant": True}}
+    bench_gpus._check_same_workload(invariant, parse(["--scale", "0.1"]))
+    with pytest.raises(bench_gpus.BenchProcessError, match="batch-invariant mode, this run the other"):
+        bench_gpus._check_same_workload(invariant, parse(["--scale", "0.1", "--throughput-mode"]))
     broken = tmp_path / "broken.json"
     broken.write_text("{")
     with pytest.raises(bench_gpus.BenchProcessError, match="broken.json"):
@@ -160,7 +164,7 @@ def test_bench_refuses_torchrun_outside_torchrun_and_a_barrier_without_shard(cap
 
 
 def test_the_time_split_is_consecutive_parts_of_the_process_time():
-    split = bench.time_split({"launched": 100.0, "ready": 112.5, "warm": 120.0, "timed": 150.0, "met": 151.25})
+    split = measure.time_split({"launched": 100.0, "ready": 112.5, "warm": 120.0, "timed": 150.0, "met": 151.25})
     assert {k: split[k] for k in ("startup", "warmup", "timed", "barrier", "total")} == {
         "startup": 12.5, "warmup": 7.5, "timed": 30.0, "barrier": 1.25, "total": 51.25}
 
