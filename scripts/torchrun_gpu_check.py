@@ -45,6 +45,9 @@ def main() -> int:
                          "pip install --no-deps --target /tmp/whl .whl/*.whl and PYTHONPATH=$PWD:/tmp/whl")
     from lavender_checks.profiles import PROFILES_DIR
     from lavender_checks.run import distributed, pipeline
+    from lavender_checks.run.collect import collect_results
+    from lavender_checks.run.config import RunConfig
+    from lavender_checks.run.pair import load_model_pair
 
     if not distributed.launched():
         raise SystemExit("run it under torchrun: torchrun --nproc-per-node 1 scripts/torchrun_gpu_check.py")
@@ -54,7 +57,7 @@ def main() -> int:
     text = re.sub(r"(?m)^name = .*$", 'name = "torchrun-gpu-check"', text)
     text = re.sub(r"(?m)^max_new_tokens = \d+", f"max_new_tokens = {args.new_tokens}", text)
     profile.write_text(text)
-    config = pipeline.RunConfig(device="cpu" if args.tiny_cpu else "cuda", profile=str(profile),
+    config = RunConfig(device="cpu" if args.tiny_cpu else "cuda", profile=str(profile),
                                 store=args.out / "store", limit=args.limit)
 
     # Pins this rank's GPU (before CUDA starts) and joins the gloo group.
@@ -82,7 +85,7 @@ def main() -> int:
 
     started = time.perf_counter()
     if args.tiny_cpu:
-        pair = pipeline.load_model_pair(pipeline.RunConfig(device="cpu"))
+        pair = load_model_pair(RunConfig(device="cpu"))
     else:
         from lavender_checks.synthetic.fullsize import fullsize_pair
 
@@ -94,7 +97,7 @@ def main() -> int:
     passes = []
     for name in ("first", "resume"):
         t0 = time.perf_counter()
-        run = pipeline.collect_results(config, pair=pair, shard=(shards.own, shards.count),
+        run = collect_results(config, pair=pair, shard=(shards.own, shards.count),
                                        wait_for_shards=shards, writer=shards.writer, progress=False)
         seconds = time.perf_counter() - t0
         passes.append({"pass": name, "seconds": round(seconds, 2),

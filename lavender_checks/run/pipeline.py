@@ -18,28 +18,14 @@ from pathlib import Path
 
 from lavender_checks.errors import EXIT_GATE_FAILED, EXIT_INPUT, EXIT_OK, EXIT_RANK_FAILED, error_line
 from lavender_checks.run import distributed
-# The names below are also this module's API for the tests and the gate (tests/benchmarks/).
-from lavender_checks.run.collect import RunResults, collect_results, versions
+from lavender_checks.run.collect import RunResults, collect_results
 from lavender_checks.run.config import (
-    DEFAULT_BASE_NAME, DEFAULT_BATCH_SIZE, DEFAULT_LAVENDER_NAME, DEFAULT_PROFILE, GATE_MODES,
-    KEEP_REPORTS_OPTION, MINI_LMUDATA, REPORT_OPTIONS, REPORTS_OPTION, RUN_OPTIONS,
-    SEED_REFERENCE, TINY_REFERENCE, VARIANTS, RunConfig, RunInputError, add_run_options,
-    check_before_work, check_inputs, config_from_options, input_errors)
-from lavender_checks.run.judge import GateOutcome, judge_run, prune_reports, write_run_report
-from lavender_checks.run.pair import LazyPair, load_model_pair
+    SEED_REFERENCE, RunConfig, RunInputError, add_run_options, check_before_work, config_from_options,
+    input_errors)
+from lavender_checks.run.judge import judge_run, write_run_report
 from lavender_checks.run.reference import TINY_REFERENCE_DESCRIPTION, write_reference
-from lavender_checks.run.shards import Barrier, ShardBarrier, ShardFailed, ShardTimeout
 
-__all__ = [
-    "DEFAULT_BASE_NAME", "DEFAULT_BATCH_SIZE", "DEFAULT_LAVENDER_NAME", "DEFAULT_PROFILE",
-    "GATE_MODES", "KEEP_REPORTS_OPTION", "MINI_LMUDATA", "REPORT_OPTIONS", "REPORTS_OPTION",
-    "RUN_OPTIONS", "SEED_REFERENCE", "TINY_REFERENCE", "VARIANTS", "Barrier", "GateOutcome",
-    "LazyPair", "RunConfig", "RunInputError", "RunResults", "ShardBarrier", "ShardFailed",
-    "ShardTimeout", "TINY_REFERENCE_DESCRIPTION", "add_arguments", "add_run_options",
-    "check_before_work", "check_inputs", "checked", "collect_results", "config_from_options",
-    "input_errors", "judge_run", "load_model_pair", "main", "prune_reports", "torchrun_shards",
-    "versions", "write_reference", "write_run_report",
-]
+__all__ = ["add_arguments", "checked", "main", "torchrun_shards"]
 
 
 def add_arguments(parser) -> None:

@@ -1,6 +1,6 @@
 """pytest options and the session fixtures of the benchmark gate (tests/benchmarks/).
 
-Options: the same as ``lavender-checks run`` (``lavender_checks.run.pipeline.RUN_OPTIONS``):
+Options: the same as ``lavender-checks run`` (``lavender_checks.run.config.RUN_OPTIONS``):
 ``--base-model``, ``--lora``, ``--lmu-data``, ``--benchmark``, ``--profile``, ``--reference``,
 ``--gate``, ``--limit``, ``--fraction``, ``--batch-size``, ``--from-vlmeval``, ``--base-name``,
 ``--lavender-name``, ``--store``, ``--device``, ``--dtype``, ``--engine``, ``--chunk-rows``,
@@ -14,7 +14,7 @@ pytest-xdist (``-n auto`` = one worker per GPU):
   process never touches CUDA (it does not even load the model);
 * no generation is done twice: worker i generates shard i of n of every benchmark into the
   shared prediction store (its own writer file), then waits at a file barrier until every
-  shard is stored, then scores the union (``pipeline.collect_results``), so every worker
+  shard is stored, then scores the union (``run.collect.collect_results``), so every worker
   holds the same results before any case is judged;
 * one worker writes the report (reports/<run-id>/) and the controller prints the verdict
   table in the terminal summary, and removes the barrier folder once every worker is done;
@@ -39,7 +39,12 @@ import pytest
 from lavender_checks import REPORTS
 from lavender_checks.errors import EXIT_INPUT, EXIT_RANK_FAILED, error_line
 from lavender_checks.run import distributed, pipeline
-from lavender_checks.run.config import check_cuda_without_torch, check_writable_folder
+from lavender_checks.run.collect import RunResults, collect_results
+from lavender_checks.run.config import (
+    RunConfig, add_run_options, check_before_work, check_cuda_without_torch, check_inputs,
+    check_writable_folder, config_from_options, input_errors)
+from lavender_checks.run.judge import GateOutcome, judge_run, write_run_report
+from lavender_checks.run.pair import load_model_pair
 from lavender_checks.run.shards import ShardBarrier, remove_stale_barriers
 
 _GATE_SUMMARY = pytest.StashKey[dict]()
@@ -98,12 +103,12 @@ def pytest_xdist_auto_num_workers(config):
 
 def pytest_addoption(parser):
     group = parser.getgroup("lavender", "lavender-checks benchmark gate")
-    pipeline.add_run_options(group.addoption)
+    add_run_options(group.addoption)
 
 
-def run_config(config: pytest.Config) -> pipeline.RunConfig:
+def run_config(config: pytest.Config) -> RunConfig:
     """The RunConfig of the pytest options (pure: no model, no CUDA)."""
-    return pipeline.config_from_options(config.getoption)
+    return config_from_options(config.getoption)
 
 
 def _stop(error: BaseException | str, returncode: int = EXIT_INPUT) -> None:
@@ -120,7 +125,7 @@ def pytest_configure(config):
         # join their group first, so that an input missing on one host stops all of them.
         run = run_config(config)
         if not distributed.launched():
-            pipeline.check_inputs(run)
+            check_inputs(run)
             if run.from_vlmeval is None and run.device is not None and run.device_kind == "cuda":
                 check_cuda_without_torch(run.device, _gpu_ids())
             # Output folders given on the command line (the defaults are checked, and made, by
@@ -129,7 +134,7 @@ def pytest_configure(config):
                 check_writable_folder("--store", run.store)
             if config.getoption("reports") != REPORTS:
                 check_writable_folder("--reports", config.getoption("reports"))
-    except pipeline.input_errors() as exc:
+    except input_errors() as exc:
         _stop(exc)
     if distributed.launched() and (config.getoption("numprocesses", None) or _worker()):
         _stop("under torchrun every rank is one pytest session on one GPU: drop -n "
@@ -140,7 +145,7 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
-def gate_config(pytestconfig) -> pipeline.RunConfig:
+def gate_config(pytestconfig) -> RunConfig:
     """The run's configuration, its inputs checked (once per process, before any model loads)."""
     config = run_config(pytestconfig)
     option = pytestconfig.getoption
@@ -150,9 +155,9 @@ def gate_config(pytestconfig) -> pipeline.RunConfig:
         shards = pipeline.torchrun_shards(config, option("store_sharing"), option("dist_timeout"))
         pytestconfig.stash[_TORCHRUN] = shards
         reports = option("reports") if shards is None or shards.scores else None
-        pipeline.checked(shards, lambda: pipeline.check_before_work(
+        pipeline.checked(shards, lambda: check_before_work(
             config, reports=reports, keep_reports=option("keep_reports")))
-    except pipeline.input_errors() as exc:
+    except input_errors() as exc:
         _stop(exc)
     except distributed.RankFailure as exc:
         _stop(exc, EXIT_RANK_FAILED)
@@ -165,8 +170,8 @@ def model_pair(gate_config):
     if gate_config.from_vlmeval is not None:
         pytest.skip("--from-vlmeval scores VLMEvalKit's files: no model is loaded")
     try:
-        return pipeline.load_model_pair(gate_config)
-    except pipeline.input_errors() as exc:
+        return load_model_pair(gate_config)
+    except input_errors() as exc:
         _stop(exc)
 
 
@@ -189,7 +194,7 @@ def worker_barrier(gate_config, pytestconfig) -> ShardBarrier | None:
 
 
 @pytest.fixture(scope="session")
-def run_results(gate_config, worker_barrier, request) -> pipeline.RunResults:
+def run_results(gate_config, worker_barrier, request) -> RunResults:
     """Scores of both variants on every benchmark, computed once per process through the
     prediction store (a second session only reads it). Under xdist, worker i generates shard
     i of n and every worker scores the union. Under torchrun, rank i generates shard i of n
@@ -201,23 +206,23 @@ def run_results(gate_config, worker_barrier, request) -> pipeline.RunResults:
     worker = _worker()
     shard = (worker[1] % worker[2], worker[2]) if worker_barrier is not None else None
     try:
-        return pipeline.collect_results(
+        return collect_results(
             gate_config, load_pair=lambda: request.getfixturevalue("model_pair"), shard=shard,
             wait_for_shards=worker_barrier,
             writer=worker[0] if worker else "main", progress=False,
         )
-    except pipeline.input_errors() as exc:
+    except input_errors() as exc:
         _stop(exc)
 
 
-def _torchrun_results(gate_config, request) -> pipeline.RunResults:
+def _torchrun_results(gate_config, request) -> RunResults:
     shards = request.config.stash[_TORCHRUN]
     try:
-        run = pipeline.collect_results(
+        run = collect_results(
             gate_config, load_pair=lambda: request.getfixturevalue("model_pair"),
             shard=(shards.own, shards.count), wait_for_shards=shards, writer=shards.writer,
             progress=False)
-    except pipeline.input_errors() as exc:
+    except input_errors() as exc:
         _stop(exc)
     except distributed.RankFailure as exc:  # every rank ends at once, with the rank to blame
         _stop(exc, EXIT_RANK_FAILED)
@@ -228,12 +233,12 @@ def _torchrun_results(gate_config, request) -> pipeline.RunResults:
 
 
 @pytest.fixture(scope="session")
-def gate_outcome(run_results, worker_barrier, pytestconfig) -> pipeline.GateOutcome:
+def gate_outcome(run_results, worker_barrier, pytestconfig) -> GateOutcome:
     """The verdicts of every reference row; the report is written here, by one process."""
-    outcome = pipeline.judge_run(run_results)
+    outcome = judge_run(run_results)
     # Every worker holds the same results: the first to get here writes the report.
     if worker_barrier is None or worker_barrier.claim("report"):
-        pipeline.write_run_report(run_results, outcome, reports_root=pytestconfig.getoption("reports"),
+        write_run_report(run_results, outcome, reports_root=pytestconfig.getoption("reports"),
                                   keep=pytestconfig.getoption("keep_reports"))
         summary = {"table": outcome.table(), "report": str(outcome.report),
                    "missing": dict(run_results.missing), "noncomparable": dict(outcome.noncomparable),

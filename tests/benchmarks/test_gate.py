@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import pytest
 
-from lavender_checks.run import pipeline
 from lavender_checks.gate.verdicts import load_reference
+from lavender_checks.run.config import RunConfig, config_from_options
+from lavender_checks.run.judge import GateOutcome
 
 QUANTITY_OF_TEST = {"test_base": "base", "test_lavender": "lavender", "test_gain": "gain"}
 
@@ -29,13 +30,13 @@ def pytest_generate_tests(metafunc):
     quantity = QUANTITY_OF_TEST.get(metafunc.function.__name__)
     if quantity is None:
         return
-    config = pipeline.config_from_options(metafunc.config.getoption)
+    config = config_from_options(metafunc.config.getoption)
     reference = load_reference(config.reference_path())
     rows = [row for row in reference.rows if row.benchmark in config.benchmarks]
     metafunc.parametrize("row_id", [row.id for row in rows], ids=[row.id for row in rows])
 
 
-def _judge(outcome: pipeline.GateOutcome, config: pipeline.RunConfig, row_id: str, quantity: str):
+def _judge(outcome: GateOutcome, config: RunConfig, row_id: str, quantity: str):
     verdict = outcome.verdict(row_id, quantity)
     why = outcome.noncomparable.get(verdict.benchmark)
     if why and not config.allow_noncomparable:

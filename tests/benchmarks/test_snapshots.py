@@ -30,13 +30,13 @@ import pytest
 from lavender_checks.gate import snapshots
 from lavender_checks.gate.snapshot_extension import BenchmarkSnapshotExtension, review
 from lavender_checks.profiles import load_profile
-from lavender_checks.run import pipeline
+from lavender_checks.run.config import config_from_options
 
 
 def pytest_generate_tests(metafunc):
     if "snapshot_benchmark" not in metafunc.fixturenames:
         return
-    config = pipeline.config_from_options(metafunc.config.getoption)
+    config = config_from_options(metafunc.config.getoption)
     profile = load_profile(config.profile).name
     metafunc.parametrize("snapshot_benchmark", config.benchmarks,
                          ids=[f"{profile}-{config.label()}-{b}" for b in config.benchmarks])

@@ -30,9 +30,12 @@ from lavender_checks.engines.batched import BatchedEngine
 from lavender_checks.engines.fast import FastEngine
 from lavender_checks.engines.fast.config import DEFAULT_CHUNK_ROWS
 from lavender_checks.engines.request import GenerationRequest
+from lavender_checks.model import VARIANTS
 from lavender_checks.profiles import load_profile
 from lavender_checks.run import pipeline
-from lavender_checks.run.pipeline import RunConfig, RunInputError
+from lavender_checks.run.collect import collect_results
+from lavender_checks.run.config import SEED_REFERENCE, RunConfig, RunInputError, config_from_options
+from lavender_checks.run.judge import judge_run, write_run_report
 from lavender_checks.run.predict import predict_run
 from lavender_checks.run.store import PredictionStore
 
@@ -93,12 +96,12 @@ def test_a_fast_engine_run_computes_what_a_batched_engine_run_computes(tiny_pair
     monkeypatch.setattr(engines, "make_engine", recording)
     for engine, chunk_rows in (("generate", None), ("fast", 20)):
         config = RunConfig(store=tmp_path / engine, engine=engine, chunk_rows=chunk_rows)
-        runs[engine] = pipeline.collect_results(config, pair=tiny_pair, progress=False)
+        runs[engine] = collect_results(config, pair=tiny_pair, progress=False)
     default, fast = runs["generate"], runs["fast"]
 
     assert set(fast.predictions) == set(benchmark_names())
     for benchmark in benchmark_names():
-        for variant in pipeline.VARIANTS:
+        for variant in VARIANTS:
             assert fast.predictions[benchmark][variant] == default.predictions[benchmark][variant], (
                 f"{benchmark}/{variant}")
             assert fast.results[benchmark][variant].metrics == default.results[benchmark][variant].metrics
@@ -407,17 +410,17 @@ def test_engine_options_reach_the_config_and_do_not_name_the_run():
     parser = argparse.ArgumentParser()
     pipeline.add_arguments(parser)
     args = parser.parse_args(["--engine", "fast", "--chunk-rows", "64", "--limit", "3"])
-    config = pipeline.config_from_options(lambda dest: getattr(args, dest))
+    config = config_from_options(lambda dest: getattr(args, dest))
     assert (config.engine, config.chunk_rows) == ("fast", 64)
     assert config.label() == RunConfig(limit=3).label() == "tiny-mini-limit3"
     assert config.describe()["engine"] == "fast"
-    default = pipeline.config_from_options(lambda dest: getattr(parser.parse_args([]), dest))
+    default = config_from_options(lambda dest: getattr(parser.parse_args([]), dest))
     assert (default.engine, default.chunk_rows) == ("fast", None)  # the fast engine is the default
     with pytest.raises(SystemExit):
         parser.parse_args(["--engine", "slow"])
     assert default.batch_invariant  # the fast engine's batch-invariant mode is the default
     args = parser.parse_args(["--no-batch-invariance"])
-    assert not pipeline.config_from_options(lambda dest: getattr(args, dest)).batch_invariant
+    assert not config_from_options(lambda dest: getattr(args, dest)).batch_invariant
 
 
 @pytest.mark.parametrize("options, message", [
@@ -433,12 +436,12 @@ def test_bad_engine_options_are_refused(options, message):
 
 def test_the_report_names_the_engine_used_and_the_one_asked_for(tmp_path):
     config = RunConfig(store=tmp_path / "store", engine="answers-fast", benchmarks=("ChartQA_TEST",),
-                       reference=pipeline.SEED_REFERENCE)
-    run = pipeline.collect_results(config, pair=StandInPair(), progress=False)
+                       reference=SEED_REFERENCE)
+    run = collect_results(config, pair=StandInPair(), progress=False)
     described = {k: v for k, v in run.metadata["engine"].items() if k not in ("environment", "numerics")}
     assert described == {"name": "fast", "chunk_rows": DEFAULT_CHUNK_ROWS, "fallbacks": [],
                          "batch_invariant": True, "asked": "answers-fast"}
-    path = pipeline.write_run_report(run, pipeline.judge_run(run), reports_root=tmp_path / "reports")
+    path = write_run_report(run, judge_run(run), reports_root=tmp_path / "reports")
     report = (Path(path) / "report.md").read_text(encoding="utf-8")
     assert "- engine:\n" in report and "  - name: `fast`" in report
 

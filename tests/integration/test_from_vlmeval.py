@@ -17,13 +17,21 @@ import pandas as pd
 import pytest
 
 from lavender_checks import REPO_ROOT, cli
-from lavender_checks.run import pipeline
-from lavender_checks.gate.verdicts import load_reference
 from lavender_checks.gate.report import RUN_ID_PATTERN
+from lavender_checks.gate.verdicts import load_reference
+from lavender_checks.run.collect import RunResults, collect_results
+from lavender_checks.run.config import (
+    DEFAULT_BASE_NAME,
+    DEFAULT_LAVENDER_NAME,
+    SEED_REFERENCE,
+    RunConfig,
+    RunInputError,
+)
+from lavender_checks.run.judge import GateOutcome, judge_run
 from lavender_checks.vlmeval_io import write_prediction_file
 
-SEED = load_reference(pipeline.SEED_REFERENCE)
-BASE, LAVENDER = pipeline.DEFAULT_BASE_NAME, pipeline.DEFAULT_LAVENDER_NAME
+SEED = load_reference(SEED_REFERENCE)
+BASE, LAVENDER = DEFAULT_BASE_NAME, DEFAULT_LAVENDER_NAME
 BENCHMARKS = ("DocVQA_VAL", "ChartQA_TEST", "MMBench_DEV_EN", "MME")
 
 
@@ -237,10 +245,10 @@ def seed_run(tmp_path_factory, seed_frames) -> Path:
     return write_run(tmp_path_factory.mktemp("vlmeval") / "outputs", seed_frames)
 
 
-def gate(work: Path, **options) -> tuple[pipeline.RunResults, pipeline.GateOutcome]:
-    config = pipeline.RunConfig(from_vlmeval=work, **options)
-    run = pipeline.collect_results(config)
-    return run, pipeline.judge_run(run)
+def gate(work: Path, **options) -> tuple[RunResults, GateOutcome]:
+    config = RunConfig(from_vlmeval=work, **options)
+    run = collect_results(config)
+    return run, judge_run(run)
 
 
 # ----------------------------------------------------------------------------------- tests
@@ -347,11 +355,11 @@ def test_missing_files_are_named_with_where_it_looked(tmp_path, seed_frames):
 
 def test_a_folder_without_any_prediction_file_is_refused(tmp_path):
     (tmp_path / "outputs" / BASE).mkdir(parents=True)
-    with pytest.raises(pipeline.RunInputError) as caught:
+    with pytest.raises(RunInputError) as caught:
         gate(tmp_path / "outputs")
     text = str(caught.value)
     assert f"{BASE}_ChartQA_TEST" in text and str(tmp_path / "outputs" / BASE) in text
-    with pytest.raises(pipeline.RunInputError, match="no such folder"):
+    with pytest.raises(RunInputError, match="no such folder"):
         gate(tmp_path / "elsewhere")
 
 
@@ -359,7 +367,7 @@ def test_base_and_lavender_on_different_rows_are_refused(tmp_path, chartqa_only)
     frames = {"ChartQA_TEST": {"base": chartqa_only["ChartQA_TEST"]["base"],
                                "lavender": chartqa_only["ChartQA_TEST"]["lavender"].iloc[:1000]}}
     work = write_run(tmp_path / "outputs", frames)
-    with pytest.raises(pipeline.RunInputError) as caught:
+    with pytest.raises(RunInputError) as caught:
         gate(work, benchmarks=("ChartQA_TEST",))
     text = str(caught.value)
     assert "ChartQA_TEST: base and Lavender predictions cover different rows (2500 vs 1000)" in text

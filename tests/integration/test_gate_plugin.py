@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 from lavender_checks import REPO_ROOT
-from lavender_checks.run import pipeline
-
+from lavender_checks.run.config import TINY_REFERENCE
 
 GATE_TESTS = REPO_ROOT / "tests" / "benchmarks" / "test_gate.py"
 ERROR_LINE = "lavender-checks run: error: "
@@ -44,7 +43,7 @@ def gate(pytester, tmp_path, monkeypatch):
 
 def test_the_tiny_gate_passes(gate):
     result = gate("--benchmark", "ChartQA_TEST", subprocess=True)
-    rows = [row for row in tomllib.loads(pipeline.TINY_REFERENCE.read_text())["row"]
+    rows = [row for row in tomllib.loads(TINY_REFERENCE.read_text())["row"]
             if row["benchmark"] == "ChartQA_TEST"]
     result.assert_outcomes(passed=3 * len(rows))
     result.stdout.fnmatch_lines(["*lavender-checks gate*", f"{3 * len(rows)} pass, 0 fail, 0 missing*",
@@ -61,7 +60,7 @@ def test_the_tiny_gate_passes(gate):
 
 
 def test_a_failing_case_prints_measured_reported_band_and_n(gate, tmp_path):
-    text = pipeline.TINY_REFERENCE.read_text(encoding="utf-8")
+    text = TINY_REFERENCE.read_text(encoding="utf-8")
     reference = tomllib.loads(text)
     row = next(r for r in reference["row"] if r["benchmark"] == "ChartQA_TEST")
     # The row's base number moved far out of any band; its lavender and gain stay.

@@ -28,7 +28,14 @@ from lavender_checks.run import distributed, pipeline
 from lavender_checks.benchmarks import benchmark_names
 from lavender_checks.engines import register_engine
 from lavender_checks.gate.verdicts import load_reference
-from lavender_checks.run.pipeline import RunConfig, RunInputError, ShardBarrier
+from lavender_checks.run.collect import collect_results
+from lavender_checks.run.config import (
+    REPORT_OPTIONS, RUN_OPTIONS, SEED_REFERENCE, TINY_REFERENCE, RunConfig, RunInputError,
+    config_from_options)
+from lavender_checks.run.judge import judge_run, prune_reports
+from lavender_checks.run.pair import LazyPair
+from lavender_checks.run.reference import write_reference
+from lavender_checks.run.shards import ShardBarrier, ShardFailed, ShardTimeout
 
 MINI = FIXTURES / "lmudata-mini"
 
@@ -102,7 +109,7 @@ def test_defaults_are_the_tiny_pair_on_the_mini_benchmarks():
     config = RunConfig()
     assert config.builtin_model and config.benchmarks == tuple(benchmark_names())
     assert config.lmu_root() == MINI
-    assert config.reference_path() == pipeline.TINY_REFERENCE
+    assert config.reference_path() == TINY_REFERENCE
     assert config.profile == "seed-report" and config.gate_mode == "reproduce"
     assert config.label() == "tiny-mini"
     assert RunConfig(device="cuda:1").label() == "tiny-mini-cuda"  # other hardware, own snapshots
@@ -112,10 +119,10 @@ def test_real_weights_default_to_lmudata_and_the_seed_reference(tmp_path, monkey
     monkeypatch.setenv("LMUData", str(tmp_path))
     config = RunConfig(base_model=tmp_path / "base", lora=tmp_path / "lavender-lora", limit=50)
     assert config.lmu_root() == tmp_path
-    assert config.reference_path() == pipeline.SEED_REFERENCE
+    assert config.reference_path() == SEED_REFERENCE
     assert config.label() == "base+lavender-lora-lmudata-limit50"
     assert RunConfig(base_model=tmp_path / "b", lora=tmp_path / "l", device="cuda:0").label() == "b+l-lmudata"
-    assert RunConfig(from_vlmeval=tmp_path).reference_path() == pipeline.SEED_REFERENCE
+    assert RunConfig(from_vlmeval=tmp_path).reference_path() == SEED_REFERENCE
 
 
 @pytest.mark.parametrize("options, message", [
@@ -139,16 +146,16 @@ def test_cli_and_pytest_declare_the_same_options(pytestconfig):
     parser = argparse.ArgumentParser()
     pipeline.add_arguments(parser)
     cli_flags = {flag for action in parser._actions for flag in action.option_strings}
-    pytest_flags = {flag for flag, _ in (*pipeline.RUN_OPTIONS, *pipeline.REPORT_OPTIONS,
+    pytest_flags = {flag for flag, _ in (*RUN_OPTIONS, *REPORT_OPTIONS,
                                          *distributed.OPTIONS)}
     assert pytest_flags <= cli_flags
     assert cli_flags - pytest_flags == {"-h", "--help", "--quiet", "--write-reference", "--force"}
     # conftest.py registered them with pytest: the defaults read back as a RunConfig.
-    assert pipeline.config_from_options(pytestconfig.getoption).profile == "seed-report"
+    assert config_from_options(pytestconfig.getoption).profile == "seed-report"
     assert pytestconfig.getoption("store_sharing") == "auto"
     args = parser.parse_args(["--benchmark", "MME", "--benchmark", "ChartQA_TEST", "--gate",
                               "no-regression", "--limit", "3"])
-    config = pipeline.config_from_options(lambda dest: getattr(args, dest))
+    config = config_from_options(lambda dest: getattr(args, dest))
     assert config.benchmarks == ("MME", "ChartQA_TEST")
     assert (config.gate_mode, config.limit) == ("no-regression", 3)
 
@@ -186,7 +193,7 @@ def test_gpu_pinning_of_xdist_workers(monkeypatch):
 
 def test_collect_scores_both_variants_of_every_benchmark(tmp_path):
     pair = StandInPair()
-    run = pipeline.collect_results(stand_in_config(tmp_path), pair=pair, progress=False)
+    run = collect_results(stand_in_config(tmp_path), pair=pair, progress=False)
     assert run.missing == {}
     rows = {"DocVQA_VAL": 24, "ChartQA_TEST": 24, "MMBench_DEV_EN": 66, "MME": 56}
     for benchmark, count in rows.items():
@@ -206,9 +213,9 @@ def test_collect_scores_both_variants_of_every_benchmark(tmp_path):
 
 def test_a_second_run_reads_the_store_and_generates_nothing(tmp_path):
     config = stand_in_config(tmp_path, benchmarks=("ChartQA_TEST",))
-    first = pipeline.collect_results(config, pair=StandInPair(), progress=False)
+    first = collect_results(config, pair=StandInPair(), progress=False)
     again = StandInPair()
-    second = pipeline.collect_results(config, pair=again, progress=False)
+    second = collect_results(config, pair=again, progress=False)
     assert again.ledger == []
     assert second.metadata["predictions"]["ChartQA_TEST"]["lavender"]["reused"] == 24
     assert second.predictions == first.predictions
@@ -217,7 +224,7 @@ def test_a_second_run_reads_the_store_and_generates_nothing(tmp_path):
 
 def test_the_xlsx_round_trip_is_applied_before_scoring(tmp_path):
     says_none = StandInPair(answer=lambda request, variant: "None")  # a pandas NA token: VLMEvalKit reads 'nan'
-    run = pipeline.collect_results(stand_in_config(tmp_path, benchmarks=("ChartQA_TEST",)),
+    run = collect_results(stand_in_config(tmp_path, benchmarks=("ChartQA_TEST",)),
                                    pair=says_none, progress=False)
     samples = run.results["ChartQA_TEST"]["base"].samples
     assert set(samples["prediction"]) == {"nan"}
@@ -228,12 +235,12 @@ def test_a_benchmark_without_its_tsv_is_missing_and_the_others_run(tmp_path):
     lmu = tmp_path / "LMUData"
     shutil.copytree(MINI, lmu)
     (lmu / "MME.tsv").unlink()
-    config = stand_in_config(tmp_path, lmu_data=lmu, reference=pipeline.SEED_REFERENCE)
-    run = pipeline.collect_results(config, pair=StandInPair(), progress=False)
+    config = stand_in_config(tmp_path, lmu_data=lmu, reference=SEED_REFERENCE)
+    run = collect_results(config, pair=StandInPair(), progress=False)
     assert run.missing == {"MME": f"{lmu / 'MME.tsv'} does not exist"}
     assert run.results["MME"] == {"base": None, "lavender": None}
     assert all(run.results[b]["lavender"] is not None for b in ("DocVQA_VAL", "ChartQA_TEST", "MMBench_DEV_EN"))
-    outcome = pipeline.judge_run(run)
+    outcome = judge_run(run)
     statuses = {v.status for v in outcome.verdicts if v.benchmark == "MME"}
     assert statuses == {"missing"}
     assert {v.status for v in outcome.verdicts if v.benchmark != "MME"} <= {"pass", "fail"}
@@ -242,15 +249,15 @@ def test_a_benchmark_without_its_tsv_is_missing_and_the_others_run(tmp_path):
 def test_no_tsv_at_all_is_bad_input(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RunInputError, match="none of the benchmark TSVs is in"):
-        pipeline.collect_results(stand_in_config(tmp_path, lmu_data=tmp_path / "empty"),
+        collect_results(stand_in_config(tmp_path, lmu_data=tmp_path / "empty"),
                                  pair=StandInPair(), progress=False)
     with pytest.raises(RunInputError, match="does not exist"):
-        pipeline.collect_results(stand_in_config(tmp_path, lmu_data=tmp_path / "absent"),
+        collect_results(stand_in_config(tmp_path, lmu_data=tmp_path / "absent"),
                                  pair=StandInPair(), progress=False)
 
 
 def test_limit_subsets_both_variants_alike(tmp_path):
-    run = pipeline.collect_results(stand_in_config(tmp_path, benchmarks=("MMBench_DEV_EN",), limit=20),
+    run = collect_results(stand_in_config(tmp_path, benchmarks=("MMBench_DEV_EN",), limit=20),
                                    pair=StandInPair(), progress=False)
     base = run.results["MMBench_DEV_EN"]["base"]
     assert len(base.units) == 20
@@ -258,24 +265,24 @@ def test_limit_subsets_both_variants_alike(tmp_path):
 
 
 def test_a_run_recorded_as_reference_gates_itself(tmp_path):
-    run = pipeline.collect_results(stand_in_config(tmp_path), pair=StandInPair(), progress=False)
-    path = pipeline.write_reference(run, tmp_path / "own.toml", description="stand-in numbers")
+    run = collect_results(stand_in_config(tmp_path), pair=StandInPair(), progress=False)
+    path = write_reference(run, tmp_path / "own.toml", description="stand-in numbers")
     reference = load_reference(path)
-    seed = load_reference(pipeline.SEED_REFERENCE)
+    seed = load_reference(SEED_REFERENCE)
     assert [r.id for r in reference.rows] == [r.id for r in seed.rows]
     assert reference.gate == seed.gate and reference.run["description"] == "stand-in numbers"
     assert reference.run["base_fingerprint"] == "b" * 64
     mme_total = reference.row("MME-total")
     assert mme_total.base == round(run.results["MME"]["base"].metrics["total"], 2)
-    outcome = pipeline.judge_run(run, reference)
+    outcome = judge_run(run, reference)
     assert outcome.passed, outcome.table()
 
 
 def test_a_reference_is_not_recorded_from_a_partial_run(tmp_path):
-    run = pipeline.collect_results(stand_in_config(tmp_path, benchmarks=("ChartQA_TEST",)),
+    run = collect_results(stand_in_config(tmp_path, benchmarks=("ChartQA_TEST",)),
                                    pair=StandInPair(), progress=False)
     with pytest.raises(RunInputError, match="not measured: DocVQA_VAL-Overall base"):
-        pipeline.write_reference(run, tmp_path / "own.toml")
+        write_reference(run, tmp_path / "own.toml")
     assert not (tmp_path / "own.toml").exists()
 
 
@@ -286,7 +293,7 @@ def _shard_worker(args):
     """One pytest-xdist worker's share: shard i of n, then the union (run in its own process)."""
     config, barrier_dir, i, n = args
     pair = StandInPair()
-    run = pipeline.collect_results(config, pair=pair, shard=(i, n), writer=f"gw{i}", progress=False,
+    run = collect_results(config, pair=pair, shard=(i, n), writer=f"gw{i}", progress=False,
                                    wait_for_shards=ShardBarrier(barrier_dir, n, f"gw{i}", poll=0.01))
     metrics = {b: {v: r.metrics for v, r in by_variant.items()} for b, by_variant in run.results.items()}
     return run.predictions, metrics, pair.ledger
@@ -299,7 +306,7 @@ def test_shards_share_the_generation_and_score_the_same_union(tmp_path):
     # Every row of both variants generated exactly once, across the three workers.
     ledger = [entry for _, _, generated in outcomes for entry in generated]
     assert len(ledger) == len(set(ledger)) == 2 * (66 + 56)
-    single = pipeline.collect_results(stand_in_config(tmp_path / "single", benchmarks=config.benchmarks),
+    single = collect_results(stand_in_config(tmp_path / "single", benchmarks=config.benchmarks),
                                       pair=StandInPair(), progress=False)
     for predictions, metrics, _ in outcomes:
         assert predictions == single.predictions
@@ -311,7 +318,7 @@ def test_shards_share_the_generation_and_score_the_same_union(tmp_path):
 
 def test_a_shard_nobody_claims_is_generated_by_a_waiting_process(tmp_path):
     ledger: list = []
-    run = pipeline.collect_results(
+    run = collect_results(
         stand_in_config(tmp_path, benchmarks=("ChartQA_TEST",)), pair=StandInPair(ledger),
         shard=(0, 2), writer="gw0", progress=False,
         wait_for_shards=ShardBarrier(tmp_path / "barrier", 2, "gw0", poll=0.01))
@@ -319,7 +326,7 @@ def test_a_shard_nobody_claims_is_generated_by_a_waiting_process(tmp_path):
 
 
 def test_a_shard_alone_without_barrier_scores_only_its_rows(tmp_path):
-    run = pipeline.collect_results(stand_in_config(tmp_path, benchmarks=("ChartQA_TEST",)),
+    run = collect_results(stand_in_config(tmp_path, benchmarks=("ChartQA_TEST",)),
                                    pair=StandInPair(), shard=(1, 4), progress=False)
     assert len(run.results["ChartQA_TEST"]["base"].samples) == 6
 
@@ -333,7 +340,7 @@ def test_a_failed_shard_stops_the_others(tmp_path):
     assert barrier.claim(0)
     with barrier.working(0):
         pass
-    with pytest.raises(pipeline.ShardFailed, match="shard 1 of 2 failed in gw1: RuntimeError: CUDA out of memory"):
+    with pytest.raises(ShardFailed, match="shard 1 of 2 failed in gw1: RuntimeError: CUDA out of memory"):
         barrier.wait()
 
 
@@ -345,7 +352,7 @@ def test_a_silent_shard_times_out_with_a_clear_message(tmp_path):
     assert ShardBarrier(tmp_path, 2, "gw1").claim(1)  # claimed, then its process dies
     old = time.time() - 60
     os.utime(tmp_path / "1.claim", (old, old))
-    with pytest.raises(pipeline.ShardTimeout, match="shard 1 of 2, claimed by gw1, has shown no sign of life"):
+    with pytest.raises(ShardTimeout, match="shard 1 of 2, claimed by gw1, has shown no sign of life"):
         barrier.wait()
 
 
@@ -354,7 +361,7 @@ def test_a_shard_nobody_ever_claims_times_out_too(tmp_path):
     assert barrier.claim(0)
     with barrier.working(0):
         pass
-    with pytest.raises(pipeline.ShardTimeout, match="shard 1 of 2, claimed by no process"):
+    with pytest.raises(ShardTimeout, match="shard 1 of 2, claimed by no process"):
         barrier.wait()
 
 
@@ -493,9 +500,9 @@ def test_a_run_whose_predictions_are_all_stored_loads_no_model(tmp_path):
         loads.append(1)
         return StandInPair()
 
-    first = pipeline.collect_results(config, pair=pipeline.LazyPair(StandInPair(), load), progress=False)
+    first = collect_results(config, pair=LazyPair(StandInPair(), load), progress=False)
     assert loads == [1] and first.metadata["models"] == {"stand_in": True, "loaded": True}
-    second = pipeline.collect_results(config, pair=pipeline.LazyPair(StandInPair(), load), progress=False)
+    second = collect_results(config, pair=LazyPair(StandInPair(), load), progress=False)
     assert loads == [1]  # nothing to generate: the weights stayed on disk
     assert second.predictions == first.predictions
     assert second.metadata["models"]["loaded"] is False
@@ -517,12 +524,12 @@ def test_the_identity_read_from_the_folders_is_the_loaded_pairs(tiny_pair, tiny_
 
 
 def test_a_run_of_one_benchmark_is_judged_on_its_rows_only(tmp_path):
-    run = pipeline.collect_results(stand_in_config(tmp_path, benchmarks=("MME",)),
+    run = collect_results(stand_in_config(tmp_path, benchmarks=("MME",)),
                                    pair=StandInPair(), progress=False)
-    outcome = pipeline.judge_run(run)
+    outcome = judge_run(run)
     assert outcome.verdicts and {v.benchmark for v in outcome.verdicts} == {"MME"}
     assert not [v for v in outcome.verdicts if v.status == "missing"]
-    rows = load_reference(pipeline.TINY_REFERENCE).rows
+    rows = load_reference(TINY_REFERENCE).rows
     assert len(outcome.verdicts) == 3 * sum(row.benchmark == "MME" for row in rows)
 
 
@@ -537,19 +544,19 @@ def test_write_reference_does_not_replace_a_file_without_force(tmp_path, capsys,
     assert existing.read_text() == "# mine\n"
     assert cli.main(["run", "--force", "--quiet"]) == 2
     one_error_line(capsys.readouterr().err, "--force only applies to --write-reference")
-    run = pipeline.collect_results(stand_in_config(tmp_path), pair=StandInPair(), progress=False)
+    run = collect_results(stand_in_config(tmp_path), pair=StandInPair(), progress=False)
     with pytest.raises(RunInputError, match="exists; add --force"):
-        pipeline.write_reference(run, existing)
-    pipeline.write_reference(run, existing, force=True)
+        write_reference(run, existing)
+    write_reference(run, existing, force=True)
     assert load_reference(existing).rows
 
 
 def test_a_recorded_reference_keeps_the_hand_written_layout(tmp_path):
-    run = pipeline.collect_results(stand_in_config(tmp_path), pair=StandInPair(), progress=False)
-    text = pipeline.write_reference(run, tmp_path / "own.toml").read_text()
+    run = collect_results(stand_in_config(tmp_path), pair=StandInPair(), progress=False)
+    text = write_reference(run, tmp_path / "own.toml").read_text()
     assert text.startswith("# Reference numbers recorded by `lavender-checks run --write-reference` "
                            "from fixtures/reported/seed-report.toml's rows.")
-    assert text.count("[[row]]") == len(load_reference(pipeline.SEED_REFERENCE).rows)
+    assert text.count("[[row]]") == len(load_reference(SEED_REFERENCE).rows)
     assert "[gate.floor]" in text and "[derived.MME]" in text
 
 
@@ -562,7 +569,7 @@ def test_a_key_held_by_a_live_run_is_refused_naming_it(tmp_path):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         config = stand_in_config(tmp_path, benchmarks=("ChartQA_TEST",))
-        pipeline.collect_results(config, pair=StandInPair(), progress=False)
+        collect_results(config, pair=StandInPair(), progress=False)
         (lock_dir,) = {p.parent for p in (tmp_path / "store").rglob("*.jsonl") if "+" not in p.parent.parent.name}
         (lock_dir / ".lock").write_text(json.dumps(
             {"run": "other", "pid": other.pid, "host": socket.gethostname(), "started": "now",
@@ -570,13 +577,13 @@ def test_a_key_held_by_a_live_run_is_refused_naming_it(tmp_path):
         ledger: list = []
         with pytest.raises(StoreLockedError, match=f"another run is using these predictions: pid {other.pid}.*"
                                                    r"lavender-checks run \(the other one\)"):
-            pipeline.collect_results(config, pair=StandInPair(ledger), progress=False)
+            collect_results(config, pair=StandInPair(ledger), progress=False)
         assert ledger == []  # refused before generating anything
     finally:
         other.kill()
         other.wait()
     # Its process is gone: the lock is taken over, and released at the end of the run.
-    run = pipeline.collect_results(config, pair=StandInPair(), progress=False)
+    run = collect_results(config, pair=StandInPair(), progress=False)
     assert run.results["ChartQA_TEST"]["base"] is not None
     assert not list((tmp_path / "store").rglob(".lock"))
 
@@ -611,7 +618,7 @@ def test_stale_partial_reports_go_and_keep_reports_prunes_old_runs(tmp_path):
     old = time.time() - 3600
     os.utime(stale, (old, old))
     (reports / "store").mkdir()
-    removed = pipeline.prune_reports(reports, keep=2)
+    removed = prune_reports(reports, keep=2)
     assert set(removed) == {stale, runs[0], runs[1]}
     assert sorted(p.name for p in reports.iterdir()) == sorted(
         [fresh.name, "store", runs[2].name, runs[3].name])

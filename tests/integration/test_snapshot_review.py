@@ -19,7 +19,8 @@ import pytest
 
 from lavender_checks import REPO_ROOT
 from lavender_checks.gate import snapshots
-from lavender_checks.run import pipeline
+from lavender_checks.run.collect import RunResults, collect_results
+from lavender_checks.run.config import RunConfig
 
 SNAPSHOTS = REPO_ROOT / "tests" / "benchmarks" / "__snapshots__" / "test_snapshots"
 MME_CASE = "test_scores[seed-report-tiny-mini-MME]"
@@ -39,10 +40,10 @@ def run_results():
 
 
 @pytest.fixture(scope="module")
-def tiny_run() -> pipeline.RunResults:
+def tiny_run() -> RunResults:
     """The built-in tiny pair on the mini MME, as the gate computes it (through the default
     prediction store, which the gate's own run of tests/benchmarks fills too)."""
-    return pipeline.collect_results(pipeline.RunConfig(benchmarks=("MME",)), progress=False,
+    return collect_results(RunConfig(benchmarks=("MME",)), progress=False,
                                     writer="snapshot-review")
 
 
@@ -70,7 +71,7 @@ def suite(pytester, tiny_run, tmp_path, monkeypatch):
             change(data)
             self.file(case).write_text(snapshots.dumps(data), encoding="utf-8")
 
-        def run(self, *args: str, results: pipeline.RunResults = tiny_run):
+        def run(self, *args: str, results: RunResults = tiny_run):
             saved = tmp_path / "run.pkl"
             saved.write_bytes(pickle.dumps(results))
             pytester.makeconftest(CONFTEST.format(path=str(saved)))

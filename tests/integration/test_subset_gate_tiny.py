@@ -7,24 +7,26 @@ import warnings
 
 import pytest
 
-from lavender_checks.run import pipeline
+from lavender_checks.run.collect import collect_results
+from lavender_checks.run.config import RunConfig
+from lavender_checks.run.judge import judge_run
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_pair):
     """Every mini benchmark generated once; the subsets below only read the store."""
     store = tmp_path_factory.mktemp("subset-store")
-    run = pipeline.collect_results(pipeline.RunConfig(store=store), pair=tiny_pair, progress=False)
-    assert pipeline.judge_run(run).passed
+    run = collect_results(RunConfig(store=store), pair=tiny_pair, progress=False)
+    assert judge_run(run).passed
     return store
 
 
 def _gate(store, tiny_pair, **pick):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "limit raised to one unit per stratum"
-        run = pipeline.collect_results(pipeline.RunConfig(store=store, **pick), pair=tiny_pair,
+        run = collect_results(RunConfig(store=store, **pick), pair=tiny_pair,
                                        progress=False)
-    return run, pipeline.judge_run(run)
+    return run, judge_run(run)
 
 
 @pytest.mark.parametrize("pick", [dict(limit=n) for n in (1, 2, 3, 5, 8, 13, 20)]
@@ -42,5 +44,5 @@ def test_without_the_rows_not_run_a_subset_fails(store, tiny_pair):
     for entry in run.results.values():
         for result in entry.values():
             result.population = None
-    outcome = pipeline.judge_run(run)
+    outcome = judge_run(run)
     assert sum(v.status == "fail" for v in outcome.verdicts) > 10

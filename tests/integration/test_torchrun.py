@@ -21,7 +21,9 @@ import pytest
 
 from lavender_checks import REPO_ROOT
 from lavender_checks.engines import register_engine
-from lavender_checks.run import pipeline
+from lavender_checks.run.collect import RunResults, collect_results
+from lavender_checks.run.config import RunConfig
+from lavender_checks.run.judge import judge_run
 
 pytestmark = pytest.mark.slow
 
@@ -113,17 +115,17 @@ class ReadOnlyEngine:
 register_engine(ReadOnlyEngine.name, ReadOnlyEngine)
 
 
-def _single(tiny_pair, tmp_path: Path, **options) -> pipeline.RunResults:
-    config = pipeline.RunConfig(store=tmp_path / "single-store", **options)
-    return pipeline.collect_results(config, pair=tiny_pair, progress=False)
+def _single(tiny_pair, tmp_path: Path, **options) -> RunResults:
+    config = RunConfig(store=tmp_path / "single-store", **options)
+    return collect_results(config, pair=tiny_pair, progress=False)
 
 
-def _read_store(tiny_pair, store: Path, **options) -> pipeline.RunResults:
-    config = pipeline.RunConfig(store=store, engine=ReadOnlyEngine.name, **options)
-    return pipeline.collect_results(config, pair=tiny_pair, progress=False)
+def _read_store(tiny_pair, store: Path, **options) -> RunResults:
+    config = RunConfig(store=store, engine=ReadOnlyEngine.name, **options)
+    return collect_results(config, pair=tiny_pair, progress=False)
 
 
-def _metrics(run: pipeline.RunResults) -> dict:
+def _metrics(run: RunResults) -> dict:
     return {b: {v: dict(r.metrics) for v, r in by.items()} for b, by in run.results.items()}
 
 
@@ -143,7 +145,7 @@ def test_two_hosts_gate_like_one_process(tmp_path, tiny_pair):
     codes = launch.wait()
     rank0 = launch.rank_output(0, 0)
     assert codes == [0, 0], launch.output() + rank0
-    expected = pipeline.judge_run(single)
+    expected = judge_run(single)
     rows = [row for row in expected.reference.rows if row.benchmark in options["benchmarks"]]
     cases = 3 * len(rows) + len(options["benchmarks"])  # gate cases + snapshots
     assert f"{cases} passed" in rank0, rank0
@@ -205,7 +207,7 @@ def test_a_killed_rank_stops_the_others_and_a_relaunch_resumes(tmp_path, tiny_pa
     assert codes[1] == 0 and codes[0] in (0, 1), second.output() + second.rank_output(0, 0)
     report = _report(reports)
     assert [(v["row_id"], v["quantity"], v["status"], v["measured"]) for v in report["verdicts"]] == [
-        (v.row_id, v.quantity, v.status, v.measured) for v in pipeline.judge_run(single).verdicts]
+        (v.row_id, v.quantity, v.status, v.measured) for v in judge_run(single).verdicts]
     torchrun = report["metadata"]["torchrun"]
     assert torchrun["store_sharing"] == "gather" and torchrun["world_size"] == 2
     assert torchrun["rows"]["gathered"] > 0  # host 1's rows, rank 3's among them, reached rank 0
