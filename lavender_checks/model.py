@@ -193,6 +193,54 @@ def load_pair(
     return pair
 
 
+@dataclass
+class PairIdentity:
+    """What a pair's predictions are keyed by (fingerprints, processor, device, dtype),
+    without the weights in memory."""
+
+    processor: Any
+    base_fingerprint: str
+    adapter_fingerprint: str | None
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype
+    base_path: Path | None = None
+    adapter_path: Path | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"base_path": str(self.base_path) if self.base_path else None,
+                "base_fingerprint": self.base_fingerprint,
+                "adapter_path": str(self.adapter_path) if self.adapter_path else None,
+                "adapter_fingerprint": self.adapter_fingerprint,
+                "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
+
+
+def read_pair_identity(
+    base_path: str | Path,
+    adapter_path: str | Path | None = None,
+    *,
+    device: "str | torch.device | None" = None,
+    dtype: "str | torch.dtype | None" = None,
+    allow_pickle: bool = False,
+) -> PairIdentity:
+    """The fingerprints, processor, device and dtype ``load_pair`` would give for these
+    folders, read from them with the same checks but without loading any weights."""
+    device = resolve_device(device)
+    base_path = Path(base_path)
+    weights = _check_base_folder(base_path, allow_pickle)
+    adapter_fingerprint = None
+    if adapter_path is not None:
+        adapter_path = Path(adapter_path)
+        adapter_file = _check_adapter_folder(adapter_path, allow_pickle)
+        adapter_fingerprint = _fingerprint_adapter(adapter_path, adapter_file)
+    return PairIdentity(
+        processor=_load_processor(base_path),
+        base_fingerprint=_fingerprint_base(base_path, weights),
+        adapter_fingerprint=adapter_fingerprint,
+        device=device, dtype=resolve_dtype(dtype, device),
+        base_path=base_path, adapter_path=adapter_path,
+    )
+
+
 def resolve_device(device: "str | torch.device | None") -> "torch.device":
     import torch
 

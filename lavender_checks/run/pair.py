@@ -9,31 +9,10 @@ predictions are all stored never loads them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lavender_checks.run.config import RunConfig
-
-
-@dataclass
-class PairIdentity:
-    """What predictions are keyed by, without the weights in memory."""
-
-    processor: Any
-    base_fingerprint: str
-    adapter_fingerprint: str | None
-    device: Any  # torch.device
-    dtype: Any  # torch.dtype
-    base_path: Path | None = None
-    adapter_path: Path | None = None
-
-    def describe(self) -> dict[str, Any]:
-        return {"base_path": str(self.base_path) if self.base_path else None,
-                "base_fingerprint": self.base_fingerprint,
-                "adapter_path": str(self.adapter_path) if self.adapter_path else None,
-                "adapter_fingerprint": self.adapter_fingerprint,
-                "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
 
 
 def _folders(config: RunConfig) -> tuple[Path, Path, str | None]:
@@ -54,22 +33,13 @@ def load_model_pair(config: RunConfig):
     return load_pair(base, adapter, device=device, dtype=config.dtype)
 
 
-def pair_identity(config: RunConfig) -> PairIdentity:
-    """The fingerprints, processor, device and dtype ``load_model_pair`` would give, read
-    from the folders without loading any weights."""
-    from lavender_checks import model
+def pair_identity(config: RunConfig):
+    """The ``model.PairIdentity`` ``load_model_pair`` would give, read from the folders
+    without loading any weights."""
+    from lavender_checks.model import read_pair_identity
 
-    base, adapter, device_name = _folders(config)
-    device = model.resolve_device(device_name)
-    weights = model._check_base_folder(Path(base), False)
-    adapter_file = model._check_adapter_folder(Path(adapter), False)
-    return PairIdentity(
-        processor=model._load_processor(Path(base)),
-        base_fingerprint=model._fingerprint_base(Path(base), weights),
-        adapter_fingerprint=model._fingerprint_adapter(Path(adapter), adapter_file),
-        device=device, dtype=model.resolve_dtype(config.dtype, device),
-        base_path=Path(base), adapter_path=Path(adapter),
-    )
+    base, adapter, device = _folders(config)
+    return read_pair_identity(base, adapter, device=device, dtype=config.dtype)
 
 
 class LazyPair:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lavender_checks.synthetic import tiny
-from lavender_checks.model import ModelLoadError, adapter_logit_change, fixed_probe_inputs, load_pair
+from lavender_checks.model import (
+    ModelLoadError, adapter_logit_change, fixed_probe_inputs, load_pair, read_pair_identity)
 
 
 def _copy(folder: Path, dest: Path) -> Path:
@@ -55,6 +56,25 @@ def test_fingerprints_follow_the_files(tiny_pair, tiny_checkpoints, tmp_path):
     changed = load_pair(tiny_checkpoints.base, adapter)
     assert changed.adapter_fingerprint != tiny_pair.adapter_fingerprint
     assert changed.base_fingerprint == tiny_pair.base_fingerprint
+
+
+def test_the_identity_read_without_weights_is_the_loaded_pairs(tiny_pair, tiny_checkpoints, tmp_path, monkeypatch):
+    import lavender_checks.model as model
+
+    monkeypatch.setattr(model, "_load_base_model", lambda *a: pytest.fail("weights were loaded"))
+    identity = read_pair_identity(tiny_checkpoints.base, tiny_checkpoints.adapter, device="cpu")
+    assert (identity.base_fingerprint, identity.adapter_fingerprint) == \
+        (tiny_pair.base_fingerprint, tiny_pair.adapter_fingerprint)
+    assert (identity.device, identity.dtype) == (tiny_pair.device, tiny_pair.dtype)
+    assert identity.describe()["adapter_path"] == str(tiny_checkpoints.adapter)
+    assert read_pair_identity(tiny_checkpoints.base, device="cpu").adapter_fingerprint is None
+    # the folders get load_pair's checks
+    with pytest.raises(ModelLoadError, match="adapter folder .* does not exist"):
+        read_pair_identity(tiny_checkpoints.base, tmp_path / "nowhere", device="cpu")
+    base = _copy(tiny_checkpoints.base, tmp_path / "base")
+    (base / "config.json").unlink()
+    with pytest.raises(ModelLoadError):
+        read_pair_identity(base, tiny_checkpoints.adapter, device="cpu")
 
 
 def test_old_transformers_key_layout_loads_completely(tiny_pair, tiny_checkpoints):
