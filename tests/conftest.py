@@ -7,8 +7,8 @@ import pytest
 
 
 def _single_threaded_torch() -> None:
-    # The tiny model gains nothing from intra-op threads, and on a busy 2-core machine
-    # OpenMP's spinning makes two threads ~10x slower than one.
+    # The tiny model gains nothing from intra-op threads, and on a busy machine OpenMP's
+    # spinning makes more threads slower than one (figures in docs/speed.md).
     import torch
 
     torch.set_num_threads(1)

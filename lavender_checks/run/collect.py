@@ -184,9 +184,8 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
     predictions: dict[str, dict[str, dict[Any, str]]] = {name: {} for name in data}
     counts: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in data}
     generation_started = time.time()
-    # The tiny model gains nothing from intra-op threads and, on a busy machine, loses
-    # several times over to their synchronisation (measured: 20 s with one thread against
-    # 35-180 s with two on this project's 2-core machine).
+    # The tiny model gains nothing from intra-op threads and, on a busy machine, loses to
+    # their synchronisation (figures in docs/speed.md).
     with (_torch_threads(1) if config.base_model is None else contextlib.nullcontext()), store:
         if isinstance(barrier, TorchrunShards):
             barrier.share(generate_shard, shard_work, store)
