@@ -15,7 +15,7 @@ it gets under ``run.py``:
   ``image_path`` cell when that column exists (MME: ``.jpg`` means a JPEG re-encode at PIL's
   default quality 75) and ``<index>.png`` otherwise (lossless);
 * TSVs over 1 GiB are "localized": VLMEvalKit then reads ``<name>_local.tsv``, whose
-  ``image_path`` points at JPEG re-encodes of every image (see ``load_benchmark_frame``).
+  ``image_path`` points at JPEG re-encodes of every image (see ``load_benchmark``).
 
 What VLMEvalKit does and this module deliberately does not: it never downloads, and it never
 reads or writes the image dumps under ``$LMUData/images`` (VLMEvalKit reuses a dump that
@@ -42,7 +42,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -52,8 +52,8 @@ from lavender_checks.benchmarks import Benchmark, BenchmarkSpec, get_benchmark
 
 __all__ = [
     "DataError", "DataMismatchError", "DataMismatchWarning",
-    "Provenance", "lmudata_root", "load_benchmark", "load_benchmark_frame", "load_image",
-    "image_key", "subset", "resampling_units", "provenance", "provenance_of", "file_md5",
+    "BenchmarkData", "Provenance", "lmudata_root", "load_benchmark", "load_benchmark_frame",
+    "load_image", "image_key", "subset", "resampling_units", "provenance", "file_md5",
     "md5_cache_path",
 ]
 
@@ -90,12 +90,7 @@ class DataMismatchWarning(UserWarning):
 
 
 class _FrozenInfo(Mapping):
-    """A read-only mapping inside a ``Provenance`` (which ``DataFrame.attrs`` carries).
-
-    pandas deep-copies ``attrs`` on nearly every operation, even one ``iloc`` row access; a
-    plain dict there costs tens of microseconds per access (milliseconds for the image-owner
-    table). This mapping is immutable, so its copy is itself.
-    """
+    """A read-only mapping inside a ``Provenance``; immutable, so its copy is itself."""
 
     __slots__ = ("_data",)
 
@@ -130,11 +125,8 @@ class Provenance:
     taken, and which row holds each row's image (``image_owner``: index -> owner index, for
     rows whose image cell referred to another row's).
 
-    ``load_benchmark`` returns it beside the frame. The frame also carries it (one entry of
-    ``DataFrame.attrs``, ``PROVENANCE_KEY``) for the functions that take a frame alone
-    (``load_image``, ``image_key``, ``subset``); ``provenance_of`` reads it from there.
-    pandas deep-copies ``attrs`` on nearly every operation, even one ``iloc`` row access; the
-    record is immutable, so its copy is itself.
+    ``load_benchmark`` returns it beside the frame, in a ``BenchmarkData``; the record is
+    immutable, so its copy is itself.
     """
 
     benchmark: str
@@ -177,13 +169,23 @@ class Provenance:
         return out
 
 
-PROVENANCE_KEY = "provenance"  # the frame's attrs entry holding its Provenance
+class BenchmarkData(NamedTuple):
+    """A benchmark's rows and the record of what was read (``load_benchmark``; ``subset`` keeps
+    the two together). ``load_image``, ``image_key``, ``subset`` and ``run.predict.predict_run``
+    take one, or a bare frame (no record: every row holds its own image, errors name no file).
+    A tuple, so ``frame, record = load_benchmark(...)`` reads it."""
+
+    frame: pd.DataFrame
+    provenance: Provenance | None = None
 
 
-def provenance_of(frame: pd.DataFrame) -> Provenance | None:
-    """The record ``load_benchmark`` attached to ``frame`` (None for a frame it did not read)."""
-    record = frame.attrs.get(PROVENANCE_KEY)
-    return record if isinstance(record, Provenance) else None
+def _parts(data: BenchmarkData | pd.DataFrame) -> tuple[pd.DataFrame, Provenance | None]:
+    """(frame, record) of a ``BenchmarkData`` or of a bare frame (no record)."""
+    if isinstance(data, BenchmarkData):
+        return data.frame, data.provenance
+    if isinstance(data, pd.DataFrame):
+        return data, None
+    raise TypeError(f"expected a BenchmarkData or a pandas DataFrame, not {type(data).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,7 +417,8 @@ def load_benchmark_frame(
     *,
     strict: bool = False,
 ) -> pd.DataFrame:
-    """``load_benchmark``'s frame alone (its record stays attached: ``provenance_of``)."""
+    """``load_benchmark``'s frame alone, for its columns. The image functions want the whole
+    ``BenchmarkData``: without its record, rows that share an image are not known to."""
     return load_benchmark(benchmark, root, strict=strict)[0]
 
 
@@ -424,7 +427,7 @@ def load_benchmark(
     root: str | os.PathLike | None = None,
     *,
     strict: bool = False,
-) -> tuple[pd.DataFrame, Provenance]:
+) -> BenchmarkData:
     """The benchmark's TSV as VLMEvalKit's dataset holds it (``self.data``), and the record of
     what was read (``Provenance``).
 
@@ -511,9 +514,8 @@ def load_benchmark(
         rows_match=rows_match, rows_without_image=rows_without_image, synthetic=synthetic,
         comparable=md5_matches, image_owner=_FrozenInfo(owners),
     )
-    frame.attrs[PROVENANCE_KEY] = record
     _check_identity(spec, tsv, digest, rows_in_file, md5_matches, rows_match, synthetic, strict)
-    return frame, record
+    return BenchmarkData(frame, record)
 
 
 def _check_identity(spec, tsv, digest, rows, md5_matches, rows_match, synthetic, strict) -> None:
@@ -549,14 +551,14 @@ def _check_identity(spec, tsv, digest, rows, md5_matches, rows_match, synthetic,
                   stacklevel=3)
 
 
-def provenance(frame: pd.DataFrame) -> dict:
-    """What ``load_benchmark_frame`` recorded about the file (JSON-ready), or {} if nothing.
+def provenance(data: BenchmarkData | pd.DataFrame) -> dict:
+    """What ``load_benchmark`` recorded about the file (JSON-ready), or {} for a bare frame.
 
     Keys: benchmark, root, tsv, read_from, localized ("no", "local_tsv", "emulated"),
     size_bytes, md5, md5_expected, md5_matches, rows_in_file, rows_expected, rows_match,
     rows_without_image, synthetic, comparable, subsets (list of the ``subset`` calls applied).
     """
-    record = provenance_of(frame)
+    record = _parts(data)[1]
     return record.describe() if record is not None else {}
 
 
@@ -564,8 +566,7 @@ def provenance(frame: pd.DataFrame) -> dict:
 # Images
 
 
-def _source_name(frame: pd.DataFrame) -> str:
-    record = provenance_of(frame)
+def _source_name(record: Provenance | None) -> str:
     return record.read_from if record is not None else "benchmark frame"
 
 
@@ -576,11 +577,10 @@ def _index_value(index: Any) -> Any:
     return index
 
 
-def _position(frame: pd.DataFrame, index: Any) -> int:
-    # Compare on the numpy array: a pandas operation would deep-copy attrs.
+def _position(frame: pd.DataFrame, index: Any, record: Provenance | None) -> int:
     hits = np.flatnonzero(frame["index"].to_numpy() == index)
     if len(hits) == 0:
-        raise DataError(f"{_source_name(frame)}: no row with index {index!r}")
+        raise DataError(f"{_source_name(record)}: no row with index {index!r}")
     return int(hits[0])
 
 
@@ -591,7 +591,7 @@ def _cell(frame: pd.DataFrame, position: int, column: str) -> Any:
 DEFAULT_DUMP_SUFFIX = ".png"  # the reference revision's; run profiles may say ".jpg" (older ones)
 
 
-def _dump_name(frame: pd.DataFrame, position: int, index: Any,
+def _dump_name(frame: pd.DataFrame, record: Provenance | None, position: int, index: Any,
                dump_suffix: str = DEFAULT_DUMP_SUFFIX) -> str:
     """VLMEvalKit's dump file name: the ``image_path`` cell when that column exists, else
     ``<index><dump_suffix>``. Its extension decides the format the image is saved in."""
@@ -599,7 +599,7 @@ def _dump_name(frame: pd.DataFrame, position: int, index: Any,
         name = _cell(frame, position, "image_path")
         if not isinstance(name, str) or not name:
             raise DataError(
-                f"{_source_name(frame)}: row with index {index}, column 'image_path': empty; "
+                f"{_source_name(record)}: row with index {index}, column 'image_path': empty; "
                 "VLMEvalKit saves the image under this name"
             )
         return name
@@ -618,28 +618,28 @@ def _format_for(dump_name: str, source: str, index: Any) -> str:
     return fmt
 
 
-def _owner_of(frame: pd.DataFrame, position: int, index: Any) -> tuple[Any, str]:
+def _owner_of(frame: pd.DataFrame, record: Provenance | None, position: int, index: Any
+              ) -> tuple[Any, str]:
     """(index of the row holding the base64, the base64) for the row at ``position``."""
     cell = _cell(frame, position, "image")
     if not isinstance(cell, str):
         if cell is None or (isinstance(cell, float) and math.isnan(cell)):
-            raise DataError(f"{_source_name(frame)}: row with index {index}, column 'image': empty")
+            raise DataError(f"{_source_name(record)}: row with index {index}, column 'image': empty")
         cell = str(cell)
     if len(cell) > REFERENCE_MAX_CHARS:
-        record = provenance_of(frame)
         return (record.image_owner.get(index, index) if record is not None else index), cell
-    # A reference left in the frame (a frame not made by load_benchmark_frame).
+    # A reference left in the frame (a frame not made by load_benchmark).
     index_text = [str(x) for x in frame["index"].to_numpy()]
     if cell not in index_text:
         raise DataError(
-            f"{_source_name(frame)}: row with index {index}, column 'image': holds {cell!r}, a "
+            f"{_source_name(record)}: row with index {index}, column 'image': holds {cell!r}, a "
             f"reference to index {cell!r}, and no row has that index"
         )
     target = index_text.index(cell)
     target_cell = _cell(frame, target, "image")
     if not isinstance(target_cell, str) or len(target_cell) <= REFERENCE_MAX_CHARS:
         raise DataError(
-            f"{_source_name(frame)}: row with index {index}, column 'image': refers to index "
+            f"{_source_name(record)}: row with index {index}, column 'image': refers to index "
             f"{cell}, whose image cell is not an image ({target_cell!r})"
         )
     return frame["index"].to_numpy()[target], target_cell
@@ -666,7 +666,7 @@ def _vlmeval_pixels(encoded: str, fmt: str) -> Image.Image:
 
 
 def load_image(
-    frame: pd.DataFrame,
+    data: BenchmarkData | pd.DataFrame,
     index: Any,
     benchmark: str | Benchmark | BenchmarkSpec | None = None,
     root: str | os.PathLike | None = None,
@@ -684,15 +684,17 @@ def load_image(
     A cell that does not decode raises ``DataError`` naming the file, the row and the column.
 
     ``index`` is the value of the row's ``index`` column (not its position in the frame), or
-    the row itself (a dict or Series with an ``index`` entry).
+    the row itself (a dict or Series with an ``index`` entry). ``data``: ``load_benchmark``'s
+    ``BenchmarkData`` (or a subset of it), or a bare frame (``BenchmarkData``).
     """
+    frame, record = _parts(data)
     index = _index_value(index)
-    position = _position(frame, index)
-    source = _source_name(frame)
+    position = _position(frame, index, record)
+    source = _source_name(record)
     if "image" not in frame.columns:
-        return _open_localized(frame, position, index, benchmark, root)
-    owner, encoded = _owner_of(frame, position, index)
-    dump_name = _dump_name(frame, position, index, dump_suffix)
+        return _open_localized(frame, record, position, index, benchmark, root)
+    owner, encoded = _owner_of(frame, record, position, index)
+    dump_name = _dump_name(frame, record, position, index, dump_suffix)
     fmt = _format_for(dump_name, source, index)
     held_by = "" if owner == index else f" (the image of index {owner}, which it refers to)"
     try:
@@ -711,8 +713,8 @@ def load_image(
         ) from exc
 
 
-def _open_localized(frame, position, index, benchmark, root) -> Image.Image:
-    source = _source_name(frame)
+def _open_localized(frame, record, position, index, benchmark, root) -> Image.Image:
+    source = _source_name(record)
     if "image_path" not in frame.columns:
         raise DataError(f"{source}: neither an 'image' nor an 'image_path' column")
     cell = _cell(frame, position, "image_path")
@@ -720,7 +722,6 @@ def _open_localized(frame, position, index, benchmark, root) -> Image.Image:
         raise DataError(f"{source}: row with index {index}, column 'image_path': empty")
     path = Path(cell)
     if not path.is_absolute():
-        record = provenance_of(frame)
         base = lmudata_root(root if root is not None else (record.root if record else None))
         folder = _spec_of(benchmark).image_folder if benchmark is not None else (
             _spec_of(record.benchmark).image_folder if record else "")
@@ -736,21 +737,23 @@ def _open_localized(frame, position, index, benchmark, root) -> Image.Image:
     return image
 
 
-def image_key(frame: pd.DataFrame, index: Any, dump_suffix: str = DEFAULT_DUMP_SUFFIX) -> str:
+def image_key(data: BenchmarkData | pd.DataFrame, index: Any,
+              dump_suffix: str = DEFAULT_DUMP_SUFFIX) -> str:
     """A stable identity of the pixels ``load_image`` gives for this row, within one benchmark.
 
     Rows that get identical pixels share the key: the index of the row that holds the base64
     plus the extension of the dump name, e.g. ``'12.png'`` for MMBench row 12 and its circular
     copies 1000012, 2000012, or ``'5.jpg'`` for both MME questions of the image ``existence/
     0001.jpg`` held by row 5. For a localized ``_local.tsv`` it is the ``image_path`` cell.
-    ``index`` is as for ``load_image``.
+    ``data`` and ``index`` are as for ``load_image``.
     """
+    frame, record = _parts(data)
     index = _index_value(index)
-    position = _position(frame, index)
+    position = _position(frame, index, record)
     if "image" not in frame.columns:
         return str(_cell(frame, position, "image_path"))
-    owner, _ = _owner_of(frame, position, index)
-    extension = os.path.splitext(_dump_name(frame, position, index, dump_suffix))[1].lower()
+    owner, _ = _owner_of(frame, record, position, index)
+    extension = os.path.splitext(_dump_name(frame, record, position, index, dump_suffix))[1].lower()
     return f"{owner}{extension}"
 
 
@@ -758,20 +761,22 @@ def image_key(frame: pd.DataFrame, index: Any, dump_suffix: str = DEFAULT_DUMP_S
 # Resampling units, subsets and shards
 
 
-def resampling_units(frame: pd.DataFrame, benchmark: str | Benchmark | BenchmarkSpec) -> pd.Series:
+def resampling_units(data: BenchmarkData | pd.DataFrame,
+                     benchmark: str | Benchmark | BenchmarkSpec) -> pd.Series:
     """The resampling unit of every row (aligned with ``frame``), per ``spec.unit``:
 
     * ``question``: the row's own index;
     * ``circular_group`` (MMBench): ``index % 1_000_000``, a main row and its circular copies;
     * ``image_pair`` (MME): ``image_path``, both questions of an image.
     """
+    frame, record = _parts(data)
     spec = _spec_of(benchmark)
     if spec.unit == "question":
         values = frame["index"].to_numpy()
     elif spec.unit == "circular_group":
         indices = frame["index"].to_numpy()
         if not np.issubdtype(indices.dtype, np.integer):
-            raise DataError(f"{_source_name(frame)}: circular groups need integer indices")
+            raise DataError(f"{_source_name(record)}: circular groups need integer indices")
         values = indices % CIRCULAR_OFFSET
     elif spec.unit == "image_pair":
         values = frame["image_path"].to_numpy()
@@ -803,9 +808,10 @@ def balanced_shards(sizes: Sequence[int], count: int) -> list[int]:
     return owners
 
 
-def _image_blocks(frame: pd.DataFrame, units: np.ndarray, chosen: list) -> list[list]:
+def _image_blocks(data: BenchmarkData | pd.DataFrame, units: np.ndarray, chosen: list) -> list[list]:
     """``chosen`` units joined into blocks of units that share an image (through any chain of
     rows), blocks in the order of their first unit, units within a block in ``chosen`` order."""
+    frame = _parts(data)[0]
     wanted = set(chosen)
     parent = {unit: unit for unit in chosen}
 
@@ -820,7 +826,7 @@ def _image_blocks(frame: pd.DataFrame, units: np.ndarray, chosen: list) -> list[
         for index, unit in zip(frame["index"].to_numpy(), units):
             if unit not in wanted:
                 continue
-            key = image_key(frame, index)
+            key = image_key(data, index)
             other = owner_of_image.setdefault(key, unit)
             a, b = root(unit), root(other)
             if a != b:
@@ -832,7 +838,7 @@ def _image_blocks(frame: pd.DataFrame, units: np.ndarray, chosen: list) -> list[
 
 
 def subset(
-    frame: pd.DataFrame,
+    data: BenchmarkData | pd.DataFrame,
     benchmark: str | Benchmark | BenchmarkSpec,
     *,
     limit: int | None = None,
@@ -858,8 +864,11 @@ def subset(
       and differ in rows by at most the largest block. A shard alone need not cover every
       stratum: score the union of the shards.
 
-    Rows keep their file order. The same inputs give the same subset.
+    Rows keep their file order. The same inputs give the same subset. ``data``: a
+    ``BenchmarkData`` gives a ``BenchmarkData`` whose record lists this subset too (and keeps
+    the image owners); a bare frame gives a bare frame.
     """
+    frame, loaded = _parts(data)
     spec = _spec_of(benchmark)
     if limit is not None and fraction is not None:
         raise ValueError("give either limit or fraction, not both")
@@ -875,7 +884,7 @@ def subset(
     if limit is not None:
         limit = int(limit)
 
-    units = resampling_units(frame, spec).to_numpy()
+    units = resampling_units(data, spec).to_numpy()
     order = list(pd.unique(units))  # units in order of first appearance
     if spec.stratum:
         first_row = {}
@@ -918,7 +927,7 @@ def subset(
     if shard is not None:
         i, n = shard
         rows_of = pd.Series(units).value_counts().to_dict()
-        blocks = _image_blocks(frame, units, chosen)
+        blocks = _image_blocks(data, units, chosen)
         owners = balanced_shards([sum(rows_of[unit] for unit in block) for block in blocks], n)
         keep_mine = {unit for block, owner in zip(blocks, owners) if owner == i for unit in block}
         chosen = [unit for unit in chosen if unit in keep_mine]
@@ -929,7 +938,6 @@ def subset(
     record = {"limit": limit, "fraction": fraction, "shard": shard,
               "seed": seed if fraction is not None or limit is not None else None, "units": len(chosen),
               "rows": int(mask.sum())}
-    loaded = provenance_of(frame)
-    if loaded is not None:
-        result.attrs[PROVENANCE_KEY] = loaded.with_subset(record)
+    if isinstance(data, BenchmarkData):
+        return BenchmarkData(result, loaded.with_subset(record) if loaded is not None else None)
     return result

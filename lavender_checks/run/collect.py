@@ -83,35 +83,33 @@ def collect_results(config: RunConfig, *, pair: Any = None, load_pair: Callable[
 
 
 @dataclass
-class _BenchmarkData:
+class _LoadedBenchmark:
     bench: Benchmark
-    provenance: Any  # data.Provenance of `full`
-    full: Any  # the benchmark's whole TSV frame
-    selected: Any  # the rows this run scores (subset of `full`)
+    full: Any  # data.BenchmarkData: the benchmark's whole TSV and its record
+    selected: Any  # data.BenchmarkData: the rows this run scores (subset of `full`)
     tsv: Path
 
 
 def _load_data(config: RunConfig, root: Path, shard: tuple[int, int] | None
-               ) -> tuple[dict[str, _BenchmarkData], dict[str, str]]:
+               ) -> tuple[dict[str, _LoadedBenchmark], dict[str, str]]:
     """Frames of the benchmarks whose TSV is there (the rows to score: ``shard`` of the
     subset, or all of it); the others are missing, naming the file."""
     from lavender_checks.data import load_benchmark, subset
 
     if not root.is_dir():
         raise RunInputError(f"LMUData folder {root} does not exist")
-    data: dict[str, _BenchmarkData] = {}
+    data: dict[str, _LoadedBenchmark] = {}
     missing: dict[str, str] = {}
     for bench in config.selected:
         tsv = root / bench.spec.tsv
         if not tsv.is_file():
             missing[bench.name] = f"{tsv} does not exist"
             continue
-        full, record = load_benchmark(bench, root)
+        loaded = load_benchmark(bench, root)
         if config.strict_data:
-            _refuse_noncomparable(config, bench.name, record)
-        selected = subset(full, bench, limit=config.limit, fraction=config.fraction, shard=shard)
-        data[bench.name] = _BenchmarkData(bench=bench, provenance=record, full=full,
-                                          selected=selected, tsv=tsv)
+            _refuse_noncomparable(config, bench.name, loaded.provenance)
+        selected = subset(loaded, bench, limit=config.limit, fraction=config.fraction, shard=shard)
+        data[bench.name] = _LoadedBenchmark(bench=bench, full=loaded, selected=selected, tsv=tsv)
     if not data:
         raise RunInputError(f"none of the benchmark TSVs is in {root}: "
                             + "; ".join(missing.values()))
@@ -157,20 +155,20 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
     engine = make_engine(config.engine, pair, batch_size=config.batch_size,
                          chunk_rows=config.chunk_rows, fast_config=fast_config)
 
-    def predict(item: _BenchmarkData, frame, variant: str):
-        return predict_run(pair, engine, item.bench, frame, profile, variant, store,
+    def predict(item: _LoadedBenchmark, rows, variant: str):
+        return predict_run(pair, engine, item.bench, rows, profile, variant, store,
                            lmu_root=root, writer=writer, progress=progress)
 
-    def shard_frame(item: _BenchmarkData, index: int, count: int):
+    def shard_frame(item: _LoadedBenchmark, index: int, count: int):
         return subset(item.full, item.bench, limit=config.limit, fraction=config.fraction,
                       shard=(index, count))
 
     def generate_shard(index: int, count: int) -> None:
         for item in data.values():
-            frame = shard_frame(item, index, count)
+            part = shard_frame(item, index, count)
             for variant in VARIANTS:
-                if len(frame):
-                    predict(item, frame, variant)
+                if len(part.frame):
+                    predict(item, part, variant)
 
     def shard_work(index: int, count: int) -> list[tuple[Any, list]]:
         # The store key of every benchmark and variant, with the indices of shard index of count.
@@ -178,7 +176,7 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
 
         return [(store_key(pair, item.bench, item.full, profile, variant, root,
                            batch_invariant=engine.batch_invariant),
-                 shard_frame(item, index, count)["index"].tolist())
+                 shard_frame(item, index, count).frame["index"].tolist())
                 for item in data.values() for variant in VARIANTS]
 
     predictions: dict[str, dict[str, dict[Any, str]]] = {name: {} for name in data}
@@ -251,7 +249,7 @@ def _torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _score_all(config: RunConfig, data: Mapping[str, _BenchmarkData],
+def _score_all(config: RunConfig, data: Mapping[str, _LoadedBenchmark],
                predictions: Mapping[str, Mapping[str, Mapping[Any, str]]],
                missing: Mapping[str, str]) -> tuple[dict[str, dict[str, ScoreResult | None]], float]:
     from lavender_checks.vlmeval_io import prediction_frame, roundtrip
@@ -265,8 +263,8 @@ def _score_all(config: RunConfig, data: Mapping[str, _BenchmarkData],
         item = data[name]
         results[name] = {}
         for variant in VARIANTS:  # paired by construction: both variants predicted item.selected
-            frame = roundtrip(prediction_frame(item.selected, predictions[name][variant]))
-            results[name][variant] = item.bench.score(frame, meta=item.full)
+            frame = roundtrip(prediction_frame(item.selected.frame, predictions[name][variant]))
+            results[name][variant] = item.bench.score(frame, meta=item.full.frame)
     return results, time.time() - t0
 
 
@@ -306,12 +304,9 @@ def _common_metadata(config: RunConfig, started: float) -> dict[str, Any]:
     }
 
 
-def _describe_data(item: _BenchmarkData) -> dict[str, Any]:
+def _describe_data(item: _LoadedBenchmark) -> dict[str, Any]:
     """The file's identity (md5 and whether it is VLMEvalKit's), the subset taken, the rows scored."""
-    from lavender_checks.data import provenance_of
-
-    record = provenance_of(item.selected) or item.provenance  # the subset's record, if any
-    return {**record.describe(), "scored_rows": len(item.selected)}
+    return {**item.selected.provenance.describe(), "scored_rows": len(item.selected.frame)}
 
 
 def versions() -> dict[str, str | None]:
@@ -334,7 +329,7 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
     The benchmark TSV, when LMUData has it, checks the indices (and gives MMBench its answers,
     as in VLMEvalKit)."""
     from lavender_checks.benchmarks.signature import check_questions, check_signature
-    from lavender_checks.data import provenance, provenance_of, subset
+    from lavender_checks.data import subset
     from lavender_checks.vlmeval_io import find_prediction_file, read_prediction_file
 
     started = time.time()
@@ -367,16 +362,17 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
         meta = _optional_meta(bench, meta_root)
         if meta is not None:
             for v in VARIANTS:  # as score --meta: a file of an edited TSV is refused
-                check_questions(frames[v], meta, str(paths[v]), str(meta_root / bench.spec.tsv))
+                check_questions(frames[v], meta.frame, str(paths[v]), str(meta_root / bench.spec.tsv))
         if meta is not None and config.strict_data:
-            _refuse_noncomparable(config, benchmark, provenance_of(meta))
+            _refuse_noncomparable(config, benchmark, meta.provenance)
         whole = frames
         if config.limit is not None or config.fraction is not None:
             frames = {v: subset(f, bench, limit=config.limit, fraction=config.fraction)
                       for v, f in frames.items()}
         _check_paired(benchmark, {v: list(frames[v]["index"]) for v in VARIANTS},
                       {v: str(paths[v]) for v in VARIANTS})
-        results[benchmark] = {v: bench.score(frames[v], meta=meta) for v in VARIANTS}
+        results[benchmark] = {v: bench.score(frames[v], meta=meta.frame if meta is not None else None)
+                              for v in VARIANTS}
         if meta is None and whole is not frames:  # the files are the whole: a subset's bands widen
             for v in VARIANTS:
                 results[benchmark][v].population = bench.population(whole["base"])
@@ -384,7 +380,7 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
                                               frames[v]["prediction"].map(str).tolist()))
                                   for v in VARIANTS}
         files[benchmark] = {v: str(paths[v]) for v in VARIANTS}
-        data_info[benchmark] = {"meta": provenance(meta) if meta is not None else None,
+        data_info[benchmark] = {"meta": meta.provenance.describe() if meta is not None else None,
                                 "scored_rows": len(frames["base"])}
     if len(missing) == len(config.benchmarks):
         raise RunInputError(f"--from-vlmeval {work_dir}: no prediction files of "
@@ -417,8 +413,9 @@ def _optional_lmu_root(config: RunConfig) -> Path | None:
 
 
 def _optional_meta(bench: Benchmark, root: Path | None):
+    """The benchmark's TSV and its record (``data.BenchmarkData``), when LMUData has it."""
     if root is None or not (root / bench.spec.tsv).is_file():
         return None
-    from lavender_checks.data import load_benchmark_frame
+    from lavender_checks.data import load_benchmark
 
-    return load_benchmark_frame(bench, root)
+    return load_benchmark(bench, root)

@@ -49,15 +49,20 @@ class PredictionRun:
     store_dir: Path
 
 
-def predict_run(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: pd.DataFrame,
+def predict_run(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: Any,
                 profile: Profile, variant: str, store: PredictionStore, *, lmu_root: str | Path,
                 writer: str = "main", progress: bool = True) -> PredictionRun:
     """Predictions for every row of ``frame``, reusing the store (module docstring).
 
     pair: the loaded model (its processor builds the prompts, its fingerprints key the
-    store); engine: what generates the rows not stored yet.
+    store); engine: what generates the rows not stored yet; frame: the rows, a
+    ``data.BenchmarkData`` (its record gives the TSV's md5 and which rows share an image) or
+    a bare frame (the md5 of the TSV in ``lmu_root``, every row its own image).
     """
-    from lavender_checks.data import image_key, load_image
+    from lavender_checks.data import BenchmarkData, image_key, load_image
+
+    data = frame if isinstance(frame, BenchmarkData) else BenchmarkData(frame)
+    frame: pd.DataFrame = data.frame
 
     bench = get_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
     prompting = profile.for_benchmark(bench.name)
@@ -81,7 +86,7 @@ def predict_run(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: pd
              for index, row in zip(indices, rows)}
     wanted = {index: request_sha(text, prompting.max_new_tokens) for index, text in texts.items()}
 
-    prediction_log = store.log(store_key(pair, bench, frame, profile, variant, lmu_root,
+    prediction_log = store.log(store_key(pair, bench, data, profile, variant, lmu_root,
                                          batch_invariant=engine.batch_invariant), writer=writer)
     stored = prediction_log.existing()
     reusable = prediction_log.matching(wanted)
@@ -93,7 +98,7 @@ def predict_run(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: pd
                     "and are generated again", bench.name, variant, recomputed)
 
     # Each row's image identity, worked out once (the fast engine groups rows by it).
-    image_key_of = functools.cache(lambda index: image_key(frame, index, dump))
+    image_key_of = functools.cache(lambda index: image_key(data, index, dump))
     batches = engine.plan(indices, image_key_of)
     todo = [[index for index in batch if index not in predictions] for batch in batches]
     todo = [batch for batch in todo if batch]
@@ -110,7 +115,7 @@ def predict_run(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: pd
                 GenerationRequest(
                     key=index,
                     text=texts[index],
-                    images=[functools.partial(load_image, frame, index, bench, lmu_root, dump)],
+                    images=[functools.partial(load_image, data, index, bench, lmu_root, dump)],
                     max_new_tokens=prompting.max_new_tokens,
                     image_key=image_key_of(index),
                     clean_up_spaces=profile.clean_up_tokenization_spaces,
@@ -154,13 +159,17 @@ def predict_run(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: pd
     )
 
 
-def store_key(pair: Any, bench: Benchmark, frame: pd.DataFrame, profile: Profile, variant: str,
+def store_key(pair: Any, bench: Benchmark, data: Any, profile: Profile, variant: str,
               lmu_root: str | Path, *, batch_invariant: bool = True) -> StoreKey:
-    """Where the predictions of ``variant`` on ``bench`` (a frame of its TSV) are stored.
+    """Where the predictions of ``variant`` on ``bench`` are stored; ``data``: rows of its TSV,
+    a ``data.BenchmarkData`` (its record gives the TSV's md5) or a bare frame (the md5 of the
+    TSV in ``lmu_root``).
 
     Below float32, an engine that is not batch-invariant makes predictions that depend on how
     the run was cut: they are kept apart, so that a batch-invariant run never resumes from
     them (nor they from it)."""
+    from lavender_checks.data import BenchmarkData
+
     compute = _compute_of(pair)
     if compute and not batch_invariant and not compute.endswith("float32"):
         compute += "-batch-dependent"
@@ -168,7 +177,8 @@ def store_key(pair: Any, bench: Benchmark, frame: pd.DataFrame, profile: Profile
         base_fingerprint=pair.base_fingerprint,
         adapter_fingerprint=None if variant == BASE_VARIANT else pair.adapter_fingerprint,
         benchmark=bench.name,
-        tsv_md5=_tsv_md5(frame, bench, Path(lmu_root)),
+        tsv_md5=_tsv_md5(data.provenance if isinstance(data, BenchmarkData) else None, bench,
+                         Path(lmu_root)),
         profile_name=profile.name,
         profile_fingerprint=profile.fingerprint,
         compute=compute,
@@ -196,11 +206,10 @@ def _index_of(row: Mapping[str, Any], benchmark: str, position: int) -> Index:
                          "an int or a str") from None
 
 
-def _tsv_md5(frame: pd.DataFrame, bench: Benchmark, lmu_root: Path) -> str:
-    """The md5 ``data.load_benchmark_frame`` recorded, else that of the TSV in ``lmu_root``."""
-    from lavender_checks.data import file_md5, provenance_of
+def _tsv_md5(record: Any, bench: Benchmark, lmu_root: Path) -> str:
+    """The md5 ``data.load_benchmark`` recorded (``record``), else that of the TSV in ``lmu_root``."""
+    from lavender_checks.data import file_md5
 
-    record = provenance_of(frame)
     if record is not None:
         return record.md5
 

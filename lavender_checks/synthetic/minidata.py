@@ -4,7 +4,7 @@
 scenes with their questions) into ``DocVQA_VAL.tsv``, ``ChartQA_TEST.tsv``,
 ``MMBench_DEV_EN.tsv`` and ``MME.tsv``, laid out as VLMEvalKit's files are: base64 images,
 reference cells, MMBench circular copies, MME's image_path and question suffix. It also writes
-``synthetic.toml``, the manifest by which ``data.load_benchmark_frame`` knows these files are
+``synthetic.toml``, the manifest by which ``data.load_benchmark`` knows these files are
 synthetic (their scores are never comparable with a report).
 
 The output is byte-for-byte deterministic for a given Pillow build (fonts, zlib and libjpeg
@@ -31,7 +31,7 @@ from lavender_checks import FIXTURES
 
 DEFAULT_OUT = FIXTURES / "lmudata-mini"
 CONTENT = DEFAULT_OUT / "content.toml"
-MANIFEST = "synthetic.toml"  # the name data.load_benchmark_frame looks for
+MANIFEST = "synthetic.toml"  # the name data.load_benchmark looks for
 BENCHMARK_SECTIONS = {"DocVQA_VAL": "docvqa", "ChartQA_TEST": "chartqa",
                       "MMBench_DEV_EN": "mmbench", "MME": "mme"}
 LETTERS = "ABCD"

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     # One thread: no OpenMP pool exists when forking, and every run computes in the same order.
     torch.set_num_threads(1)
 
-    from lavender_checks.data import load_benchmark_frame, subset
+    from lavender_checks.data import load_benchmark, subset
     from lavender_checks.model import load_pair
     from lavender_checks.run.store import PredictionStore
     from lavender_checks.profiles import load_profile
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = make_engine(args.engine, pair, batch_size=args.batch_size,
                          fast_config=FastGenConfig(max_slots=args.slots) if args.slots else None)
     profile = load_profile(args.profile)
-    frame = subset(load_benchmark_frame(args.benchmark, args.lmu_root), args.benchmark, limit=args.limit)
+    frame = subset(load_benchmark(args.benchmark, args.lmu_root), args.benchmark, limit=args.limit)
 
     def run(store: str, result: str, shard: str | None = None) -> int:
         rows = frame

@@ -23,7 +23,7 @@ from tests.helpers import chat, sample_image
 
 from lavender_checks import FIXTURES, engines
 from lavender_checks.benchmarks import benchmark_names
-from lavender_checks.data import image_key, load_benchmark_frame, load_image
+from lavender_checks.data import BenchmarkData, image_key, load_benchmark, load_image
 from lavender_checks.engines import batched as generation
 from lavender_checks.engines import make_engine, register_engine
 from lavender_checks.engines.batched import BatchedEngine
@@ -135,14 +135,15 @@ def test_a_fast_engine_run_computes_what_a_batched_engine_run_computes(tiny_pair
 @pytest.mark.parametrize("first, second", [("generate", "fast"), ("fast", "generate")])
 def test_either_engine_resumes_a_store_the_other_filled(tiny_pair, tmp_path, first, second):
     benchmark = "MMBench_DEV_EN"  # rotations of one image: the fast engine's chunks regroup rows
-    frame = load_benchmark_frame(benchmark, MINI)
-    frame = frame[frame["index"] % 1_000_000 < 6]  # six questions with their rotations
+    loaded = load_benchmark(benchmark, MINI)
+    frame = loaded.frame[loaded.frame["index"] % 1_000_000 < 6]  # six questions with their rotations
     profile = load_profile("seed-report")
 
     def run(engine, store, stop_after=None):
         recorder = Recording(make_engine(engine, tiny_pair, batch_size=4, chunk_rows=8 if engine == "fast" else None),
                              stop_after=stop_after)
-        return recorder, predict_run(tiny_pair, recorder, benchmark, frame, profile, "lavender",
+        return recorder, predict_run(tiny_pair, recorder, benchmark, BenchmarkData(frame, loaded.provenance),
+                                     profile, "lavender",
                                      PredictionStore(store), lmu_root=MINI, progress=False)
 
     with pytest.raises(Stop):
@@ -328,21 +329,22 @@ register_engine("answers-fast", FastPlan)
 
 
 def _predict(engine, benchmark, store):
-    return predict_run(engine.pair, engine, benchmark, load_benchmark_frame(benchmark, MINI),
+    return predict_run(engine.pair, engine, benchmark, load_benchmark(benchmark, MINI),
                        load_profile("seed-report"), "lavender", PredictionStore(store), lmu_root=MINI,
                        progress=False)
 
 
 @pytest.mark.parametrize("name, chunk_rows", [("MMBench_DEV_EN", 7), ("MME", 5), ("DocVQA_VAL", 10)])
 def test_fast_chunks_keep_an_images_rows_together_with_one_loader_per_row(tmp_path, name, chunk_rows):
-    frame = load_benchmark_frame(name, MINI)
+    data = load_benchmark(name, MINI)
+    frame = data.frame
     engine = FastPlan(chunk_rows=chunk_rows, batch_size=3)
     run = _predict(engine, name, tmp_path / "store")
 
     chunks = [call["keys"] for call in engine.calls]
     asked = [key for chunk in chunks for key in chunk]
     assert sorted(asked) == sorted(frame["index"]) and run.predictions == {i: f"answer {i}" for i in frame["index"]}
-    keys = {index: image_key(frame, index) for index in frame["index"]}
+    keys = {index: image_key(data, index) for index in frame["index"]}
     chunk_of_image = {}
     for number, chunk in enumerate(chunks):
         assert len(chunk) <= chunk_rows
@@ -361,11 +363,11 @@ def test_fast_chunks_keep_an_images_rows_together_with_one_loader_per_row(tmp_pa
     for call in engine.calls:
         for index, images, key in zip(call["keys"], call["images"], call["image_keys"]):
             assert len(images) == 1 and callable(images[0]) and key == keys[index]
-            assert images[0]().tobytes() == load_image(frame, index, name, MINI).tobytes()
+            assert images[0]().tobytes() == load_image(data, index, name, MINI).tobytes()
 
 
 def test_mmbench_rotations_share_a_chunk_that_frame_order_would_split(tmp_path):
-    frame = load_benchmark_frame("MMBench_DEV_EN", MINI)
+    frame = load_benchmark("MMBench_DEV_EN", MINI).frame
     engine = FastPlan(batch_size=8)
     _predict(engine, "MMBench_DEV_EN", tmp_path / "store")
     assert len(engine.calls) == 1 and len(engine.calls[0]["keys"]) == len(frame) <= DEFAULT_CHUNK_ROWS
@@ -375,7 +377,7 @@ def test_mmbench_rotations_share_a_chunk_that_frame_order_would_split(tmp_path):
 
 
 def test_the_batched_engine_batches_as_before(tmp_path):
-    frame = load_benchmark_frame("MMBench_DEV_EN", MINI)
+    frame = load_benchmark("MMBench_DEV_EN", MINI).frame
     engine = BatchedPlan(batch_size=8)
     run = _predict(engine, "MMBench_DEV_EN", tmp_path / "store")
     order = list(frame["index"])
@@ -471,7 +473,7 @@ def test_a_broken_image_mid_run_names_its_row_and_the_finished_rows_stay_stored(
     table.to_csv(tsv, sep="\t", index=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the md5 no longer matches the official file's
-        frame = load_benchmark_frame("DocVQA_VAL", root)
+        frame = load_benchmark("DocVQA_VAL", root)
 
     pair = load_pair(tiny_checkpoints.base, tiny_checkpoints.adapter, device="cpu")
     # two slots: rows finish and are stored one by one
@@ -484,6 +486,6 @@ def test_a_broken_image_mid_run_names_its_row_and_the_finished_rows_stay_stored(
     assert str(tsv) in message and f"index {broken}" in message and "column 'image'" in message
     (key_file,) = (tmp_path / "store").rglob("key.json")
     kept = store.log(StoreKey(**json.loads(key_file.read_text()))).existing()
-    before = {str(i) for i in frame["index"].iloc[:12]}
+    before = {str(i) for i in frame.frame["index"].iloc[:12]}
     # every row before the broken one but those still in the 2 slots when it came up
     assert {str(i) for i in kept} <= before and len(kept) >= 12 - 2

@@ -82,7 +82,7 @@ def vqa_frame(images: list[str], indices=None, **extra) -> pd.DataFrame:
 def load_quietly(spec, root, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", data.DataMismatchWarning)
-        return data.load_benchmark_frame(spec, root, **kw)
+        return data.load_benchmark(spec, root, **kw)
 
 
 def mini(name: str) -> pd.DataFrame:
@@ -170,12 +170,13 @@ def test_pandas_na_tokens_become_nan_and_rows_without_image_are_dropped(tmp_path
     frame = vqa_frame([b64(picture()), None, b64(picture())], A=["None", "x", "none"],
                       B=["NA", "y", "null"])
     write_tsv(tmp_path, "DocVQA_VAL.tsv", frame)
-    loaded = load_quietly("DocVQA_VAL", tmp_path)
+    record = load_quietly("DocVQA_VAL", tmp_path)
+    loaded = record.frame
     assert loaded["index"].tolist() == [0, 2]  # the row without an image is gone
     assert pd.isna(loaded.loc[0, "A"]) and loaded.loc[1, "A"] == "none"  # 'None' is NA, 'none' not
     assert pd.isna(loaded.loc[0, "B"]) and pd.isna(loaded.loc[1, "B"])
-    assert data.provenance(loaded)["rows_without_image"] == 1
-    assert data.provenance(loaded)["rows_in_file"] == 3
+    assert data.provenance(record)["rows_without_image"] == 1
+    assert data.provenance(record)["rows_in_file"] == 3
 
 
 def test_int_like_string_indices_become_int_and_others_are_refused_naming_the_file(tmp_path):
@@ -185,7 +186,7 @@ def test_int_like_string_indices_become_int_and_others_are_refused_naming_the_fi
         load_quietly("DocVQA_VAL", tmp_path)
     assert str(path) in str(err.value)
     write_tsv(tmp_path, "DocVQA_VAL.tsv", vqa_frame([b64(picture())] * 2, indices=[5, 12]))
-    loaded = load_quietly("DocVQA_VAL", tmp_path)
+    loaded = load_quietly("DocVQA_VAL", tmp_path).frame
     assert loaded["index"].tolist() == [5, 12]
     assert pd.api.types.is_integer_dtype(loaded["index"])
 
@@ -198,9 +199,11 @@ def test_reference_file_loads_without_warning_and_is_comparable(tmp_path):
     spec = vqa_spec(path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        frame, record = data.load_benchmark(spec, tmp_path, strict=True)
-    assert isinstance(record, data.Provenance) and data.provenance_of(frame) is record
-    info = data.provenance(frame)
+        loaded = data.load_benchmark(spec, tmp_path, strict=True)
+    frame, record = loaded
+    assert isinstance(record, data.Provenance) and loaded.provenance is record
+    assert frame.attrs == {} and data.provenance(frame) == {}  # the frame carries no record
+    info = data.provenance(loaded)
     assert info == record.describe() and "image_owner" not in info
     assert info["md5"] == spec.md5 and info["md5_matches"] and info["comparable"]
     assert info["tsv"] == str(path) and info["rows_match"] is True and not info["synthetic"]
@@ -211,7 +214,7 @@ def test_md5_mismatch_warns_loudly_and_strict_raises(tmp_path):
     path = write_tsv(tmp_path, "DocVQA_VAL.tsv", vqa_frame([b64(picture())] * 2))
     spec = vqa_spec(path, md5="0" * 32, rows=5)
     with pytest.warns(data.DataMismatchWarning) as record:
-        frame = data.load_benchmark_frame(spec, tmp_path)
+        frame = data.load_benchmark(spec, tmp_path)
     message = str(record[0].message)
     assert "NOT comparable" in message and "0" * 32 in message and str(path) in message
     assert "2 rows" in message and "5" in message
@@ -224,14 +227,14 @@ def test_right_md5_with_wrong_row_count_blames_benchmarks_toml(tmp_path):
     path = write_tsv(tmp_path, "DocVQA_VAL.tsv", vqa_frame([b64(picture())] * 2))
     spec = vqa_spec(path, rows=3)
     with pytest.warns(data.DataMismatchWarning, match="benchmarks.toml"):
-        frame = data.load_benchmark_frame(spec, tmp_path, strict=True)
+        frame = data.load_benchmark(spec, tmp_path, strict=True)
     assert data.provenance(frame)["comparable"] is True
 
 
 def test_mini_data_is_known_synthetic_quietly_but_refused_by_strict():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        frame = data.load_benchmark_frame("MME", MINI)
+        frame = data.load_benchmark("MME", MINI)
     info = data.provenance(frame)
     assert info["synthetic"] is True and info["comparable"] is False
     assert info["md5_matches"] is False
@@ -297,12 +300,12 @@ def test_reference_to_a_reference_is_refused(tmp_path):
 def test_references_resolve_to_the_same_pixels_and_key(tmp_path):
     write_tsv(tmp_path, "DocVQA_VAL.tsv", vqa_frame([b64(picture()), "10"], indices=[10, 1000010]))
     frame = load_quietly("DocVQA_VAL", tmp_path)
-    assert len(frame.loc[1, "image"]) > 64  # VLMEvalKit's image_map: the cell now holds base64
+    assert len(frame.frame.loc[1, "image"]) > 64  # VLMEvalKit's image_map: the cell now holds base64
     same = data.load_image(frame, 1000010, "DocVQA_VAL")
     assert np.array_equal(np.asarray(same), np.asarray(data.load_image(frame, 10, "DocVQA_VAL")))
     assert data.image_key(frame, 1000010) == data.image_key(frame, 10) == "10.png"
     # A row (dict or Series) is accepted in place of its index.
-    assert data.image_key(frame, frame.iloc[1]) == "10.png"
+    assert data.image_key(frame, frame.frame.iloc[1]) == "10.png"
 
 
 def test_reference_left_in_a_hand_made_frame_is_resolved_too():
@@ -361,8 +364,8 @@ def test_unknown_dump_extension_is_an_error():
 
 
 def test_mme_second_question_shares_the_first_ones_image():
-    frame = mini("MME")
-    first, second = frame.iloc[0], frame.iloc[1]
+    frame = data.load_benchmark("MME", MINI)
+    first, second = frame.frame.iloc[0], frame.frame.iloc[1]
     assert first["image_path"] == second["image_path"] and first["image_path"].endswith(".jpg")
     assert data.image_key(frame, second["index"]) == f"{first['index']}.jpg"
     a, b = data.load_image(frame, first["index"]), data.load_image(frame, second["index"])
@@ -379,7 +382,7 @@ def test_big_tsv_without_local_file_gets_the_localized_jpeg(tmp_path, monkeypatc
     frame = load_quietly("DocVQA_VAL", tmp_path)
     info = data.provenance(frame)
     assert info["localized"] == "emulated"
-    assert frame["image_path"].tolist() == [str(tmp_path / "images" / "DocVQA_VAL" / "3.jpg")] * 2
+    assert frame.frame["image_path"].tolist() == [str(tmp_path / "images" / "DocVQA_VAL" / "3.jpg")] * 2
     buffer = io.BytesIO()
     source.convert("RGB").save(buffer, format="JPEG")
     expected = np.asarray(Image.open(io.BytesIO(buffer.getvalue())))
@@ -517,16 +520,21 @@ def test_shards_of_a_subset_cover_the_subset():
 
 
 def test_subset_keeps_provenance_and_records_itself():
-    full = mini("MMBench_DEV_EN")
+    full = data.load_benchmark("MMBench_DEV_EN", MINI)
     part = data.subset(full, "MMBench_DEV_EN", shard=(1, 2))
+    assert isinstance(part, data.BenchmarkData) and part.frame.attrs == {}
     info = data.provenance(part)
     assert info["md5"] == data.provenance(full)["md5"]
     assert info["subsets"] == [{"limit": None, "fraction": None, "shard": [1, 2], "seed": None,
-                                "units": 10, "rows": len(part)}]
-    assert data.provenance_of(part).tsv_md5 == data.provenance_of(full).tsv_md5
-    assert data.provenance_of(part).image_owner is data.provenance_of(full).image_owner
-    copy = part["index"][part["index"] > 1_000_000].iloc[0]
+                                "units": 10, "rows": len(part.frame)}]
+    assert part.provenance.tsv_md5 == full.provenance.tsv_md5
+    assert part.provenance.image_owner is full.provenance.image_owner
+    copy = part.frame["index"][part.frame["index"] > 1_000_000].iloc[0]
     assert data.image_key(part, copy) == f"{copy % 1_000_000}.png"
+    # A bare frame has no record: its subset is a bare frame, and each row is its own image.
+    bare = data.subset(full.frame, "MMBench_DEV_EN", shard=(1, 2))
+    assert isinstance(bare, pd.DataFrame) and bare["index"].tolist() == part.frame["index"].tolist()
+    assert data.image_key(bare, copy) == f"{copy}.png"
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -538,12 +546,11 @@ def test_subset_rejects_bad_arguments(kwargs):
         data.subset(mini("DocVQA_VAL"), "DocVQA_VAL", **kwargs)
 
 
-def test_the_record_is_one_attrs_entry_and_cheap_to_copy():
-    # pandas deep-copies attrs on row access; the record must copy as itself.
-    frame = mini("MMBench_DEV_EN")
-    assert list(frame.attrs) == [data.PROVENANCE_KEY]
-    row = frame.iloc[3]
-    assert data.provenance_of(row) is data.provenance_of(frame)
+def test_the_image_functions_take_a_benchmark_data_or_a_frame_and_nothing_else():
+    loaded = data.load_benchmark("MMBench_DEV_EN", MINI)
+    assert data.image_key(loaded, 1_000_000) == "0.png" and data.image_key(loaded.frame, 1_000_000) == "1000000.png"
+    with pytest.raises(TypeError, match="BenchmarkData or a pandas DataFrame, not dict"):
+        data.image_key({"index": [0]}, 0)
 
 
 def test_dump_suffix_of_older_revisions_feeds_the_jpeg_re_encode():

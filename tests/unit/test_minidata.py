@@ -96,18 +96,19 @@ def test_all_four_are_small():
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_mini_tsv_passes_load_benchmark_frame(name):
+def test_mini_tsv_passes_load_benchmark(name):
     benchmark = get_benchmark(name)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        frame = data.load_benchmark_frame(benchmark, MINI)
+        loaded = data.load_benchmark(benchmark, MINI)
+    frame = loaded.frame
     assert list(frame.columns[:1]) == ["index"]
     assert pd.api.types.is_integer_dtype(frame["index"])
     assert set(benchmark.spec.required_columns) <= set(frame.columns)
-    info = data.provenance(frame)
+    info = data.provenance(loaded)
     assert info["synthetic"] and not info["comparable"] and info["rows_without_image"] == 0
     for index in frame["index"]:
-        image = data.load_image(frame, index, benchmark)
+        image = data.load_image(loaded, index, benchmark)
         assert 200 <= max(image.size) <= 500
 
 
@@ -234,7 +235,7 @@ def test_rebuilt_copy_is_recognised_as_synthetic(rebuilt):
     out, _ = rebuilt
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        frame = data.load_benchmark_frame("ChartQA_TEST", out)
+        frame = data.load_benchmark("ChartQA_TEST", out)
     assert data.provenance(frame)["synthetic"] is True
     first = np.asarray(data.load_image(frame, 0))
     assert first.ndim == 3 and first.shape[2] == 3  # the RGBA chart becomes RGB

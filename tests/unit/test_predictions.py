@@ -1,6 +1,7 @@
 """The resumable prediction store: append/resume, torn lines, several writers, prompt hashes,
 profile versions, and export to VLMEvalKit's prediction file."""
 
+import functools
 import json
 import re
 import warnings
@@ -208,21 +209,30 @@ def echo_engine(pair, batch_size):
     return EchoEngine(pair, batch_size=batch_size)
 
 
+@functools.cache
+def _mini_mme():
+    from lavender_checks import FIXTURES
+    from lavender_checks.data import load_benchmark
+
+    return load_benchmark("MME", FIXTURES / "lmudata-mini")
+
+
 @pytest.fixture(scope="module")
 def mme_frame():
+    return _mini_mme().frame.head(10)
+
+
+def run(pair, frame, store, profile="seed-report", variant="lavender", batch_size=4, recorded=True,
+        **kwargs):
+    """predict_run over ``frame`` with the mini MME file's record (``recorded``) or none."""
     from lavender_checks import FIXTURES
-    from lavender_checks.data import load_benchmark_frame
-
-    return load_benchmark_frame("MME", FIXTURES / "lmudata-mini").head(10)
-
-
-def run(pair, frame, store, profile="seed-report", variant="lavender", batch_size=4, **kwargs):
-    from lavender_checks import FIXTURES
+    from lavender_checks.data import BenchmarkData
     from lavender_checks.profiles import load_profile
     from lavender_checks.run.predict import predict_run
 
     profile = load_profile(profile) if isinstance(profile, str) else profile
-    return predict_run(pair, echo_engine(pair, batch_size), "MME", frame, profile, variant, store,
+    rows = BenchmarkData(frame, _mini_mme().provenance) if recorded else frame
+    return predict_run(pair, echo_engine(pair, batch_size), "MME", rows, profile, variant, store,
                        lmu_root=FIXTURES / "lmudata-mini", progress=False, **kwargs)
 
 
@@ -358,9 +368,7 @@ def test_export_is_read_back_by_vlmeval_io(tmp_path, mme_frame):
 def test_frame_without_recorded_md5_uses_the_tsv_md5(tmp_path, mme_frame):
     store = PredictionStore(tmp_path)
     first = run(EchoPair(), mme_frame, store)
-    bare = mme_frame.copy()
-    bare.attrs = {}
-    again = run(EchoPair(), bare, store)
+    again = run(EchoPair(), mme_frame, store, recorded=False)
     assert again.reused == 10 and again.store_dir == first.store_dir
 
 
