@@ -27,7 +27,8 @@ from typing import Any
 
 from lavender_checks import __version__
 from lavender_checks.benchmarks import Benchmark, ScoreResult
-from lavender_checks.run.config import VARIANTS, RunConfig, RunInputError
+from lavender_checks.model import VARIANTS
+from lavender_checks.run.config import RunConfig, RunInputError
 from lavender_checks.run.distributed import TorchrunShards
 from lavender_checks.run.pair import LazyPair, load_model_pair, pair_identity
 from lavender_checks.run.shards import Barrier, generate_shards

@@ -20,7 +20,6 @@ from typing import Any
 from lavender_checks import FIXTURES, REPORTS
 from lavender_checks.benchmarks import Benchmark, benchmark_names, get_benchmark
 from lavender_checks.engines import DEFAULT_ENGINE, FAST_ENGINE, engine_names
-from lavender_checks.model import VARIANTS
 
 GATE_MODES = ("reproduce", "no-regression")
 DEVICE_KINDS = ("cpu", "cuda")  # what the model code supports; "cuda:N" picks a card
