@@ -85,6 +85,9 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> list[argparse.Act
                              "the smallest at which every benchmark's steady phase is longer than one batch "
                              "of 125 slots; a smaller run projects its decode more coarsely, and says so)")
     add("--slots", type=int, default=None, help="decode batch of the fast path (default: FastGenConfig)")
+    add("--memory-budget-gib", type=float, default=None,
+        help="peak GPU memory the fast path sizes its caches for (default: FastGenConfig's, made for "
+             "an 80 GB card; float32 on a larger card needs more for the invariant mode's decode rows)")
     add("--chunk-rows", type=int, default=None,
                         help="rows per fast-runner call, grouped by image as the runner hands them "
                              "(default: the fast engine's, a whole benchmark)")
@@ -332,6 +335,8 @@ def run_bench(workload: Workload, args, paths: list[str], launched: float | None
         overrides["max_slots"] = args.slots
     if args.vision_batch:
         overrides["vision_batch"] = args.vision_batch
+    if getattr(args, "memory_budget_gib", None):
+        overrides["memory_budget_gib"] = args.memory_budget_gib
     if args.no_graphs:
         overrides["cuda_graphs"] = False
     if args.vision_attention:
