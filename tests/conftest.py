@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import pytest
 
+# pytester's in-process sessions drop, when their test ends, every module first imported during
+# it; torch (and transformers over it) cannot be imported a second time in one process. Imported
+# here, they are already there before any such session, whatever order the tests run in.
+import torch  # noqa: F401, E402  isort: skip
+import transformers  # noqa: F401, E402  isort: skip
+
 
 def _single_threaded_torch() -> None:
     # The tiny model gains nothing from intra-op threads, and on a busy machine OpenMP's
