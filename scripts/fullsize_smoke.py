@@ -31,10 +31,10 @@ def main() -> int:
     import torch
     from PIL import Image
 
-    from lavender_checks.synthetic.fullsize import fullsize_pair
     from lavender_checks.engines.batched import generate
     from lavender_checks.engines.request import GenerationRequest
     from lavender_checks.prompts import Prompt, chat_text
+    from lavender_checks.synthetic.fullsize import fullsize_pair
 
     if args.tiny_cpu:  # the script's own check: the same calls on the tiny pair, no timings worth reading
         from lavender_checks.model import load_pair

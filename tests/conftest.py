@@ -15,7 +15,6 @@ import transformers  # noqa: F401, E402  isort: skip
 def _single_threaded_torch() -> None:
     # The tiny model gains nothing from intra-op threads, and on a busy machine OpenMP's
     # spinning makes more threads slower than one (figures in docs/speed.md).
-    import torch
 
     torch.set_num_threads(1)
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from lavender_checks.text import chartqa_answers, relaxed_accuracy
 from lavender_checks.benchmarks.base import Benchmark, ScoreResult
 from lavender_checks.benchmarks.vlmeval_common import rules, vqa_aggregate, vqa_inputs
+from lavender_checks.text import chartqa_answers, relaxed_accuracy
 
 
 class ChartQA(Benchmark):

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from lavender_checks.text import anls_distance, anls_from_distance, docvqa_answers
 from lavender_checks.benchmarks.base import Benchmark, ScoreResult
 from lavender_checks.benchmarks.vlmeval_common import vqa_aggregate, vqa_inputs
+from lavender_checks.text import anls_distance, anls_from_distance, docvqa_answers
 
 ANLS_THRESHOLD = 0.5  # VLMEvalKit's hit_calculate default
 

@@ -13,10 +13,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lavender_checks.text import can_infer
 from lavender_checks.benchmarks.base import Benchmark, Ratio, ScoreResult
-from lavender_checks.benchmarks.vlmeval_common import (ScoringInputError, check_meta, integer_indices, percent_mean,
-                             require_columns, require_rows, rules, string_column, vlmeval_str)
+from lavender_checks.benchmarks.vlmeval_common import (
+    ScoringInputError,
+    check_meta,
+    integer_indices,
+    percent_mean,
+    require_columns,
+    require_rows,
+    rules,
+    string_column,
+    vlmeval_str,
+)
+from lavender_checks.text import can_infer
 
 CIRCULAR_STRIDE = 1_000_000  # circular copies have index main + k * 1e6
 LETTERS = tuple(string.ascii_uppercase)

@@ -8,10 +8,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lavender_checks.text import yes_no_extraction
 from lavender_checks.benchmarks.base import Benchmark, Ratio, ScoreResult
-from lavender_checks.benchmarks.vlmeval_common import (ScoringInputError, check_meta, integer_indices, percent_mean,
-                             require_columns, require_rows, rules, string_column, vlmeval_str)
+from lavender_checks.benchmarks.vlmeval_common import (
+    ScoringInputError,
+    check_meta,
+    integer_indices,
+    percent_mean,
+    require_columns,
+    require_rows,
+    rules,
+    string_column,
+    vlmeval_str,
+)
+from lavender_checks.text import yes_no_extraction
 
 
 class MME(Benchmark):

@@ -32,8 +32,16 @@ import pandas as pd
 from lavender_checks import benchmarks as registry
 from lavender_checks.benchmarks.base import ScoreResult
 from lavender_checks.gate.verdicts import (
-    QUANTITIES, STATUSES, Reference, ReferenceRow, Verdict, benchmark_spec, measured_value,
-    noncomparable, noncomparable_notice, summary_table,
+    QUANTITIES,
+    STATUSES,
+    Reference,
+    ReferenceRow,
+    Verdict,
+    benchmark_spec,
+    measured_value,
+    noncomparable,
+    noncomparable_notice,
+    summary_table,
 )
 from lavender_checks.model import VARIANTS
 

@@ -39,18 +39,23 @@ from __future__ import annotations
 
 import math
 import tomllib
-from statistics import NormalDist
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 from lavender_checks import FIXTURES
 from lavender_checks import benchmarks as registry
 from lavender_checks.benchmarks.base import BenchmarkSpec, ScoreResult
 from lavender_checks.gate.bootstrap import (
-    Interval, PairingError, SubsetSampling, bootstrap_intervals, paired_bootstrap_many,
-    paired_subset_sampling, result_subset_sampling,
+    Interval,
+    PairingError,
+    SubsetSampling,
+    bootstrap_intervals,
+    paired_bootstrap_many,
+    paired_subset_sampling,
+    result_subset_sampling,
 )
 
 __all__ = [

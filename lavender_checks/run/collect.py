@@ -131,10 +131,10 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
                        barrier: Barrier | TorchrunShards | None, writer: str,
                        progress: bool) -> RunResults | None:
     from lavender_checks.data import subset
-    from lavender_checks.run.store import PredictionStore
-    from lavender_checks.profiles import load_profile
     from lavender_checks.engines import make_engine
+    from lavender_checks.profiles import load_profile
     from lavender_checks.run.predict import predict_run
+    from lavender_checks.run.store import PredictionStore
 
     started = time.time()
     profile = load_profile(config.profile)

@@ -20,8 +20,14 @@ from lavender_checks.errors import EXIT_GATE_FAILED, EXIT_INPUT, EXIT_OK, EXIT_R
 from lavender_checks.run import distributed
 from lavender_checks.run.collect import RunResults, collect_results
 from lavender_checks.run.config import (
-    SEED_REFERENCE, RunConfig, RunInputError, add_run_options, check_before_work, config_from_options,
-    input_errors)
+    SEED_REFERENCE,
+    RunConfig,
+    RunInputError,
+    add_run_options,
+    check_before_work,
+    config_from_options,
+    input_errors,
+)
 from lavender_checks.run.judge import judge_run, write_run_report
 from lavender_checks.run.reference import TINY_REFERENCE_DESCRIPTION, write_reference
 

@@ -41,8 +41,15 @@ from lavender_checks.errors import EXIT_INPUT, EXIT_RANK_FAILED, error_line
 from lavender_checks.run import distributed, pipeline
 from lavender_checks.run.collect import RunResults, collect_results
 from lavender_checks.run.config import (
-    RunConfig, add_run_options, check_before_work, check_cuda_without_torch, check_inputs,
-    check_writable_folder, config_from_options, input_errors)
+    RunConfig,
+    add_run_options,
+    check_before_work,
+    check_cuda_without_torch,
+    check_inputs,
+    check_writable_folder,
+    config_from_options,
+    input_errors,
+)
 from lavender_checks.run.judge import GateOutcome, judge_run, write_run_report
 from lavender_checks.run.pair import load_model_pair
 from lavender_checks.run.shards import ShardBarrier, remove_stale_barriers

@@ -8,8 +8,8 @@ from typing import Any
 import tomli_w
 
 from lavender_checks import FIXTURES
-from lavender_checks.run.collect import RunResults
 from lavender_checks.model import VARIANTS
+from lavender_checks.run.collect import RunResults
 from lavender_checks.run.config import SEED_REFERENCE, RunInputError
 
 TINY_REFERENCE_DESCRIPTION = (

@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from lavender_checks.data import load_benchmark, subset
     from lavender_checks.model import load_pair
-    from lavender_checks.run.store import PredictionStore
     from lavender_checks.profiles import load_profile
     from lavender_checks.run.predict import predict_run
+    from lavender_checks.run.store import PredictionStore
     from lavender_checks.synthetic.tiny import ensure_tiny_checkpoints
 
     tiny = ensure_tiny_checkpoints()

@@ -10,9 +10,9 @@ import random
 
 import pytest
 
+from lavender_checks.benchmarks import get_benchmark
 from lavender_checks.speed import bench, measure, project
 from lavender_checks.speed import workload as workloads
-from lavender_checks.benchmarks import get_benchmark
 
 
 def write(tmp_path, text: str):

@@ -8,10 +8,10 @@ import time
 
 import pytest
 import torch
-from tests.helpers import assert_matches_reference, make_requests, sample_image, vlmevalkit_single
 
 from lavender_checks.engines import make_engine
 from lavender_checks.engines.batched import generate
+from tests.helpers import assert_matches_reference, make_requests, sample_image, vlmevalkit_single
 
 pytestmark = [
     pytest.mark.cuda,
@@ -63,9 +63,9 @@ def test_tiny_pair_on_cuda_is_batch_invariant(cuda_tiny_pair):
 
 @pytest.mark.fullsize
 def test_fullsize_random_weights_generate_both_variants():
-    from lavender_checks.synthetic.fullsize import fullsize_pair
     from lavender_checks.engines.request import GenerationRequest
     from lavender_checks.model import adapter_logit_change
+    from lavender_checks.synthetic.fullsize import fullsize_pair
 
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()

@@ -19,7 +19,6 @@ import logging
 from pathlib import Path
 
 import pytest
-from tests.helpers import chat, sample_image
 
 from lavender_checks import FIXTURES, engines
 from lavender_checks.benchmarks import benchmark_names
@@ -38,6 +37,7 @@ from lavender_checks.run.config import SEED_REFERENCE, RunConfig, RunInputError,
 from lavender_checks.run.judge import judge_run, write_run_report
 from lavender_checks.run.predict import predict_run
 from lavender_checks.run.store import PredictionStore
+from tests.helpers import chat, sample_image
 
 MINI = FIXTURES / "lmudata-mini"
 FAST_LOGGER = "lavender_checks.engines.fast"

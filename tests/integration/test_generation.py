@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import assert_matches_reference, make_requests, vlmevalkit_single
-
 from lavender_checks.engines import batched as generation
 from lavender_checks.engines.batched import BatchedEngine, GenerationOOMError
 from lavender_checks.engines.request import GenerationRequest, cut_after_first_eos, decode_output
+from tests.helpers import assert_matches_reference, make_requests, vlmevalkit_single
 
 # float32 on CPU: batched and single runs differ by up to ~3e-5 of the largest logit (the
 # tiny model's hand-built heads carry large activations): up to ~6e-4 on these requests.

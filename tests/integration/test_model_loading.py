@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lavender_checks.model import ModelLoadError, adapter_logit_change, fixed_probe_inputs, load_pair, read_pair_identity
 from lavender_checks.synthetic import tiny
-from lavender_checks.model import (
-    ModelLoadError, adapter_logit_change, fixed_probe_inputs, load_pair, read_pair_identity)
 
 
 def _copy(folder: Path, dest: Path) -> Path:

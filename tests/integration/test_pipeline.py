@@ -24,14 +24,20 @@ from pathlib import Path
 import pytest
 
 from lavender_checks import FIXTURES, REPO_ROOT, cli
-from lavender_checks.run import distributed, pipeline
 from lavender_checks.benchmarks import benchmark_names
 from lavender_checks.engines import register_engine
 from lavender_checks.gate.verdicts import load_reference
+from lavender_checks.run import distributed, pipeline
 from lavender_checks.run.collect import collect_results
 from lavender_checks.run.config import (
-    REPORT_OPTIONS, RUN_OPTIONS, SEED_REFERENCE, TINY_REFERENCE, RunConfig, RunInputError,
-    config_from_options)
+    REPORT_OPTIONS,
+    RUN_OPTIONS,
+    SEED_REFERENCE,
+    TINY_REFERENCE,
+    RunConfig,
+    RunInputError,
+    config_from_options,
+)
 from lavender_checks.run.judge import judge_run, prune_reports
 from lavender_checks.run.pair import LazyPair
 from lavender_checks.run.reference import write_reference

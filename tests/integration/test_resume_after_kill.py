@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from lavender_checks import FIXTURES, REPO_ROOT
-from lavender_checks.run.store import PredictionStore, StoreKey
 from lavender_checks.profiles import PROFILES_DIR
+from lavender_checks.run.store import PredictionStore, StoreKey
 
 pytestmark = pytest.mark.slow
 

@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.helpers import make_requests
 
 from lavender_checks import REPO_ROOT
 from lavender_checks.engines.batched import generate
 from lavender_checks.synthetic import tiny
+from tests.helpers import make_requests
 
 # vlmevalkit-behaviour.md section 2.2, character for character.
 TEXT_FIRST = (

@@ -177,7 +177,8 @@ def test_a_killed_rank_stops_the_others_and_a_relaunch_resumes(tmp_path, tiny_pa
     rows = 2 * 56
     stores = [tmp_path / "store-host0", tmp_path / "store-host1"]
     reports = tmp_path / "reports"
-    run = ["-m", "lavender_checks.cli", "run", "--quiet", "--benchmark", "MME", "--engine", "generate", "--batch-size", "1", "--reports", str(reports)]
+    run = ["-m", "lavender_checks.cli", "run", "--quiet", "--benchmark", "MME", "--engine", "generate", "--batch-size", "1",
+           "--reports", str(reports)]
 
     first = Launch(tmp_path, "first", 2, 2, run, lambda node: ["--store", str(stores[node])])
     victim = first.pid_of_rank(3)

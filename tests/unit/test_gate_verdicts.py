@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from lavender_checks.benchmarks.base import Ratio, ScoreResult
-from lavender_checks.gate.verdicts import judge, load_reference, summary_table
 from lavender_checks.gate.bootstrap import paired_bootstrap
+from lavender_checks.gate.verdicts import judge, load_reference, summary_table
 
 SPLITS = ("test_human", "test_augmented")
 # The seed report's ChartQA numbers are exact fractions of 1250 questions per split:

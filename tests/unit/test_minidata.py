@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 from lavender_checks import FIXTURES, data
-from lavender_checks.synthetic import minidata
 from lavender_checks.benchmarks import get_benchmark
+from lavender_checks.synthetic import minidata
 
 MINI = FIXTURES / "lmudata-mini"
 NAMES = ["DocVQA_VAL", "ChartQA_TEST", "MMBench_DEV_EN", "MME"]

@@ -9,9 +9,14 @@ import warnings
 import pandas as pd
 import pytest
 
-from lavender_checks.run.store import (IgnoredPredictionsWarning, PredictionStore,
-                                         PredictionStoreError, StoreKey, export_vlmeval,
-                                         request_sha)
+from lavender_checks.run.store import (
+    IgnoredPredictionsWarning,
+    PredictionStore,
+    PredictionStoreError,
+    StoreKey,
+    export_vlmeval,
+    request_sha,
+)
 
 SHA_A = request_sha("prompt A", 512)
 SHA_B = request_sha("prompt B", 512)

@@ -5,8 +5,7 @@ import json
 
 import pytest
 
-from lavender_checks.profiles import (PROFILES_DIR, BenchmarkPrompting, ProfileError,
-                                      available_profiles, load_profile)
+from lavender_checks.profiles import PROFILES_DIR, BenchmarkPrompting, ProfileError, available_profiles, load_profile
 
 BENCHMARKS = ["DocVQA_VAL", "ChartQA_TEST", "MMBench_DEV_EN", "MME"]
 

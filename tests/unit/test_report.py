@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lavender_checks.gate import report as report_module
 from lavender_checks.benchmarks.base import Ratio, ScoreResult
-from lavender_checks.gate.verdicts import benchmark_spec, judge, load_reference
+from lavender_checks.gate import report as report_module
 from lavender_checks.gate.report import RUN_ID_PATTERN, latest_run, new_run_id, write_report
+from lavender_checks.gate.verdicts import benchmark_spec, judge, load_reference
 
 N_RESAMPLES = 300  # enough for the layout; the gate's own tests use the full setting
 

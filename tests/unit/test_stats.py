@@ -12,6 +12,7 @@ from lavender_checks.gate.bootstrap import (
     metric_from_forms,
     paired_bootstrap,
     paired_bootstrap_many,
+    subset_sampling,
 )
 
 
@@ -167,7 +168,6 @@ def test_bad_inputs_are_explained():
 
 # ------------------------------------------------------------------ subsets of a benchmark
 
-from lavender_checks.gate.bootstrap import subset_sampling
 
 
 def _mean_form(values):

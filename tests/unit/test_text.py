@@ -9,11 +9,24 @@ import re
 import pytest
 
 from lavender_checks import text
-from lavender_checks.text import (NonStringAnswerError, anls_distance, anls_from_distance,
-                                  anls_score, answer_candidates, can_infer, can_infer_option,
-                                  can_infer_text, chartqa_answers, docvqa_answers,
-                                  parse_list_literal, process_punctuation, relaxed_accuracy,
-                                  relaxed_correctness, to_float, yes_no_extraction)
+from lavender_checks.text import (
+    NonStringAnswerError,
+    anls_distance,
+    anls_from_distance,
+    anls_score,
+    answer_candidates,
+    can_infer,
+    can_infer_option,
+    can_infer_text,
+    chartqa_answers,
+    docvqa_answers,
+    parse_list_literal,
+    process_punctuation,
+    relaxed_accuracy,
+    relaxed_correctness,
+    to_float,
+    yes_no_extraction,
+)
 
 # --------------------------------------------------------------------------------------
 # List literals in answer cells: parsed, never executed

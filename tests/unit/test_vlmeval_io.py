@@ -10,9 +10,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lavender_checks.vlmeval_io import (NA_TOKENS, PredictionFileError, find_prediction_file,
-                                        prediction_frame, read_prediction_file, roundtrip,
-                                        write_prediction_file)
+from lavender_checks.vlmeval_io import (
+    NA_TOKENS,
+    PredictionFileError,
+    find_prediction_file,
+    prediction_frame,
+    read_prediction_file,
+    roundtrip,
+    write_prediction_file,
+)
 
 SPEC_NA_TOKENS = ["", "N/A", "NA", "n/a", "None", "null", "NULL", "nan", "NaN", "<NA>", "#N/A",
                   "-nan", "1.#QNAN"]
