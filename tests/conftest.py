@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-# pytester's in-process sessions drop, when their test ends, every module first imported during
-# it; torch (and transformers over it) cannot be imported a second time in one process. Imported
-# here, they are already there before any such session, whatever order the tests run in.
-import torch  # noqa: F401, E402  isort: skip
-import transformers  # noqa: F401, E402  isort: skip
-
 
 def _single_threaded_torch() -> None:
     # The tiny model gains nothing from intra-op threads, and on a busy machine OpenMP's
     # spinning makes more threads slower than one (figures in docs/speed.md).
+    import torch
 
     torch.set_num_threads(1)
 

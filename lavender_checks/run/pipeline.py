@@ -46,43 +46,41 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
+    """The exit status of one run; bad input and a failed rank end it with one line."""
     try:
-        config = config_from_options(lambda dest: getattr(args, dest))
-        if args.force and args.write_reference is None:
-            raise RunInputError("--force only applies to --write-reference")
-        if args.write_reference is not None and args.write_reference.exists() and not args.force:
-            raise RunInputError(f"--write-reference {args.write_reference}: the file exists; "
-                                "add --force to replace it")
-        shards = torchrun_shards(config, args.store_sharing, args.dist_timeout)
-        # Under torchrun only rank 0 writes reports.
-        writes = args.write_reference is None and (shards is None or shards.scores)
-        checked(shards, lambda: check_before_work(config, reports=args.reports if writes else None,
-                                                  keep_reports=args.keep_reports))
+        return _run(args)
     except input_errors() as exc:
         print(error_line("run", exc), file=sys.stderr)
         return EXIT_INPUT
     except distributed.RankFailure as exc:
         print(error_line("run", exc), file=sys.stderr)
         return EXIT_RANK_FAILED
+
+
+def _run(args) -> int:
+    config = config_from_options(lambda dest: getattr(args, dest))
+    if args.force and args.write_reference is None:
+        raise RunInputError("--force only applies to --write-reference")
+    if args.write_reference is not None and args.write_reference.exists() and not args.force:
+        raise RunInputError(f"--write-reference {args.write_reference}: the file exists; "
+                            "add --force to replace it")
+    shards = torchrun_shards(config, args.store_sharing, args.dist_timeout)
+    # Under torchrun only rank 0 writes reports.
+    writes = args.write_reference is None and (shards is None or shards.scores)
+    checked(shards, lambda: check_before_work(config, reports=args.reports if writes else None,
+                                              keep_reports=args.keep_reports))
     if not args.quiet:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     else:
         _quiet_library_progress()
     if args.write_reference is not None:
         return _record_reference(config, args, shards)
-    try:
-        run = _collect(config, shards, progress=not args.quiet)
-        if run is None:
-            print(shards.skip_reason())
-            return EXIT_OK
-        outcome = judge_run(run)
-        path = write_run_report(run, outcome, reports_root=args.reports, keep=args.keep_reports)
-    except input_errors() as exc:
-        print(error_line("run", exc), file=sys.stderr)
-        return EXIT_INPUT
-    except distributed.RankFailure as exc:
-        print(error_line("run", exc), file=sys.stderr)
-        return EXIT_RANK_FAILED
+    run = _collect(config, shards, progress=not args.quiet)
+    if run is None:
+        print(shards.skip_reason())
+        return EXIT_OK
+    outcome = judge_run(run)
+    path = write_run_report(run, outcome, reports_root=args.reports, keep=args.keep_reports)
     from lavender_checks.gate.verdicts import noncomparable_notice
 
     print(outcome.table(only_problems=args.quiet))
@@ -106,24 +104,17 @@ def _quiet_library_progress() -> None:
 
 
 def _record_reference(config: RunConfig, args, shards: distributed.TorchrunShards | None) -> int:
+    from lavender_checks.gate.verdicts import load_reference
+
     template = config.reference or SEED_REFERENCE
     description = TINY_REFERENCE_DESCRIPTION if config.builtin_model and config.lmu_data is None else ""
-    try:
-        from lavender_checks.gate.verdicts import load_reference
-
-        load_reference(template)
-        run = _collect(config, shards, progress=not args.quiet)
-        if run is None:
-            print(shards.skip_reason())
-            return EXIT_OK
-        path = write_reference(run, args.write_reference, template=template, description=description,
-                               force=args.force)
-    except input_errors() as exc:
-        print(error_line("run", exc), file=sys.stderr)
-        return EXIT_INPUT
-    except distributed.RankFailure as exc:
-        print(error_line("run", exc), file=sys.stderr)
-        return EXIT_RANK_FAILED
+    load_reference(template)
+    run = _collect(config, shards, progress=not args.quiet)
+    if run is None:
+        print(shards.skip_reason())
+        return EXIT_OK
+    path = write_reference(run, args.write_reference, template=template, description=description,
+                           force=args.force)
     print(f"reference: {path}")
     return EXIT_OK
 
