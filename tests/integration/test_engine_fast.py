@@ -27,7 +27,7 @@ from lavender_checks.engines import batched as generation
 from lavender_checks.engines import make_engine, register_engine
 from lavender_checks.engines.batched import BatchedEngine
 from lavender_checks.engines.fast import FastEngine
-from lavender_checks.engines.fast.config import DEFAULT_CHUNK_ROWS
+from lavender_checks.engines.fast.config import DEFAULT_CHUNK_ROWS, FastGenConfig
 from lavender_checks.engines.request import GenerationRequest
 from lavender_checks.model import VARIANTS
 from lavender_checks.profiles import load_profile
@@ -258,8 +258,15 @@ def test_a_generation_setting_the_fast_engine_cannot_reproduce_goes_to_the_defau
     assert engine.generator is None
     assert len(engine.fallbacks) == 1 and "suppress_tokens" in engine.fallbacks[0]
     assert "suppress_tokens" in caplog.text
-    # The loaders were opened batch by batch, each request once, and generate saw images.
-    assert [len(call) for call in calls] == [2, 2, 1] and sorted(opened) == sorted(r.key for r in requests)
+    # The loaders were opened call by call, each request once, and generate saw images. One
+    # row per call: the store keeps these rows as the batch-invariant engine's.
+    assert [len(call) for call in calls] == [1, 1, 1, 1, 1] and sorted(opened) == sorted(r.key for r in requests)
+
+    # The throughput mode is stored apart (not batch-invariant): its fallback keeps its batches.
+    throughput = FastEngine(pair, batch_size=2, fast_config=FastGenConfig(invariant=False))
+    calls.clear()
+    assert throughput.generate(lazy, "base") == expected
+    assert [len(call) for call in calls] == [2, 2, 1]
     assert all(not callable(image) for call in calls for r in call for image in r.images)
 
     # The setting gone, the fast engine is built again and used: no call to the default engine.

@@ -76,7 +76,14 @@ class FastEngine:
                     "engine: %s", len(requests), refusal)
         if refusal not in self.fallbacks:
             self.fallbacks.append(refusal)
-        return self.fallback.generate(requests, variant, on_finish)
+        if not self.batch_invariant:
+            return self.fallback.generate(requests, variant, on_finish)
+        # The run stores these rows as batch-invariant ones (run.predict.store_key): one row
+        # per call, since the batched engine's padding and batch reach a row's bf16 tokens.
+        out: dict[Any, str] = {}
+        for request in requests:
+            out.update(self.fallback.generate([request], variant, on_finish))
+        return out
 
     def describe(self) -> dict[str, Any]:
         """The engine, and what its bf16 numbers depend on besides the inputs: the invariant
