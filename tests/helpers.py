@@ -100,3 +100,18 @@ def assert_matches_reference(predictions: dict, references: dict, *, tie_toleran
     )
     wrong = {key: (predictions[key], references[key].prediction) for key in decisive if predictions[key] != references[key].prediction}
     assert not wrong, f"batched predictions differ from one-sample generation: {wrong}"
+
+
+def lazily_opened(requests, opened: list):
+    """``requests`` with each image replaced by a loader that appends the request's key to
+    ``opened`` when called (to see when an engine opens images)."""
+    from lavender_checks.engines.request import GenerationRequest
+
+    def loader(request):
+        def load():
+            opened.append(request.key)
+            return request.images[0]
+        return load
+
+    return [GenerationRequest(key=r.key, text=r.text, images=[loader(r)], max_new_tokens=r.max_new_tokens)
+            for r in requests]

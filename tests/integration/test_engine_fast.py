@@ -37,7 +37,7 @@ from lavender_checks.run.config import SEED_REFERENCE, RunConfig, RunInputError,
 from lavender_checks.run.judge import judge_run, write_run_report
 from lavender_checks.run.predict import predict_run
 from lavender_checks.run.store import PredictionStore
-from tests.helpers import chat, sample_image
+from tests.helpers import chat, lazily_opened, sample_image
 
 MINI = FIXTURES / "lmudata-mini"
 FAST_LOGGER = "lavender_checks.engines.fast"
@@ -230,14 +230,7 @@ def test_a_generation_setting_the_fast_engine_cannot_reproduce_goes_to_the_defau
     requests = [_one_image(pair.processor, f"r{i}", 10 + i) for i in range(5)]
     opened = []
 
-    def loader(request):
-        def load():
-            opened.append(request.key)
-            return request.images[0]
-        return load
-
-    lazy = [GenerationRequest(key=r.key, text=r.text, images=[loader(r)], max_new_tokens=r.max_new_tokens)
-            for r in requests]
+    lazy = lazily_opened(requests, opened)
     calls = _spy_on_default_engine(monkeypatch)
     engine = FastEngine(pair, batch_size=2)
     plain = engine.generate(lazy, "base")

@@ -9,7 +9,7 @@ import torch
 from lavender_checks.engines import batched as generation
 from lavender_checks.engines.batched import BatchedEngine, GenerationOOMError
 from lavender_checks.engines.request import GenerationRequest, cut_after_first_eos, decode_output
-from tests.helpers import assert_matches_reference, make_requests, vlmevalkit_single
+from tests.helpers import assert_matches_reference, lazily_opened, make_requests, vlmevalkit_single
 
 # float32 on CPU: batched and single runs differ by up to ~3e-5 of the largest logit (the
 # tiny model's hand-built heads carry large activations): up to ~6e-4 on these requests.
@@ -210,14 +210,7 @@ def test_the_batched_engine_plans_frame_order_batches_and_opens_loaders_batch_by
         assert all(not callable(image) for r in batch for image in r.images)
         return real(pair, batch, variant, **options)
 
-    def loader(request):
-        def load():
-            opened.append(request.key)
-            return request.images[0]
-        return load
-
-    lazy = [GenerationRequest(key=r.key, text=r.text, images=[loader(r)], max_new_tokens=r.max_new_tokens)
-            for r in requests[:6]]
+    lazy = lazily_opened(requests[:6], opened)
     monkeypatch.setattr(generation, "generate", spy)
     reported = []
     assert engine.generate(lazy, "lavender", on_finish=reported.extend) == expected
