@@ -31,6 +31,7 @@ import pandas as pd
 
 from lavender_checks import benchmarks as registry
 from lavender_checks.benchmarks.base import ScoreResult
+from lavender_checks.gate.sequential import stop_headline
 from lavender_checks.gate.verdicts import (
     QUANTITIES,
     STATUSES,
@@ -336,6 +337,8 @@ def _markdown(run_id: str, created: str, reference: Reference, verdicts: list[Ve
         allowed = bool((metadata.get("config") or {}).get("allow_noncomparable"))
         head, *reasons = noncomparable_notice(problems, allowed).splitlines()
         out += [f"> **{head}**", ">"] + [f"> - {line.strip()}" for line in reasons] + [""]
+    if metadata.get("early_stop"):
+        out += [f"> **{stop_headline(metadata['early_stop'])}**", ""]
     out += [
         f"Written {created}. Mode: **{modes}**. Verdicts: **{counts['pass']} pass, "
         f"{counts['fail']} fail, {counts['missing']} missing**.",
@@ -555,6 +558,8 @@ def write_report(
         "benchmarks": all_metrics,
         "flips": flip_counts,
     }
+    if metadata.get("early_stop"):
+        report["early_stop"] = metadata["early_stop"]
     (partial / "report.json").write_text(
         json.dumps(_plain(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
     with (partial / "flips.jsonl").open("w", encoding="utf-8") as fh:

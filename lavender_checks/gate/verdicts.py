@@ -61,7 +61,7 @@ from lavender_checks.gate.bootstrap import (
 __all__ = [
     "DEFAULT_REFERENCE", "MODES", "QUANTITIES", "GateSettings", "Reference", "ReferenceFileError",
     "ReferenceRow", "Verdict", "benchmark_spec", "data_mismatch", "judge", "load_reference",
-    "measured_value", "noncomparable", "noncomparable_notice", "summary_table",
+    "measured_value", "noncomparable", "noncomparable_notice", "stopped_verdicts", "summary_table",
 ]
 
 DEFAULT_REFERENCE = FIXTURES / "reported" / "seed-report.toml"
@@ -75,6 +75,8 @@ _FLOAT_SLACK = 1e-9
 
 _TOP_LEVEL_KEYS = ("run", "gate", "derived", "row")
 _GATE_KEYS = ("confidence", "n_resamples", "seed", "consistency_tolerance", "floor")
+_GATE_OPTIONAL = ("stop_early_alpha",)
+DEFAULT_STOP_EARLY_ALPHA = 0.01
 _ROW_REQUIRED = ("table", "benchmark", "metric", "base", "lavender", "delta")
 _ROW_OPTIONAL = ("label", "subtable", "unit", "floor", "note")
 
@@ -90,6 +92,8 @@ class GateSettings:
     seed: int
     consistency_tolerance: float  # allowed |delta − (lavender − base)| of printed numbers
     floors: dict[str, float]  # metric unit ("percent", "score") -> smallest band half-width
+    # --stop-early: the chance that a run stops on a case whose full-run verdict is not FAIL
+    stop_early_alpha: float = DEFAULT_STOP_EARLY_ALPHA
 
 
 @dataclass(frozen=True)
@@ -148,9 +152,9 @@ def _load_gate(path: Path, raw: Any) -> GateSettings:
     where = f"{path}: [gate]"
     if not isinstance(raw, dict):
         raise ReferenceFileError(f"{where} table is missing; it needs: {', '.join(_GATE_KEYS)}")
-    unknown = sorted(set(raw) - set(_GATE_KEYS))
+    unknown = sorted(set(raw) - set(_GATE_KEYS) - set(_GATE_OPTIONAL))
     if unknown:
-        raise ReferenceFileError(f"{where}: unknown key(s) {unknown}; allowed: {', '.join(_GATE_KEYS)}")
+        raise ReferenceFileError(f"{where}: unknown key(s) {unknown}; allowed: {', '.join(_GATE_KEYS + _GATE_OPTIONAL)}")
     missing = [k for k in _GATE_KEYS if k not in raw]
     if missing:
         raise ReferenceFileError(f"{where}: missing key(s) {missing}")
@@ -172,8 +176,11 @@ def _load_gate(path: Path, raw: Any) -> GateSettings:
     for unit, value in floors.items():
         if not (_is_number(value) and value >= 0):
             raise ReferenceFileError(f"{where} floor.{unit}: must be a number >= 0, got {value!r}")
+    alpha = raw.get("stop_early_alpha", DEFAULT_STOP_EARLY_ALPHA)
+    if not (_is_number(alpha) and 0 < alpha < 1):
+        raise ReferenceFileError(f"{where} stop_early_alpha: must be a number strictly between 0 and 1, got {alpha!r}")
     return GateSettings(float(confidence), n_resamples, seed, float(tolerance),
-                        {unit: float(v) for unit, v in floors.items()})
+                        {unit: float(v) for unit, v in floors.items()}, float(alpha))
 
 
 def _load_derived(path: Path, raw: Any) -> dict[str, dict[str, tuple[str, ...]]]:
@@ -391,6 +398,9 @@ class Verdict:
     sampling_sd: float | None = None  # sd of the subset's estimate of the whole benchmark
     sampling_bias: float | None = None  # subset metric − its stratified estimate
     bounded_strata: tuple[str, ...] = ()  # strata whose variance is the least one allowed
+    # --stop-early, a run that stopped: for the case that failed, where the complete run's value
+    # lies ("bounds"), the case's α, units seen; for the others {"judged": False}.
+    early: dict[str, Any] | None = None
 
     @property
     def subset(self) -> bool:
@@ -405,6 +415,16 @@ class Verdict:
         signed = self.quantity == "gain"
         fmt = (lambda v: f"{v:+.2f}") if signed else (lambda v: f"{v:.2f}")
         head = f"{self.status.upper()} {self.row_id} {self.quantity} [{self.benchmark} {self.metric}]"
+        if self.early is not None and self.status == "fail":
+            lo, hi = self.early["bounds"]
+            band_lo, band_hi = self.band
+            band = f"[{fmt(band_lo)}, +inf)" if math.isinf(band_hi) else f"[{fmt(band_lo)}, {fmt(band_hi)}]"
+            return (f"{head} (stopped early): the complete run's value lies in [{fmt(lo)}, {fmt(hi)}] "
+                    f"(confidence 1 - {self.early['alpha']:.2g}), outside every band it can have: reported "
+                    f"{fmt(self.reported)}, band at most {band}; n={self.early['units_seen']} of "
+                    f"{self.early['units']} {self.unit_kind}s seen\n"
+                    f"    --stop-early, {self.mode}; the full run's band: max(floor {self.floor:g}, "
+                    f"{self.confidence * 100:g}% bootstrap half-width), bounded by {self.half_width:.2f}")
         if self.status == "missing":
             measured = f"measured {fmt(self.measured)}, " if self.measured is not None else ""
             return f"{head}: {self.reason}\n    {measured}reported {fmt(self.reported)}, no band, {self.mode}"
@@ -668,6 +688,35 @@ def judge(
     return verdicts
 
 
+def stopped_verdicts(reference: Reference, failures: list, reason: str, mode: str) -> list[Verdict]:
+    """The verdicts of a run that ``--stop-early`` stopped: FAIL for each case whose failure
+    was certain (``gate.sequential.EarlyFailure``), missing ("not judged", ``reason``) for every
+    other one: only a complete run judges them."""
+    failed = {(f.row_id, f.quantity): f for f in failures}
+    verdicts = []
+    for row in reference.rows:
+        spec = benchmark_spec(row.benchmark)
+        for quantity in QUANTITIES:
+            common = dict(row_id=row.id, benchmark=row.benchmark, metric=row.metric, label=row.label,
+                          table=row.table, quantity=quantity, mode=mode, reported=row.reported(quantity),
+                          floor=row.floor, unit_kind=spec.unit, metric_unit=row.unit,
+                          confidence=reference.gate.confidence, paired=quantity == "gain", measured=None,
+                          bootstrap_half_width=None)
+            failure = failed.get((row.id, quantity))
+            if failure is None:
+                verdicts.append(Verdict(**common, status="missing", band=None, half_width=None, n=None,
+                                        reason=f"not judged: {reason}", early={"judged": False}))
+                continue
+            one_sided = mode == "no-regression" and quantity != "base"
+            half = failure.band_bound
+            band = (failure.reported - half, math.inf if one_sided else failure.reported + half)
+            verdicts.append(Verdict(**common, status="fail", band=band, half_width=half, n=failure.drawn,
+                                    early={"judged": True, "bounds": list(failure.bounds), "alpha": failure.alpha,
+                                           "direction": failure.direction, "units_seen": failure.drawn,
+                                           "units": failure.population}))
+    return verdicts
+
+
 # ------------------------------------------------------------------------ comparable data
 
 
@@ -733,8 +782,9 @@ def summary_table(verdicts: list[Verdict], only_problems: bool = False) -> str:
 
     header = ("row", "quantity", "measured", "reported", "band", "n", "status")
     lines = []
+    not_judged = [v for v in verdicts if v.early is not None and not v.early.get("judged")]
     for v in verdicts:
-        if only_problems and v.status == "pass":
+        if only_problems and (v.status == "pass" or v in not_judged):
             continue
         signed = v.quantity == "gain"
         if v.band is None:
@@ -744,7 +794,12 @@ def summary_table(verdicts: list[Verdict], only_problems: bool = False) -> str:
         else:
             band = f"{num(v.band[0], signed)} .. {num(v.band[1], signed)}"
         status = v.status.upper() if v.status != "pass" else "pass"
-        if v.status == "missing":
+        if v.early is not None and v.status == "fail":
+            lo, hi = v.early["bounds"]
+            status += f" (stopped early: complete run in [{num(lo, signed)}, {num(hi, signed)}])"
+        elif v in not_judged:
+            status = "not judged (stopped early)"
+        elif v.status == "missing":
             status += f" ({v.reason})" if len(v.reason) <= 60 else f" ({v.reason[:57]}...)"
         lines.append((v.row_id, v.quantity, num(v.measured, signed), num(v.reported, signed), band,
                       "-" if v.n is None else f"{v.n}/{v.population_n}" if v.subset else str(v.n), status))
@@ -759,6 +814,7 @@ def summary_table(verdicts: list[Verdict], only_problems: bool = False) -> str:
            if lines or not only_problems else [])
     counts = {s: sum(v.status == s for v in verdicts) for s in STATUSES}
     modes = sorted({v.mode for v in verdicts})
-    out.append(f"{counts['pass']} pass, {counts['fail']} fail, {counts['missing']} missing"
-               f" ({', '.join(modes) or 'no verdicts'})")
+    judged_note = f", {len(not_judged)} not judged (stopped early)" if not_judged else ""
+    out.append(f"{counts['pass']} pass, {counts['fail']} fail, {counts['missing'] - len(not_judged)} missing"
+               f"{judged_note} ({', '.join(modes) or 'no verdicts'})")
     return "\n".join(out)

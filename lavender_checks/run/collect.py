@@ -43,6 +43,9 @@ class RunResults:
     missing: benchmark -> why it has no result (e.g. its TSV is absent, naming the file).
     predictions: benchmark -> variant -> index -> raw prediction (the scored rows, in order).
     metadata: fingerprints, profile, data md5 and match, versions, prediction counts, timing.
+    early_stop: with ``--stop-early``, what its rounds did (``run.rounds.RoundsRecord``); a
+        run that stopped has no results (its benchmarks are not scored: the verdicts of the
+        cases that failed come from the rounds).
     """
 
     config: RunConfig
@@ -50,6 +53,11 @@ class RunResults:
     missing: dict[str, str]
     predictions: dict[str, dict[str, dict[Any, str]]]
     metadata: dict[str, Any]
+    early_stop: Any = None
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.early_stop is not None and self.early_stop.stopped
 
 
 def collect_results(config: RunConfig, *, pair: Any = None, load_pair: Callable[[], Any] | None = None,
@@ -183,17 +191,26 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
     predictions: dict[str, dict[str, dict[Any, str]]] = {name: {} for name in data}
     counts: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in data}
     generation_started = time.time()
+    early = None
     # The tiny model gains nothing from intra-op threads and, on a busy machine, loses to
     # their synchronisation (figures in docs/speed.md).
     with (_torch_threads(1) if config.base_model is None else contextlib.nullcontext()), store:
-        if isinstance(barrier, TorchrunShards):
+        if config.stop_early:
+            early = _generate_in_rounds(config, data, pair, engine, profile, store, root, writer, progress,
+                                        shard, barrier)
+            if isinstance(barrier, TorchrunShards) and not barrier.scores:
+                return None  # rank 0 scores the union
+        elif isinstance(barrier, TorchrunShards):
             barrier.share(generate_shard, shard_work, store)
             if not barrier.scores:
                 return None  # rank 0 scores the union
         elif shard is not None and barrier is not None:
             generate_shards(shard, barrier, generate_shard)
-        # With a barrier every shard is stored by now: this pass only reads the store.
+        # With a barrier every shard is stored by now: this pass only reads the store. A run
+        # that stopped early scores nothing: its verdicts come from the rounds.
         for name, item in data.items():
+            if early is not None and early.stopped:
+                break
             for variant in VARIANTS:
                 t0 = time.time()
                 run = predict(item, item.selected, variant)
@@ -203,7 +220,10 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
                                          "seconds": round(time.time() - t0, 3)}
     generation_seconds = time.time() - generation_started
 
-    results, scoring_seconds = _score_all(config, data, predictions, missing)
+    if early is not None and early.stopped:
+        results, scoring_seconds = _not_scored(config, early), 0.0
+    else:
+        results, scoring_seconds = _score_all(config, data, predictions, missing)
     metadata = {
         "mode": "generated",
         **_common_metadata(config, started),
@@ -224,8 +244,94 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
         "timing": {"generation_s": round(generation_seconds, 3), "scoring_s": round(scoring_seconds, 3),
                    "total_s": round(time.time() - started, 3)},
     }
+    if early is not None:
+        metadata["early_stop"] = early.describe()
     return RunResults(config=config, results=results, missing=missing, predictions=predictions,
-                      metadata=metadata)
+                      metadata=metadata, early_stop=early)
+
+
+def _not_scored(config: RunConfig, early: Any) -> dict[str, dict[str, ScoreResult | None]]:
+    return {name: {variant: None for variant in VARIANTS} for name in config.benchmarks}
+
+
+def _stop_early_plans(config: RunConfig, frames: Mapping[str, tuple[Benchmark, Any]],
+                      dump_suffix: str | None, files: Mapping[str, Any] | None = None,
+                      rows: Mapping[str, list] | None = None):
+    """The rounds of every benchmark (``frames``: name -> (benchmark, whole data); ``rows``:
+    name -> the rows to take, when fewer than the data's), longest answers first, and the
+    looker that decides after each (``run.rounds``)."""
+    from lavender_checks.gate.sequential import load_settings
+    from lavender_checks.gate.verdicts import load_reference
+    from lavender_checks.run.rounds import LONGEST_ANSWERS_FIRST, BenchmarkRounds, Looker, gate_cases
+
+    reference = load_reference(config.reference_path())
+    settings = load_settings()
+    first = {name: i for i, name in enumerate(LONGEST_ANSWERS_FIRST)}
+    names = sorted(frames, key=lambda name: first.get(name, len(first)))
+    plans = [BenchmarkRounds.of(frames[name][0], frames[name][1], reference.gate.seed, dump_suffix)
+             for name in names]
+    if rows is not None:
+        plans = [plan.restricted_to(rows[plan.name]) for plan in plans]
+    cases = gate_cases(reference, names, config.gate_mode)
+    looker = Looker(plans, reference, cases, reference.gate.stop_early_alpha, settings, files)
+    return plans, settings, looker
+
+
+def _generate_in_rounds(config: RunConfig, data: Mapping[str, _LoadedBenchmark], pair: Any, engine: Any,
+                        profile: Any, store: Any, root: Path, writer: str, progress: bool,
+                        shard: tuple[int, int] | None, barrier: Barrier | TorchrunShards | None):
+    """``--stop-early``: the run's rows in rounds (``run.rounds``); under -n N each process
+    generates its share of every round and they meet after it, under torchrun rank 0 decides
+    for all. Returns the ``RoundsRecord``."""
+    from lavender_checks.data import subset
+    from lavender_checks.run.predict import predict_run, predict_together, store_key
+    from lavender_checks.run.rounds import run_rounds
+
+    plans, settings, looker = _stop_early_plans(
+        config, {name: (item.bench, item.full) for name, item in data.items()}, profile.image_dump_suffix)
+
+    def part_of(plan, indices: list, index: int, count: int):
+        part = plan.rows_frame(indices)
+        return part if count == 1 else subset(part, plan.bench, shard=(index, count))
+
+    def generate(rows: dict[str, list], index: int, count: int) -> None:
+        for variant in VARIANTS:
+            items = [(plan.bench, part) for plan in plans if rows[plan.name]
+                     for part in [part_of(plan, rows[plan.name], index, count)] if len(part.frame)]
+            if items:
+                predict_together(pair, engine, items, profile, variant, store, lmu_root=root, writer=writer,
+                                 progress=progress)
+
+    def work(rows: dict[str, list]):
+        def of(index: int, count: int):
+            return [(store_key(pair, plan.bench, data[plan.name].full, profile, variant, root,
+                               batch_invariant=engine.batch_invariant),
+                     part_of(plan, rows[plan.name], index, count).frame["index"].tolist())
+                    for plan in plans for variant in VARIANTS]
+        return of
+
+    def do_round(number: int, rows: dict[str, list]) -> None:
+        if isinstance(barrier, TorchrunShards):
+            barrier.share(lambda i, n: generate(rows, i, n), work(rows), store)
+        elif shard is not None and barrier is not None:
+            generate_shards(shard, barrier.round(number), lambda i, n: generate(rows, i, n))
+        else:
+            generate(rows, 0, 1)
+
+    def look(rows: dict[str, list], done: dict[str, int]):
+        def here():
+            got = {plan.name: {variant: predict_run(pair, engine, plan.bench, plan.rows_frame(rows[plan.name]),
+                                                    profile, variant, store, lmu_root=root, writer=writer,
+                                                    progress=False).predictions
+                               for variant in VARIANTS}
+                   for plan in plans if rows[plan.name]}
+            return looker.look(got, done)
+
+        if isinstance(barrier, TorchrunShards):  # rank 0 holds every row: it decides for all
+            return barrier.group.broadcast(here() if barrier.scores else None, "stop-early decision")
+        return here()
+
+    return run_rounds(plans, settings, looker.alpha, do_round, look)
 
 
 def _describe_engine(config: RunConfig, engine: Any) -> dict[str, Any]:
@@ -345,6 +451,7 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
     predictions: dict[str, dict[str, dict[Any, str]]] = {}
     files: dict[str, dict[str, str]] = {}
     data_info: dict[str, Any] = {}
+    read: dict[str, tuple[Benchmark, dict[str, Any], Any]] = {}  # --stop-early: scored after the rounds
     for bench in config.selected:
         benchmark = bench.name
         paths, absent = {}, []
@@ -372,8 +479,13 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
                       for v, f in frames.items()}
         _check_paired(benchmark, {v: list(frames[v]["index"]) for v in VARIANTS},
                       {v: str(paths[v]) for v in VARIANTS})
-        results[benchmark] = {v: bench.score(frames[v], meta=meta.frame if meta is not None else None)
-                              for v in VARIANTS}
+        if config.stop_early:
+            # Scored once the rounds are done (and only if the run did not stop).
+            read[benchmark] = (bench, frames, meta)
+            results[benchmark] = {v: None for v in VARIANTS}
+        else:
+            results[benchmark] = {v: bench.score(frames[v], meta=meta.frame if meta is not None else None)
+                                  for v in VARIANTS}
         if meta is None and whole is not frames:  # the files are the whole: a subset's bands widen
             for v in VARIANTS:
                 results[benchmark][v].population = bench.population(whole["base"])
@@ -387,6 +499,11 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
         raise RunInputError(f"--from-vlmeval {work_dir}: no prediction files of "
                             f"{config.base_name} and {config.lavender_name}; "
                             + "; ".join(f"{b}: {r}" for b, r in missing.items()))
+    early = _read_in_rounds(config, read) if config.stop_early else None
+    if early is not None and not early.stopped:
+        for benchmark, (bench, frames, meta) in read.items():
+            results[benchmark] = {v: bench.score(frames[v], meta=meta.frame if meta is not None else None)
+                                  for v in VARIANTS}
     metadata = {
         "mode": "from-vlmeval",
         **_common_metadata(config, started),
@@ -397,8 +514,33 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
         "missing": dict(missing),
         "timing": {"total_s": round(time.time() - started, 3)},
     }
+    if early is not None:
+        metadata["early_stop"] = early.describe()
     return RunResults(config=config, results=results, missing=missing, predictions=predictions,
-                      metadata=metadata)
+                      metadata=metadata, early_stop=early)
+
+
+def _read_in_rounds(config: RunConfig, read: Mapping[str, tuple[Benchmark, dict[str, Any], Any]]):
+    """``--stop-early --from-vlmeval``: the files' rows taken in the rounds a generated run
+    takes (the TSV's images and units give the order when ``--lmu-data`` has the TSV; without
+    it every row sharing a scoring unit is one draw unit), as if they were being generated."""
+    from lavender_checks.run.rounds import run_rounds
+
+    plans, settings, looker = _stop_early_plans(
+        config, {name: (bench, meta if meta is not None else frames["base"])
+                 for name, (bench, frames, meta) in read.items()},
+        None, files={name: (frames, meta.frame if meta is not None else None)
+                     for name, (bench, frames, meta) in read.items()},
+        rows={name: frames["base"]["index"].tolist() for name, (bench, frames, meta) in read.items()})
+    cells = {name: {v: dict(zip(frames[v]["index"].astype(str), frames[v]["prediction"].tolist())) for v in VARIANTS}
+             for name, (bench, frames, meta) in read.items()}
+
+    def look(rows: dict[str, list], done: dict[str, int]):
+        got = {name: {v: {index: cells[name][v][str(index)] for index in indices} for v in VARIANTS}
+               for name, indices in rows.items() if indices}
+        return looker.look(got, done)
+
+    return run_rounds(plans, settings, looker.alpha, lambda number, rows: None, look)
 
 
 def _optional_lmu_root(config: RunConfig) -> Path | None:

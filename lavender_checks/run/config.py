@@ -69,6 +69,8 @@ class RunConfig:
     # Data that is not what the reference was measured on (gate.verdicts.noncomparable):
     strict_data: bool = False  # refuse it before any work
     allow_noncomparable: bool = False  # gate it anyway (the report still says so first)
+    # Rounds of a seeded random sample, stopped once a failure is certain (run/rounds.py).
+    stop_early: bool = False
 
     def __post_init__(self) -> None:
         for name in ("base_model", "lora", "lmu_data", "reference", "store", "from_vlmeval"):
@@ -101,6 +103,10 @@ class RunConfig:
             raise RunInputError(f"--limit must be at least 1, got {self.limit}")
         if self.fraction is not None and not (0 < self.fraction <= 1):
             raise RunInputError(f"--fraction must be in (0, 1], got {self.fraction}")
+        if self.stop_early and (self.limit is not None or self.fraction is not None):
+            raise RunInputError("--stop-early draws its own random sample of every benchmark, round by "
+                                "round, and is judged against the whole benchmark: give it without "
+                                "--limit/--fraction")
         if self.batch_size < 1:
             raise RunInputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.shard is not None:
@@ -276,6 +282,10 @@ RUN_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--allow-noncomparable", dict(action="store_true", default=False,
                                    help="gate a run on such data anyway (without it the run fails, "
                                         "saying why)")),
+    ("--stop-early", dict(action="store_true", default=False,
+                          help="take the rows in rounds of a seeded random order and stop as soon as a "
+                               "case's failure is certain (confidence 1 - alpha, the reference's "
+                               "stop_early_alpha); a pass always comes from the complete run")),
 )
 
 # Where reports go and how many are kept; not part of what a run computes, so not RunConfig fields.

@@ -28,6 +28,11 @@ class GateOutcome:
     verdicts: list  # gate.Verdict, in the reference's order
     report: Path | None = None
     noncomparable: dict = dataclasses.field(default_factory=dict)  # benchmark -> why its data is not the reference's
+    early_stop: Any = None  # run.rounds.RoundsRecord of a --stop-early run
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.early_stop is not None and self.early_stop.stopped
 
     @property
     def passed(self) -> bool:
@@ -58,12 +63,18 @@ def run_reference(config: RunConfig, reference: Any = None):
 def judge_run(run: RunResults, reference: Any = None) -> GateOutcome:
     """Verdicts of the reference rows of the run's benchmarks (``reference``: a loaded
     gate.Reference, else the run's reference file)."""
-    from lavender_checks.gate.verdicts import judge, noncomparable
+    from lavender_checks.gate.verdicts import judge, noncomparable, stopped_verdicts
 
     reference = run_reference(run.config, reference)
-    return GateOutcome(reference, judge(reference, run.results, mode=run.config.gate_mode,
-                                          missing_reasons=run.missing),
-                       noncomparable=noncomparable(reference, run.metadata))
+    if run.stopped_early:
+        early = run.early_stop
+        reason = (f"the run stopped early after {early.rows_used} of {early.rows_total} rows, when "
+                  f"{early.deciding.row_id} {early.deciding.quantity} was certain to fail")
+        verdicts = stopped_verdicts(reference, early.failures, reason, run.config.gate_mode)
+    else:
+        verdicts = judge(reference, run.results, mode=run.config.gate_mode, missing_reasons=run.missing)
+    return GateOutcome(reference, verdicts, noncomparable=noncomparable(reference, run.metadata),
+                       early_stop=run.early_stop)
 
 
 def write_run_report(run: RunResults, outcome: GateOutcome, *, reports_root: Path = REPORTS,

@@ -74,6 +74,8 @@ def _run(args) -> int:
     else:
         _quiet_library_progress()
     if args.write_reference is not None:
+        if config.stop_early:
+            raise RunInputError("--write-reference records a complete run's numbers: drop --stop-early")
         return _record_reference(config, args, shards)
     run = _collect(config, shards, progress=not args.quiet)
     if run is None:
@@ -87,6 +89,8 @@ def _run(args) -> int:
     for benchmark, reason in run.missing.items():
         print(f"missing {benchmark}: {reason}")
     print(f"report: {path}")
+    if run.early_stop is not None:
+        print(run.early_stop.headline())
     problems = outcome.noncomparable
     if problems:  # last, where a reader looks first
         print(noncomparable_notice(problems, config.allow_noncomparable))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,54 @@ def predict_run(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: An
     ``data.BenchmarkData`` (its record gives the TSV's md5 and which rows share an image) or
     a bare frame (the md5 of the TSV in ``lmu_root``, every row its own image).
     """
+    work = _prepare(pair, engine, benchmark, frame, profile, variant, store, Path(lmu_root), writer)
+    _generate(engine, [work], variant, progress, keyed=lambda work, index: index)
+    return work.outcome()
+
+
+def predict_together(pair: Any, engine: Engine, items: Sequence[tuple[Benchmark | str, Any]],
+                     profile: Profile, variant: str, store: PredictionStore, *, lmu_root: str | Path,
+                     writer: str = "main", progress: bool = True) -> dict[str, PredictionRun]:
+    """``predict_run`` for several benchmarks' rows in one engine call per plan (the rows of
+    ``items`` in their order: a round of ``--stop-early`` hands the benchmarks with the
+    longest answers first, so that the short ones fill the batch while the long ones end).
+    The engine's keys are (benchmark, index); each benchmark's rows go to its own store log."""
+    works = [_prepare(pair, engine, benchmark, frame, profile, variant, store, Path(lmu_root), writer)
+             for benchmark, frame in items]
+    names = [work.bench.name for work in works]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a benchmark is given twice: {', '.join(names)}")
+    _generate(engine, works, variant, progress, keyed=lambda work, index: (work.bench.name, index))
+    return {work.bench.name: work.outcome() for work in works}
+
+
+@dataclass
+class _Work:
+    """One benchmark's rows of a call: prompts, what the store holds, where new rows go."""
+
+    bench: Benchmark
+    data: Any  # data.BenchmarkData
+    indices: list[Index]
+    texts: dict[Index, str]
+    wanted: dict[Index, str]  # index -> request sha
+    log: Any  # store.PredictionLog
+    predictions: dict[Index, str]
+    reused: int
+    recomputed: int
+    image_key_of: Callable[[Index], str]
+    loader: Callable[[Index], Callable[[], Any]]
+    max_new_tokens: int
+    clean_up_spaces: bool
+    generated: int = 0
+
+    def outcome(self) -> PredictionRun:
+        return PredictionRun(predictions={index: self.predictions[index] for index in self.indices},
+                             reused=self.reused, recomputed=self.recomputed, generated=self.generated,
+                             store_dir=self.log.directory)
+
+
+def _prepare(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: Any, profile: Profile,
+             variant: str, store: PredictionStore, lmu_root: Path, writer: str) -> _Work:
     from lavender_checks.data import BenchmarkData, image_key, load_image
 
     data = frame if isinstance(frame, BenchmarkData) else BenchmarkData(frame)
@@ -74,7 +122,6 @@ def predict_run(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: An
             f"{profile.add_special_tokens}, do_sample={profile.do_sample}; generation supports "
             "only add_special_tokens=true (VLMEvalKit's call) with greedy decoding"
         )
-    lmu_root = Path(lmu_root)
     dump = profile.image_dump_suffix  # the pixels VLMEvalKit's revision feeds the model
 
     # Prompts need no pixels; leaving out the base64 column keeps these row copies small.
@@ -96,67 +143,81 @@ def predict_run(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: An
     if recomputed:
         log.warning("%s/%s: %d stored predictions were made from another prompt or token budget "
                     "and are generated again", bench.name, variant, recomputed)
+    return _Work(
+        bench=bench, data=data, indices=indices, texts=texts, wanted=wanted, log=prediction_log,
+        predictions=predictions, reused=len(reusable.keys() & set(indices)), recomputed=recomputed,
+        # Each row's image identity, worked out once (the fast engine groups rows by it).
+        image_key_of=functools.cache(lambda index: image_key(data, index, dump)),
+        # The engine opens each image when it needs it, from a loader bound to its row (a full
+        # benchmark's images do not fit in memory).
+        loader=lambda index: functools.partial(load_image, data, index, bench, lmu_root, dump),
+        max_new_tokens=prompting.max_new_tokens, clean_up_spaces=profile.clean_up_tokenization_spaces,
+    )
 
-    # Each row's image identity, worked out once (the fast engine groups rows by it).
-    image_key_of = functools.cache(lambda index: image_key(data, index, dump))
-    batches = engine.plan(indices, image_key_of)
-    todo = [[index for index in batch if index not in predictions] for batch in batches]
+
+def _generate(engine: Engine, works: list[_Work], variant: str, progress: bool,
+              keyed: Callable[[_Work, Index], Any]) -> None:
+    """Generate every row of ``works`` the store does not hold, storing each as it finishes."""
+    owner: dict[Any, tuple[_Work, Index]] = {keyed(work, index): (work, index)
+                                              for work in works for index in work.indices}
+    keys = list(owner)
+
+    def image_of(key: Any) -> str:
+        work, index = owner[key]
+        # Image identities are per benchmark: "12.png" of MMBench is not "12.png" of MME.
+        return work.image_key_of(index) if len(works) == 1 else f"{work.bench.name}/{work.image_key_of(index)}"
+
+    batches = engine.plan(keys, image_of)
+    todo = [[key for key in batch if owner[key][1] not in owner[key][0].predictions] for batch in batches]
     todo = [batch for batch in todo if batch]
     missing = sum(len(batch) for batch in todo)
-    log.info("%s/%s: %d of %d predictions stored, %d to generate (store %s)", bench.name, variant,
-             len(predictions), len(indices), missing, prediction_log.directory)
+    for work in works:
+        work.generated = sum(1 for batch in todo for key in batch if owner[key][0] is work)
+        log.info("%s/%s: %d of %d predictions stored, %d to generate (store %s)", work.bench.name, variant,
+                 len(work.predictions), len(work.indices), work.generated, work.log.directory)
 
-    bar = _progress_bar(missing, f"{bench.name} {variant}", progress)
+    label = works[0].bench.name if len(works) == 1 else "+".join(w.bench.name for w in works)
+    bar = _progress_bar(missing, f"{label} {variant}", progress)
     try:
         for batch in todo:
-            # The engine opens each image when it needs it, from a loader bound to its row
-            # (a full benchmark's images do not fit in memory).
             requests = [
                 GenerationRequest(
-                    key=index,
-                    text=texts[index],
-                    images=[functools.partial(load_image, data, index, bench, lmu_root, dump)],
-                    max_new_tokens=prompting.max_new_tokens,
-                    image_key=image_key_of(index),
-                    clean_up_spaces=profile.clean_up_tokenization_spaces,
+                    key=key, text=work.texts[index], images=[work.loader(index)],
+                    max_new_tokens=work.max_new_tokens, image_key=image_of(key),
+                    clean_up_spaces=work.clean_up_spaces,
                 )
-                for index in batch
+                for key in batch for work, index in [owner[key]]
             ]
 
-            def keep(finished: list[tuple[Index, str]]) -> None:
+            def keep(finished: list[tuple[Any, str]]) -> None:
                 finished = list(finished)
-                strangers = [index for index, _ in finished if index not in wanted]
+                strangers = [key for key, _ in finished if key not in owner]
                 if strangers:
-                    raise RuntimeError(f"{bench.name}/{variant}: generation returned keys that "
+                    raise RuntimeError(f"{label}/{variant}: generation returned keys that "
                                        f"were not asked for: {strangers[:5]}")
-                prediction_log.append((index, prediction, wanted[index])
-                                      for index, prediction in finished)
-                predictions.update(finished)
+                for work in works:
+                    mine = [(owner[key][1], prediction) for key, prediction in finished if owner[key][0] is work]
+                    if mine:
+                        work.log.append((index, prediction, work.wanted[index]) for index, prediction in mine)
+                        work.predictions.update(mine)
                 if bar is not None:
                     bar.update(len(finished))
 
             generated = engine.generate(requests, variant, on_finish=keep)
-            unseen = [(k, v) for k, v in generated.items() if k not in predictions]
+            unseen = [(k, v) for k, v in generated.items() if owner[k][1] not in owner[k][0].predictions]
             if unseen:  # an engine that reports no rows as they finish: store its results here
                 keep(unseen)
-            lost = [index for index in batch if index not in predictions]
+            lost = [key for key in batch if owner[key][1] not in owner[key][0].predictions]
             if lost:
-                raise RuntimeError(f"{bench.name}/{variant}: no prediction came back for {lost}")
+                raise RuntimeError(f"{label}/{variant}: no prediction came back for {lost}")
     except KeyboardInterrupt:
-        log.warning("%s/%s: interrupted; %d of %d predictions are stored and a rerun resumes "
-                    "from them", bench.name, variant, len(predictions), len(indices))
+        for work in works:
+            log.warning("%s/%s: interrupted; %d of %d predictions are stored and a rerun resumes "
+                        "from them", work.bench.name, variant, len(work.predictions), len(work.indices))
         raise
     finally:
         if bar is not None:
             bar.close()
-
-    return PredictionRun(
-        predictions={index: predictions[index] for index in indices},
-        reused=len(reusable.keys() & set(indices)),
-        recomputed=recomputed,
-        generated=missing,
-        store_dir=prediction_log.directory,
-    )
 
 
 def store_key(pair: Any, bench: Benchmark, data: Any, profile: Profile, variant: str,

@@ -249,7 +249,8 @@ def gate_outcome(run_results, worker_barrier, pytestconfig) -> GateOutcome:
                                   keep=pytestconfig.getoption("keep_reports"))
         summary = {"table": outcome.table(), "report": str(outcome.report),
                    "missing": dict(run_results.missing), "noncomparable": dict(outcome.noncomparable),
-                   "allow_noncomparable": run_results.config.allow_noncomparable}
+                   "allow_noncomparable": run_results.config.allow_noncomparable,
+                   "early_stop": outcome.early_stop.headline() if outcome.early_stop is not None else None}
         pytestconfig.stash[_GATE_SUMMARY] = summary
         if hasattr(pytestconfig, "workeroutput"):
             pytestconfig.workeroutput[_WORKER_OUTPUT_KEY] = summary
@@ -318,6 +319,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_line(f"report: {summary['report']}")
     if _SNAPSHOT_DIFF in config.stash:
         terminalreporter.write_line(f"snapshot diff: {config.stash[_SNAPSHOT_DIFF]}")
+    if summary.get("early_stop"):
+        terminalreporter.write_line(summary["early_stop"], bold=True)
     if summary.get("noncomparable"):  # last, where a reader looks first
         from lavender_checks.gate.verdicts import noncomparable_notice
 

@@ -68,6 +68,7 @@ def write_reference(run: RunResults, path: str | Path, *, template: str | Path =
     document: dict[str, Any] = {
         "run": {key: value for key, value in settings.items() if value is not None},
         "gate": {"confidence": gate.confidence, "n_resamples": gate.n_resamples, "seed": gate.seed,
+                 "stop_early_alpha": gate.stop_early_alpha,
                  "consistency_tolerance": gate.consistency_tolerance, "floor": dict(gate.floors)},
         "derived": {benchmark: {name: list(parts) for name, parts in derived.items()}
                     for benchmark, derived in template_ref.derived.items()},

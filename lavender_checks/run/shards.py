@@ -81,6 +81,12 @@ class ShardBarrier:
     def run_id(self) -> str:
         return f"barrier:{self.directory.resolve()}"
 
+    def round(self, number: int) -> ShardBarrier:
+        """The barrier of one round of ``--stop-early`` (run/rounds.py): the same processes
+        meet there after each generated their share of that round."""
+        return ShardBarrier(self.directory / f"round-{number}", self.count, self.owner,
+                            stall_timeout=self.stall_timeout, poll=self.poll, heartbeat=self.heartbeat)
+
     def remove(self) -> None:
         """Delete the barrier folder (once every process of the run is done with it)."""
         shutil.rmtree(self.directory, ignore_errors=True)

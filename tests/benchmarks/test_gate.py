@@ -10,6 +10,9 @@ LMUData, a subset without that category), which says nothing about the model. Wi
 ``--from-vlmeval`` it fails instead: the folder was named as the evidence of a VLMEvalKit run,
 and a gate over it must not turn green on files that are not there.
 
+With ``--stop-early``, a run that stopped fails the cases whose failure was certain and skips
+every other one with the reason: only a complete run judges them (and takes snapshots).
+
 A benchmark whose TSV is not the data the reference's numbers came from (md5; see
 ``gate.verdicts.noncomparable``) fails each of its cases with the reason, unless
 ``--allow-noncomparable`` is given.
@@ -44,7 +47,7 @@ def _judge(outcome: GateOutcome, config: RunConfig, row_id: str, quantity: str):
         pytest.fail(f"NOT COMPARABLE with the reference: {why} (--allow-noncomparable gates it "
                     f"anyway; --strict-data refuses it before any work)", pytrace=False)
     if verdict.status == "missing":
-        if config.from_vlmeval is not None:
+        if config.from_vlmeval is not None and not outcome.stopped_early:
             pytest.fail(verdict.message(), pytrace=False)
         pytest.skip(verdict.message())
     assert verdict.status == "pass", verdict.message()

@@ -55,6 +55,8 @@ def test_scores(run_results, gate_outcome, snapshot_benchmark, benchmark_snapsho
         # A subset's numbers are a sample's: its bands (test_gate) judge it, against the
         # whole benchmark's reference; a snapshot per subset would be one more file to review.
         pytest.skip("subsets (--limit/--fraction) are not snapshotted; the gate's bands judge them")
+    if run_results.stopped_early:
+        pytest.skip(f"no snapshot of a run that --stop-early stopped: {run_results.early_stop.headline()}")
     current = None
     if snapshot_benchmark not in run_results.missing:
         result = run_results.results[snapshot_benchmark]

@@ -1,0 +1,106 @@
+"""The rounds of --stop-early (run/rounds.py): draw units, their order, the rounds' rows, and
+scoring as the rows arrive, exactly as the complete run scores them."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from lavender_checks.benchmarks import benchmark_names, get_benchmark
+from lavender_checks.data import image_key, load_benchmark, resampling_units
+from lavender_checks.gate.bootstrap import metric_forms
+from lavender_checks.gate.sequential import Decision, EarlyFailure, load_settings
+from lavender_checks.gate.verdicts import load_reference
+from lavender_checks.model import VARIANTS
+from lavender_checks.run.config import MINI_LMUDATA, TINY_REFERENCE
+from lavender_checks.run.rounds import BenchmarkRounds, Looker, draw_labels, gate_cases, run_rounds
+from lavender_checks.vlmeval_io import prediction_frame, roundtrip
+
+SETTINGS = load_settings()
+
+
+@pytest.fixture(scope="module")
+def mini():
+    return {name: (get_benchmark(name), load_benchmark(get_benchmark(name), MINI_LMUDATA))
+            for name in benchmark_names()}
+
+
+@pytest.mark.parametrize("name", benchmark_names())
+def test_rows_that_share_an_image_or_a_scoring_unit_are_drawn_together(mini, name):
+    bench, data = mini[name]
+    labels = draw_labels(data, bench)
+    frame = data.frame
+    units = resampling_units(data, bench.spec).astype(str).to_numpy()
+    images = [image_key(data, i) for i in frame["index"]]
+    for a, b in itertools.combinations(range(len(frame)), 2):
+        if units[a] == units[b] or images[a] == images[b]:
+            assert labels[a] == labels[b], (frame["index"][a], frame["index"][b])
+    if name == "MMBench_DEV_EN":  # circular copies share their group's draw unit
+        assert len(set(labels)) < len(frame)
+
+
+def test_the_order_is_seeded_and_every_row_comes_once(mini):
+    bench, data = mini["MMBench_DEV_EN"]
+    one, again, other = (BenchmarkRounds.of(bench, data, seed) for seed in (1, 1, 2))
+    assert one.order == again.order and one.order != other.order
+    taken, done = [], 0
+    for fraction in SETTINGS.rounds:
+        stop = one.units_through(fraction)
+        assert stop <= max(1, int(fraction * len(one.order) + 1e-9))
+        taken += one.indices(done, stop)
+        done = stop
+    assert sorted(taken) == sorted(data.frame["index"].tolist())
+
+
+def _tricky(indices, variant):
+    """Predictions VLMEvalKit's xlsx round trip changes: NA tokens, numbers, formulas, blanks."""
+    pool = ["A", "B) the cat", "Yes", "No", "42", "3.50", "NA", "", "nan", "=1+1", "None", "  spaced  ",
+            "The answer is (C).", "N/A", "0", "#N/A", "1e3"]
+    shift = 0 if variant == "base" else 5
+    return {index: pool[(k + shift) % len(pool)] for k, index in enumerate(indices)}
+
+
+def test_scores_seen_during_the_rounds_are_the_complete_runs(mini):
+    """Each unit's value from the rows arriving round by round equals its value in the complete
+    run's scoring (one xlsx round trip of the whole file)."""
+    reference = load_reference(TINY_REFERENCE)
+    plans = [BenchmarkRounds.of(bench, data, 7) for bench, data in mini.values()]
+    looker = Looker(plans, reference, gate_cases(reference, [p.name for p in plans], "reproduce"), 0.01,
+                    SETTINGS)
+    predictions = {p.name: {v: _tricky(p.data_frame["index"].tolist(), v) for v in VARIANTS} for p in plans}
+    done = {p.name: 0 for p in plans}
+    for fraction in SETTINGS.rounds:  # in rounds, as a run hands them over
+        for plan in plans:
+            stop = plan.units_through(fraction)
+            rows = plan.indices(done[plan.name], stop)
+            for variant in VARIANTS:
+                looker.add(plan.name, variant, {i: predictions[plan.name][variant][i] for i in rows})
+            done[plan.name] = stop
+    for plan in plans:
+        meta = plan.data_frame
+        for variant in VARIANTS:
+            complete = plan.bench.score(roundtrip(prediction_frame(meta, predictions[plan.name][variant])), meta=meta)
+            seen = looker.score(plan.name, variant)
+            assert seen.metrics == complete.metrics
+            for row in (r for r in reference.rows if r.benchmark == plan.name):
+                for a, b in zip(metric_forms(seen, row.parts), metric_forms(complete, row.parts)):
+                    np.testing.assert_array_equal(a.numerator, b.numerator)
+                    np.testing.assert_array_equal(a.denominator, b.denominator)
+
+
+def test_the_rounds_stop_after_the_look_that_finds_a_failure(mini):
+    reference = load_reference(TINY_REFERENCE)
+    plans = [BenchmarkRounds.of(bench, data, 7) for bench, data in mini.values()]
+    produced = []
+    looks = iter([False, False, True])
+
+    failure = EarlyFailure("ChartQA_TEST-Overall", "gain", 4.17, (-1.0, 0.5), 2.0, "below", 0.001, 3, 24)
+
+    record = run_rounds(plans, SETTINGS, 0.01, lambda n, rows: produced.append(n),
+                        lambda rows, done: Decision([failure]) if next(looks) else Decision())
+    assert produced == [1, 2, 3] and record.stopped and record.rounds_done == 3
+    assert 0 < record.rows_used < record.rows_total == sum(p.rows for p in plans)
+    described = record.describe()
+    assert described["rows_total"] == record.rows_total and described["decided_by"]["row"] == "ChartQA_TEST-Overall"
+    assert record.headline().startswith("STOPPED EARLY after round 3")
+    assert reference.gate.stop_early_alpha == 0.01
