@@ -358,13 +358,15 @@ def _docvqa_plan(n: int, target: float) -> tuple[int, list[float]]:
     """(answers fully right, ANLS scores of near misses) whose mean × 100 is nearest ``target``:
     a value between two whole counts needs one near miss (a score in [0.5, 1)) or two."""
     wanted = target * n / 100
-    whole = round(wanted)
-    if abs(whole - wanted) <= PRINT_HALF_STEP * n / 100 / 2:
-        return min(n, max(0, whole)), []
+    whole = min(n, max(0, round(wanted)))
+    if abs(100 * whole / n - target) < PRINT_HALF_STEP - 1e-9:  # prints as the target
+        return whole, []
     below = math.floor(wanted)
     fraction = wanted - below
     if fraction >= 0.5:
         return below, [fraction]
+    if below == 0:  # below one whole answer and a near miss scores at least 0.5
+        return 0, []
     return below - 1, [(1 + fraction) / 2] * 2
 
 
