@@ -296,9 +296,11 @@ def scenario_names() -> list[str]:
     return list(layout()["scenario"])
 
 
-def scenario_targets(reference: Any, scenario: str = "reproduce") -> ScenarioTargets:
-    """The reference's targets with the scenario's edits applied."""
-    scenarios = layout()["scenario"]
+def scenario_targets(reference: Any, scenario: str = "reproduce",
+                     scenarios: Mapping[str, Any] | None = None) -> ScenarioTargets:
+    """The reference's targets with the scenario's edits applied (``scenarios``: the
+    ``[scenario]`` tables of ``fullsize_data.toml`` unless given)."""
+    scenarios = layout()["scenario"] if scenarios is None else scenarios
     if scenario not in scenarios:
         raise FullsizeDataError(f"unknown scenario {scenario!r}; known: {', '.join(scenarios)}")
     targets = reference_targets(reference)
@@ -313,20 +315,27 @@ def scenario_targets(reference: Any, scenario: str = "reproduce") -> ScenarioTar
         if len(kinds) != 1 or variant not in VARIANTS:
             raise FullsizeDataError(f"{where}: needs exactly one of gain_scale, offset, same_as_base "
                                     f"and a variant among {VARIANTS}")
+        edited = 0
         for name in chosen:
             if kinds[0] == "same_as_base":
                 if variant != "lavender":
                     raise FullsizeDataError(f"{where}: same_as_base edits the lavender variant only")
                 same.add(name)
                 targets[name]["lavender"] = dict(targets[name]["base"])
+                edited += 1
                 continue
             metrics = edit.get("metrics", list(targets[name][variant]))
+            if benchmark == "*":  # every benchmark that has the metrics named
+                metrics = [m for m in metrics if m in targets[name][variant]]
             for metric in metrics:
                 if metric not in targets[name][variant]:
                     raise FullsizeDataError(f"{where}: {name} has no target {metric!r}")
+                edited += 1
                 base, value = targets[name]["base"][metric], targets[name][variant][metric]
                 targets[name][variant][metric] = (base + edit["gain_scale"] * (value - base)
                                                   if kinds[0] == "gain_scale" else value + edit["offset"])
+        if not edited:
+            raise FullsizeDataError(f"{where}: no benchmark of the reference has the metrics {edit.get('metrics')}")
     return ScenarioTargets(targets, frozenset(same))
 
 

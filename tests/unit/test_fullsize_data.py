@@ -268,3 +268,20 @@ def test_the_command_refuses_a_missing_reference(tmp_path, capsys):
     assert fd.main(args) == 2
     assert capsys.readouterr().out.startswith("lavender-checks make-vlmeval-folder: error: --reference ")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_scenario_is_a_table_of_edits():
+    scenarios = {"shifted": {"edit": [
+        {"benchmark": "MME", "metrics": ["artwork"], "variant": "base", "offset": -10.0},
+        {"benchmark": "*", "metrics": ["Overall"], "gain_scale": 2.0},
+    ]}}
+    targets = fd.scenario_targets(SEED, "shifted", scenarios).targets
+    assert targets["MME"]["base"]["artwork"] == 41.0
+    assert targets["MME"]["lavender"]["artwork"] == 126.5
+    assert targets["DocVQA_VAL"]["lavender"]["Overall"] == pytest.approx(80.34 + 2 * 5.43)
+    bad = {"both": {"edit": [{"benchmark": "MME", "offset": 1.0, "gain_scale": 0.5}]}}
+    with pytest.raises(fd.FullsizeDataError, match="scenario 'both' edit 1: needs exactly one of"):
+        fd.scenario_targets(SEED, "both", bad)
+    unknown = {"typo": {"edit": [{"benchmark": "MME", "metrics": ["artworks"], "offset": 1.0}]}}
+    with pytest.raises(fd.FullsizeDataError, match="MME has no target 'artworks'"):
+        fd.scenario_targets(SEED, "typo", unknown)
