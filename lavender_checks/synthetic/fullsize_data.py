@@ -643,6 +643,35 @@ def score(frames: Mapping[str, Mapping[str, pd.DataFrame]]) -> dict[str, dict[st
             for b, by_variant in frames.items()}
 
 
+@dataclass(frozen=True)
+class Miss:
+    """A reference number the predictions do not print as targeted (the nearest count could
+    not reach it: a scenario's target between two attainable values)."""
+
+    row_id: str
+    variant: str
+    target: float
+    scored: float
+
+    def __str__(self) -> str:
+        return f"{self.row_id} {self.variant}: target {self.target:.2f}, scores {self.scored:.2f}"
+
+
+def misses(reference: Any, targets: ScenarioTargets, scores: Mapping[str, Mapping[str, Mapping[str, float]]]
+           ) -> list[Miss]:
+    """The reference rows whose scored value does not print (two decimals) as its target."""
+    out = []
+    for row in reference.rows:
+        if row.benchmark not in scores:
+            continue
+        for variant in VARIANTS:
+            scored = sum(scores[row.benchmark][variant][k] for k in row.parts)
+            target = targets.targets[row.benchmark][variant][row.metric]
+            if f"{scored:.2f}" != f"{target:.2f}":
+                out.append(Miss(row.id, variant, target, scored))
+    return out
+
+
 # ================================================================================= folders
 
 
@@ -651,6 +680,7 @@ class VlmevalFolder:
     root: Path
     prediction_files: dict[str, dict[str, Path]]  # benchmark -> variant -> file
     lmu_data: Path | None
+    misses: list[Miss]  # targets the predictions do not print as targeted
     seconds: float
 
 
@@ -674,10 +704,12 @@ def write_vlmeval_folder(out: str | Path, scenario: str = "reproduce", reference
     from lavender_checks.vlmeval_io import write_prediction_file
 
     started = time.perf_counter()
-    targets = scenario_targets(load_reference(reference or DEFAULT_REFERENCE), scenario)
+    loaded = load_reference(reference or DEFAULT_REFERENCE)
+    targets = scenario_targets(loaded, scenario)
     benchmarks = tuple(b for b in BENCHMARKS if b in targets.targets)
     frames = benchmark_frames(seed, benchmarks)
     predicted = prediction_frames(frames, predictions_for_targets(frames, targets, seed))
+    missed = misses(loaded, targets, score(predicted))
     root = Path(out)
     files: dict[str, dict[str, Path]] = {}
     for benchmark, by_variant in predicted.items():
@@ -695,7 +727,7 @@ def write_vlmeval_folder(out: str | Path, scenario: str = "reproduce", reference
             write_tsv(frame, path)
             written[benchmark] = (path, len(frame))
         _write_manifest(lmu, written)
-    return VlmevalFolder(root, files, lmu, time.perf_counter() - started)
+    return VlmevalFolder(root, files, lmu, missed, time.perf_counter() - started)
 
 
 # ================================================================================= command
@@ -730,6 +762,10 @@ def main(args: argparse.Namespace) -> int:
             print(f"{benchmark:16s} {path}")
     if folder.lmu_data is not None:
         print(f"TSVs             {folder.lmu_data} (synthetic: gate them with --allow-noncomparable)")
+    if folder.misses:
+        print(f"{len(folder.misses)} target(s) not printed as targeted (the nearest attainable count is used):")
+        for miss in folder.misses:
+            print(f"  {miss}")
     print(f"scenario {args.scenario}, seed {args.seed}: written in {folder.seconds:.1f} s; "
           f"gate it with: lavender-checks run --from-vlmeval {folder.root}")
     return 0

@@ -285,3 +285,13 @@ def test_a_scenario_is_a_table_of_edits():
     unknown = {"typo": {"edit": [{"benchmark": "MME", "metrics": ["artworks"], "offset": 1.0}]}}
     with pytest.raises(fd.FullsizeDataError, match="MME has no target 'artworks'"):
         fd.scenario_targets(SEED, "typo", unknown)
+
+
+def test_misses_name_the_targets_no_count_reaches(scenarios):
+    assert fd.misses(SEED, *scenarios["reproduce"][::2]) == []
+    halved = fd.misses(SEED, *scenarios["chartqa-halved"][::2])
+    assert {(m.row_id, m.variant) for m in halved} == {
+        ("ChartQA_TEST-test_human", "lavender"), ("ChartQA_TEST-test_augmented", "lavender"),
+        ("ChartQA_TEST-Overall", "lavender")}
+    assert all(abs(m.scored - m.target) <= 0.04 + 1e-9 for m in halved)
+    assert str(halved[0]).startswith("ChartQA_TEST-") and ": target " in str(halved[0])
