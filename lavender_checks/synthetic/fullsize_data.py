@@ -421,11 +421,13 @@ def _nearest_m(pairs: int, target: float) -> int:
 
 def _mme_free(free: list[str], pairs: Mapping[str, int], low: float, high: float) -> dict[str, int]:
     """m of every free subtask so that their sum lies in [low, high] (margins kept), as even as
-    possible; the largest subtask is solved last, the two smallest others searched fully."""
+    possible; the largest subtask is solved last, the two smallest others searched fully (one,
+    when two would mean over 200,000 combinations), any others set to an even share."""
     aim = (low + high) / 2
     share = aim / len(free)
     ordered = sorted(free, key=lambda c: pairs[c])
-    last, searched, fixed = ordered[-1], ordered[:-1][:2], ordered[:-1][2:]
+    width = 2 if math.prod(len(_mme_values(pairs[c])) for c in ordered[:-1][:2]) <= 200_000 else 1
+    last, searched, fixed = ordered[-1], ordered[:-1][:width], ordered[:-1][width:]
     base = {c: _nearest_m(pairs[c], share) for c in fixed}
     best = None
     for combination in itertools.product(*(_mme_values(pairs[c]) for c in searched)):
