@@ -20,6 +20,8 @@ SUBCOMMANDS = {
     "bench": ("lavender_checks.speed.bench", "speed benchmark on the full-size architecture with random weights (CUDA)"),
     "bench-gpus": ("lavender_checks.speed.gpus", "how the fast path scales over several GPUs, one process per GPU (CUDA)"),
     "make-mini-data": ("lavender_checks.synthetic.minidata", "rebuild the synthetic mini benchmarks in fixtures/lmudata-mini"),
+    "make-vlmeval-folder": ("lavender_checks.synthetic.fullsize_data",
+                            "write a VLMEvalKit work dir of full-size synthetic predictions that hit a reference's numbers"),
 }
 
 

@@ -737,7 +737,7 @@ def data_mismatch(reference: Reference, benchmark: str, info: Mapping[str, Any] 
     if rows is not None:
         rows_note = f", {rows} rows" + (f" (VLMEvalKit's has {rows_expected})"
                                         if rows_expected is not None and not recorded else "")
-    synthetic = " (the synthetic mini benchmark)" if info.get("synthetic") else ""
+    synthetic = " (synthetic data, listed in its synthetic.toml)" if info.get("synthetic") else ""
     return (f"{info.get('tsv', 'the TSV')}{synthetic} is not {whose}: md5 {info['md5']} "
             f"(expected {expected}){rows_note}")
 

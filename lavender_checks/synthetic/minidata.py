@@ -257,7 +257,7 @@ BUILDERS = {"docvqa": _docvqa, "chartqa": _chartqa, "mmbench": _mmbench, "mme": 
 # ----------------------------------------------------------------------------------- output
 
 
-def _write_tsv(frame: pd.DataFrame, path: Path) -> None:
+def write_tsv(frame: pd.DataFrame, path: Path) -> None:
     # As VLMEvalKit's TSVs are laid out: tab-separated, a header, no pandas index column,
     # empty cells for NaN, minimal quoting, "\n" line ends.
     frame.to_csv(path, sep="\t", index=False, lineterminator="\n", encoding="utf-8")
@@ -307,7 +307,7 @@ def build_mini_lmudata(out_dir: str | Path | None = None, content: str | Path = 
         section = spec[key]
         frame = BUILDERS[key](section, spec["jpeg_quality"])
         path = out / section["tsv"]
-        _write_tsv(frame, path)
+        write_tsv(frame, path)
         data = path.read_bytes()
         written[name] = path
         entries[name] = {"tsv": section["tsv"], "md5": hashlib.md5(data).hexdigest(),

@@ -1,9 +1,8 @@
 """``--from-vlmeval``: gating the prediction files of a VLMEvalKit work dir (no model, no GPU).
 
-The folders are built here: full-size synthetic VLMEvalKit runs (every benchmark at its
-real row count; MME's official subtask sizes; MMBench category sizes that fit every fraction
-the report prints) whose predictions are chosen so that their scores land on the seed
-report's printed numbers, in both of VLMEvalKit's folder layouts.
+The folders are built here, in both of VLMEvalKit's folder layouts, from full-size synthetic
+runs (``synthetic.fullsize_data``: every benchmark at its real size and structure) whose
+predictions are chosen so that their scores print the seed report's numbers.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from lavender_checks.run.config import (
     RunInputError,
 )
 from lavender_checks.run.judge import GateOutcome, judge_run
+from lavender_checks.synthetic import fullsize_data
 from lavender_checks.vlmeval_io import write_prediction_file
 
 SEED = load_reference(SEED_REFERENCE)
@@ -41,176 +41,6 @@ def reported(row_id: str, quantity: str) -> float:
 
 # ----------------------------------------------------------------- synthetic full-size predictions
 
-
-def _correct_counts(rows: int, row_id: str) -> dict[str, int]:
-    """How many rows each model gets right so that its percentage prints as reported."""
-    return {q: round(reported(row_id, q) * rows / 100) for q in ("base", "lavender")}
-
-
-def docvqa_frames() -> dict[str, pd.DataFrame]:
-    rows = 5349
-    right = _correct_counts(rows, "DocVQA_VAL-Overall")
-    meta = pd.DataFrame({"index": range(rows), "question": [f"what is field {i}?" for i in range(rows)],
-                         "answer": [f"['value {i}']" for i in range(rows)]})
-    return {model: meta.assign(prediction=[f"value {i}" if i < right[model] else "@@@@@@@@@@@@@@@@"
-                                          for i in range(rows)])
-            for model in right}
-
-
-def chartqa_frames() -> dict[str, pd.DataFrame]:
-    per_split = 1250
-    frames = {"base": [], "lavender": []}
-    start = 0
-    for split in ("test_human", "test_augmented"):
-        right = _correct_counts(per_split, f"ChartQA_TEST-{split}")
-        meta = pd.DataFrame({"index": range(start, start + per_split),
-                             "question": [f"which bar is {i}?" for i in range(per_split)],
-                             "answer": [f"bar {i}" for i in range(per_split)], "split": split})
-        for model in frames:
-            frames[model].append(meta.assign(prediction=[
-                f"bar {i}" if i < right[model] else "Let's think step by step." for i in range(per_split)]))
-        start += per_split
-    return {model: pd.concat(parts, ignore_index=True) for model, parts in frames.items()}
-
-
-# MMBench_DEV_EN: circular groups per category (1164 in all) and the l2 category of each.
-MMBENCH_GROUPS = {
-    "action_recognition": 54, "attribute_comparison": 44, "attribute_recognition": 74,
-    "celebrity_recognition": 99, "function_reasoning": 79, "future_prediction": 40,
-    "identity_reasoning": 45, "image_emotion": 50, "image_quality": 53, "image_scene": 104,
-    "image_style": 53, "image_topic": 36, "nature_relation": 48, "object_localization": 81,
-    "ocr": 39, "physical_property_reasoning": 75, "physical_relation": 25, "social_relation": 43,
-    "spatial_relationship": 44, "structuralized_imagetext_understanding": 78,
-}
-MMBENCH_L2 = {
-    "coarse_perception": ("image_style", "image_scene", "image_emotion", "image_quality", "image_topic"),
-    "finegrained_perception (instance-level)": ("object_localization", "attribute_recognition",
-                                                "celebrity_recognition", "ocr"),
-    "finegrained_perception (cross-instance)": ("spatial_relationship", "attribute_comparison",
-                                                "action_recognition"),
-    "attribute_reasoning": ("physical_property_reasoning", "function_reasoning", "identity_reasoning"),
-    "relation_reasoning": ("social_relation", "physical_relation", "nature_relation"),
-    "logic_reasoning": ("structuralized_imagetext_understanding", "future_prediction"),
-}
-MMBENCH_ROWS = 4329
-
-
-def _mmbench_hits() -> dict[str, dict[str, int]]:
-    """Groups right per category: the reported categories exactly, the others sharing the
-    rest of the reported Overall in proportion to their size."""
-    printed = {r.metric for r in SEED.rows if r.benchmark == "MMBench_DEV_EN"}
-    hits = {"base": {}, "lavender": {}}
-    for model in hits:
-        total = round(reported("MMBench_DEV_EN-Overall", model) * sum(MMBENCH_GROUPS.values()) / 100)
-        known = {c: round(reported(f"MMBench_DEV_EN-{c}", model) * n / 100)
-                 for c, n in MMBENCH_GROUPS.items() if c in printed}
-        others = [c for c in MMBENCH_GROUPS if c not in known]
-        rest, rest_size = total - sum(known.values()), sum(MMBENCH_GROUPS[c] for c in others)
-        shares = {c: rest * MMBENCH_GROUPS[c] // rest_size for c in others}
-        for c in others[: rest - sum(shares.values())]:
-            shares[c] += 1
-        hits[model] = {**known, **shares}
-    return hits
-
-
-def mmbench_frames() -> dict[str, pd.DataFrame]:
-    l2_of = {c: l2 for l2, cats in MMBENCH_L2.items() for c in cats}
-    groups = sum(MMBENCH_GROUPS.values())
-    three_option_groups = 4 * groups - MMBENCH_ROWS  # the others have four options
-    hits = _mmbench_hits()
-    rows = {"base": [], "lavender": []}
-    group = 0
-    for category, size in MMBENCH_GROUPS.items():
-        for k in range(size):
-            letters = "ABC" if group < three_option_groups else "ABCD"
-            options = [f"option {j} of question {group}" for j in range(len(letters))]
-            for rotation in range(len(letters)):  # VLMEvalKit's circular copies
-                rotated = options[rotation:] + options[:rotation]
-                truth = letters[(0 - rotation) % len(letters)]  # option 0 is right
-                row = {"index": group + rotation * 1_000_000, "question": f"question {group}?",
-                       "hint": None, **{letters[j]: rotated[j] for j in range(len(letters))},
-                       "answer": truth, "category": category, "l2-category": l2_of[category],
-                       "split": "dev"}
-                wrong = letters[(letters.index(truth) + 1) % len(letters)]
-                for model in rows:
-                    rows[model].append({**row, "prediction": truth if k < hits[model][category] else wrong})
-            group += 1
-    columns = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category",
-               "split", "prediction"]
-    return {model: pd.DataFrame(r, columns=columns) for model, r in rows.items()}
-
-
-# MME: images per subtask (two questions each; 1187 images, 2374 rows).
-MME_IMAGES = {
-    "existence": 30, "count": 30, "position": 30, "color": 30, "posters": 147, "celebrity": 170,
-    "scene": 200, "landmark": 200, "artwork": 200, "OCR": 20,
-    "commonsense_reasoning": 70, "numerical_calculation": 20, "text_translation": 20, "code_reasoning": 20,
-}
-PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
-              "artwork", "OCR")
-
-
-def _mme_counts(images: int, target: float) -> tuple[int, int]:
-    """(questions right, images with both right) whose acc + acc+ is nearest ``target``."""
-    best = None
-    for both in range(images + 1):
-        for right in range(2 * both, images + both + 1):  # at most one right on the other images
-            score = right / (2 * images) * 100 + both / images * 100
-            if best is None or abs(score - target) < best[0]:
-                best = (abs(score - target), right, both)
-    return best[1], best[2]
-
-
-def _mme_score(images: int, counts: tuple[int, int]) -> float:
-    right, both = counts
-    return right / (2 * images) * 100 + both / images * 100
-
-
-def _mme_plan() -> dict[str, dict[str, tuple[int, int]]]:
-    """Counts per subtask; subtasks the report does not print make up its perception and
-    reasoning sums."""
-    plan = {}
-    for model in ("base", "lavender"):
-        counts = {}
-        for group, members, unprinted in (("perception", PERCEPTION, ("position", "color", "scene")),
-                                          ("reasoning", tuple(c for c in MME_IMAGES if c not in PERCEPTION),
-                                           ("commonsense_reasoning",))):
-            for c in members:
-                if c not in unprinted:
-                    counts[c] = _mme_counts(MME_IMAGES[c], reported(f"MME-{c}", model))
-            rest = reported(f"MME-{group}", model) - sum(_mme_score(MME_IMAGES[c], counts[c])
-                                                         for c in members if c not in unprinted)
-            for i, c in enumerate(unprinted):  # equal parts; the last one takes the remainder
-                share = rest / (len(unprinted) - i)
-                counts[c] = _mme_counts(MME_IMAGES[c], share)
-                rest -= _mme_score(MME_IMAGES[c], counts[c])
-        plan[model] = counts
-    return plan
-
-
-def mme_frames() -> dict[str, pd.DataFrame]:
-    plan = _mme_plan()
-    rows = {"base": [], "lavender": []}
-    index = 0
-    for category, images in MME_IMAGES.items():
-        for image in range(images):
-            for question in range(2):
-                answer = "Yes" if question == 0 else "No"
-                row = {"index": index, "question": f"Is it {question}? Please answer yes or no.",
-                       "answer": answer, "category": category,
-                       "image_path": f"{category}/{image:04d}.jpg"}
-                for model in rows:
-                    right, both = plan[model][category]
-                    one_right = right - 2 * both  # images after the `both` ones with one answer right
-                    ok = image < both or (image < both + one_right and question == 0)
-                    rows[model].append({**row, "prediction": answer if ok else
-                                        ("No" if answer == "Yes" else "Yes")})
-                index += 1
-    return {model: pd.DataFrame(r) for model, r in rows.items()}
-
-
-BUILDERS = {"DocVQA_VAL": docvqa_frames, "ChartQA_TEST": chartqa_frames,
-            "MMBench_DEV_EN": mmbench_frames, "MME": mme_frames}
 MODEL_NAMES = {"base": BASE, "lavender": LAVENDER}
 
 
@@ -236,7 +66,10 @@ def write_run(work: Path, frames: dict[str, dict[str, pd.DataFrame]], *, layout:
 
 @pytest.fixture(scope="module")
 def seed_frames() -> dict[str, dict[str, pd.DataFrame]]:
-    return {benchmark: build() for benchmark, build in BUILDERS.items()}
+    """benchmark -> variant -> prediction frame, full size, printing the seed report's numbers."""
+    frames = fullsize_data.benchmark_frames(seed=0)
+    targets = fullsize_data.scenario_targets(SEED, "reproduce")
+    return fullsize_data.prediction_frames(frames, fullsize_data.predictions_for_targets(frames, targets))
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +93,7 @@ def test_synthetic_run_prints_the_seed_numbers(seed_frames):
 
     scored = {b: {v: get_benchmark(b).score(f) for v, f in by_variant.items()}
               for b, by_variant in seed_frames.items()}
-    assert len(seed_frames["MMBench_DEV_EN"]["base"]) == MMBENCH_ROWS
+    assert len(seed_frames["MMBench_DEV_EN"]["base"]) == 4329
     assert len(seed_frames["MME"]["base"]) == 2374
     for row in SEED.rows:
         for variant in ("base", "lavender"):

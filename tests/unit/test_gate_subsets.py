@@ -1,10 +1,11 @@
 """Gating a subset of a full-size benchmark (issue 12, item 1).
 
-Synthetic per-sample predictions at the real benchmarks' sizes (DocVQA_VAL 5,349 questions,
-ChartQA_TEST 2 × 1,250, MME 1,187 image pairs, MMBench_DEV_EN 1,164 circular groups whose 20
-categories' accuracies run from 0.2 to 0.95), scored by the real scorers. The reference is
-the unshifted model's numbers on the whole benchmark: a subset of that model must pass, and a
-model whose accuracy is lower by 8 points must fail once the subset is large enough.
+Synthetic per-sample predictions over the full-size frames of ``synthetic.fullsize_data``
+(DocVQA_VAL 5,349 questions, ChartQA_TEST 2 × 1,250, MME 1,187 image pairs, MMBench_DEV_EN
+1,164 circular groups, here with category accuracies running from 0.2 to 0.95), scored by the
+real scorers. The reference is the unshifted model's numbers on the whole benchmark: a subset
+of that model must pass, and a model whose accuracy is lower by 8 points must fail once the
+subset is large enough.
 """
 
 import numpy as np
@@ -15,74 +16,14 @@ from lavender_checks.benchmarks import get_benchmark, get_spec
 from lavender_checks.benchmarks.base import Ratio, ScoreResult
 from lavender_checks.data import subset
 from lavender_checks.gate.verdicts import judge, load_reference
+from lavender_checks.synthetic import fullsize_data
+from lavender_checks.text import docvqa_answers
 
 ACCURACY = {"base": 0.55, "lavender": 0.62}
 SHIFT = 0.08
-MME_PAIRS = {"OCR": 20, "artwork": 200, "celebrity": 170, "color": 30, "count": 30, "existence": 30,
-             "landmark": 200, "position": 30, "posters": 147, "scene": 200,
-             "code_reasoning": 20, "commonsense_reasoning": 70, "numerical_calculation": 20,
-             "text_translation": 20}
-
-
-def _docvqa(n):
-    return pd.DataFrame({"index": np.arange(n), "question": [f"q{i}" for i in range(n)],
-                         "answer": [f"['word{i}']" for i in range(n)]})
-
-
-def _chartqa(n):
-    half = n // 2
-    return pd.DataFrame({"index": np.arange(n), "question": [f"q{i}" for i in range(n)],
-                         "answer": [f"label{i}" for i in range(n)],
-                         "split": ["test_human"] * half + ["test_augmented"] * (n - half)})
-
-
-def _mme():
-    rows = []
-    for category, pairs in MME_PAIRS.items():
-        for p in range(pairs):
-            for answer in ("Yes", "No"):
-                rows.append({"index": len(rows), "question": f"{category} {p} {answer}?",
-                             "answer": answer, "category": category,
-                             "image_path": f"{category}/{p:04d}.jpg"})
-    return pd.DataFrame(rows)
-
-
-MMBENCH_L2 = {
-    "coarse_perception": ["image_emotion", "image_quality", "image_scene", "image_style", "image_topic"],
-    "finegrained_perception (instance-level)": ["attribute_recognition", "celebrity_recognition",
-                                                "object_localization", "ocr"],
-    "finegrained_perception (cross-instance)": ["action_recognition", "attribute_comparison",
-                                                "spatial_relationship"],
-    "logic_reasoning": ["future_prediction", "structuralized_imagetext_understanding"],
-    "relation_reasoning": ["nature_relation", "physical_relation", "social_relation"],
-    "attribute_reasoning": ["function_reasoning", "identity_reasoning", "physical_property_reasoning"],
-}
-MMBENCH_CATEGORIES = [c for cs in MMBENCH_L2.values() for c in cs]
+MMBENCH_CATEGORIES = list(fullsize_data.mmbench_l2_of())
 # Categories far apart in accuracy: what makes a subset's draw of a small one misleading.
 MMBENCH_OFFSET = dict(zip(MMBENCH_CATEGORIES, np.linspace(0.2, 0.95, 20) - ACCURACY["base"]))
-
-
-def _mmbench(n_rows):
-    """1,164 circular groups (837 of 4 options, 327 of 3: 4,329 rows) in 20 categories of
-    uneven size."""
-    raw = np.random.default_rng(0).integers(20, 110, size=20).astype(float)
-    groups = np.round(raw / raw.sum() * 1164).astype(int)
-    groups[np.argmax(groups)] += 1164 - groups.sum()
-    rows, g = [], 0
-    for l2, categories in MMBENCH_L2.items():
-        for category in categories:
-            for _ in range(groups[MMBENCH_CATEGORIES.index(category)]):
-                options = "ABCD" if g < 837 else "ABC"
-                for k in range(len(options)):
-                    rows.append({"index": g + k * 1_000_000, "question": f"q{g}", "hint": np.nan,
-                                 **{o: f"opt{o}" for o in options}, "answer": options[(g + k) % len(options)],
-                                 "category": category, "l2-category": l2, "split": "dev"})
-                g += 1
-    return pd.DataFrame(rows)
-
-
-FRAMES = {"DocVQA_VAL": _docvqa, "ChartQA_TEST": _chartqa, "MME": lambda n: _mme(),
-          "MMBench_DEV_EN": _mmbench}
 ROWS = {"DocVQA_VAL": ["Overall"], "ChartQA_TEST": ["test_human", "test_augmented", "Overall"],
         "MME": ["perception", "reasoning", "total"],
         "MMBench_DEV_EN": ["Overall", "CP", "LR", "ocr", "image_emotion"]}
@@ -95,22 +36,24 @@ def _wrong(answer):
 def _predictions(meta, variant, shift, seed):
     accuracy = ACCURACY[variant] - shift
     if "l2-category" in meta:  # MMBench: one draw per circular group (all its rows alike)
-        group = meta["question"].str[1:].astype(int).to_numpy()
+        group = (meta["index"] % fullsize_data.CIRCULAR_OFFSET).to_numpy()
         draw = np.random.default_rng(seed).random(group.max() + 1)[group]
         correct = draw < accuracy + meta["category"].map(MMBENCH_OFFSET).to_numpy()
         wrong = meta["answer"].map(lambda a: "B" if a == "A" else "A")
         return meta.assign(prediction=np.where(correct, meta["answer"], wrong))
     draw = np.random.default_rng(seed).random(len(meta))  # the same draw for both variants: paired
     correct = draw < accuracy
-    right = meta["answer"].map(lambda a: a.strip("[]'"))
+    right = meta["answer"].map(lambda a: docvqa_answers(a)[0] if a.startswith("[") else a)  # DocVQA: a list
     return meta.assign(prediction=[r if c else _wrong(r) for r, c in zip(right, correct)])
 
 
 @pytest.fixture(scope="module")
 def full_size():
     out = {}
-    for seed, (name, build) in enumerate(FRAMES.items()):
-        meta = build(get_spec(name).rows)
+    # Prediction files carry no image column (VLMEvalKit drops it); MME's image_path remains.
+    frames = fullsize_data.benchmark_frames(seed=0)
+    for seed, name in enumerate(ROWS):
+        meta = frames[name].drop(columns="image")
         assert len(meta) == get_spec(name).rows
         out[name] = {shift: {v: _predictions(meta, v, shift, seed) for v in ACCURACY}
                      for shift in (0.0, SHIFT)}
@@ -139,7 +82,7 @@ def reference(full_size, tmp_path_factory):
 
 def _judge(full_size, reference, shift, **pick):
     results = {}
-    for name in FRAMES:
+    for name in ROWS:
         bench, meta = get_benchmark(name), full_size[name]["meta"]
         results[name] = {v: bench.score(subset(full_size[name][shift][v], bench, **pick), meta=meta)
                          for v in ACCURACY}
