@@ -102,36 +102,46 @@ def wor_confidence_sequence(y: np.ndarray, population: int, alpha: float, *, cap
     values in [0, 1] from the first t of ``y`` (drawn uniformly without replacement), each
     side at level α/2 (module docstring). ``y`` may have leading axes (one sequence per row:
     simulations); the last axis is time. ``horizon``: the sample size the bets are tuned for
-    (None: ``t·log(1 + t)``, the authors' default). No running intersection, no clipping.
-    """
+    (None: ``t·log(1 + t)``, the authors' default). No running intersection, no clipping."""
+    return _sequences(y, population, alpha, (cap,), horizon)[0]
+
+
+def _sequences(y: np.ndarray, population: int, alpha: float, caps: Sequence[float],
+               horizon: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``wor_confidence_sequence`` for each cap, sharing what does not depend on it. The upper
+    bound is the lower bound of ``1 − y`` turned back; both share their sums (the bets, the
+    weights, the centre), so they are computed together."""
     y = np.asarray(y, dtype=np.float64)
     if y.shape[-1] > population:
         raise ValueError(f"{y.shape[-1]} draws from a population of {population}")
-    lower = _lower_sequence(y, population, alpha / 2.0, cap, horizon)
-    upper = 1.0 - _lower_sequence(1.0 - y, population, alpha / 2.0, cap, horizon)
-    return lower, upper
-
-
-def _lower_sequence(y: np.ndarray, population: int, alpha: float, cap: float,
-                    horizon: int | None) -> np.ndarray:
-    """One side at level α: the lower bound of the population mean at every t."""
     t = np.arange(1, y.shape[-1] + 1, dtype=np.float64)
     total = np.cumsum(y, axis=-1)
-    before = total - y  # Σ_{i<t} X_i
     start = np.zeros(y.shape[:-1] + (1,))
-    # The bets: predictable, from a regularised mean and variance (confseq's lambda_predmix_eb).
-    regular_mean = np.minimum((0.5 + total) / (t + 1), 1.0)
+    # The bets: predictable, from a regularised mean and variance (confseq's lambda_predmix_eb);
+    # the same for y and 1 − y (the regularised mean never reaches 1, so it is never clipped).
+    regular_mean = (0.5 + total) / (t + 1)
     spread = (0.25 + np.cumsum((y - regular_mean) ** 2, axis=-1)) / (t + 1)
     spread_before = np.concatenate([start + 0.25, spread[..., :-1]], axis=-1)
-    log_term = math.log(1.0 / alpha)
+    log_term = math.log(2.0 / alpha)
     scale = t * np.log1p(t) if horizon is None else float(horizon)
-    bets = np.minimum(np.sqrt(2.0 * log_term / (spread_before * scale)), cap)
+    unclipped = np.sqrt((2.0 * log_term / scale) / spread_before)
+    # Each value's squared distance to the mean of the values before it (0 before the first);
+    # for 1 − y the same but at the first value.
     mean_before = np.concatenate([start, total[..., :-1] / t[:-1]], axis=-1)
-    penalty = np.cumsum((y - mean_before) ** 2 * (-np.log1p(-bets) - bets), axis=-1)
+    distance = (y - mean_before) ** 2
+    first = (1.0 - y[..., :1]) ** 2 - y[..., :1] ** 2
     remaining = population - t + 1
-    weight = np.cumsum(bets * (1.0 + (t - 1) / remaining), axis=-1)
-    center = np.cumsum(bets * (y + before / remaining), axis=-1) / weight
-    return center - (log_term + penalty) / weight
+    lean = 1.0 + (t - 1) / remaining
+    centred = y + (total - y) / remaining
+    out = []
+    for cap in caps:
+        bets = np.minimum(unclipped, cap)
+        psi = -np.log1p(-bets) - bets
+        penalty = log_term + np.cumsum(distance * psi, axis=-1)
+        weight = np.cumsum(bets * lean, axis=-1)
+        center = np.cumsum(bets * centred, axis=-1)
+        out.append(((center - penalty) / weight, (center + penalty + psi[..., :1] * first) / weight))
+    return out
 
 
 @dataclass
@@ -167,11 +177,8 @@ def mean_bounds(y: np.ndarray, population: int, alpha: float, settings: StopEarl
     y = np.asarray(y, dtype=np.float64)
     steps = y.shape[-1]
     horizon = max(1, math.ceil(settings.horizon * population))
-    lo = np.full(y.shape, -np.inf)
-    hi = np.full(y.shape, np.inf)
-    share = alpha / len(settings.caps)
-    for cap in settings.caps:
-        a, b = wor_confidence_sequence(y, population, share, cap=cap, horizon=horizon)
+    (lo, hi), *others = _sequences(y, population, alpha / len(settings.caps), settings.caps, horizon)
+    for a, b in others:
         np.maximum(lo, a, out=lo)
         np.minimum(hi, b, out=hi)
     seen = np.cumsum(y, axis=-1)

@@ -27,6 +27,7 @@ columns go through VLMEvalKit's xlsx round trip once, each prediction once, as i
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import time
@@ -219,32 +220,38 @@ class CaseStructure:
             values += weight * np.asarray(term.numerator, dtype=np.float64)
         return values
 
-    def samples(self, results: Mapping[str, ScoreResult], done_units: int) -> dict[tuple[str, str], CaseSample]:
-        """The ``CaseSample`` of every case of the benchmark, the first ``done_units`` draw
-        units done in both variants (``results``: variant -> scoring of those predictions)."""
-        order = self.rounds.order
-        position = {unit: i for i, unit in enumerate(order)}
-        out: dict[tuple[str, str], CaseSample] = {}
+    def populations(self, results: Mapping[str, ScoreResult]) -> dict[tuple[str, str], tuple[np.ndarray, CaseSample]]:
+        """Every case of the benchmark as the complete run sees it (``results``: variant ->
+        scoring; units not done yet count as scored): the positions of its draw units in the
+        benchmark's drawn order (ascending) and a ``CaseSample`` of all their values, in that
+        order."""
+        position = {unit: i for i, unit in enumerate(self.rounds.order)}
+        out: dict[tuple[str, str], tuple[np.ndarray, CaseSample]] = {}
         for row in self.rows:
             terms = self.terms[row.id]
             inside = terms.bound > 0
             if not inside.any():
                 continue
-            units = pd.Series(self.draw_of_unit[inside])
-            draw_bound = pd.Series(terms.bound[inside]).groupby(units.to_numpy()).sum()
+            units = self.draw_of_unit[inside]
+            draw_bound = pd.Series(terms.bound[inside]).groupby(units).sum()
             case_order = sorted(draw_bound.index, key=position.__getitem__)
-            done = [unit for unit in case_order if position[unit] < done_units]
+            positions = np.array([position[unit] for unit in case_order])
             high = float(draw_bound.max())
-            values = {variant: pd.Series(self.unit_values(results[variant], row.id)[inside])
-                      .groupby(units.to_numpy()).sum() for variant in VARIANTS}
+            values = {variant: pd.Series(self.unit_values(results[variant], row.id)[inside]).groupby(units).sum()
+                      .loc[case_order].to_numpy() for variant in VARIANTS}
             common = dict(population=len(case_order), unit_bound=float(terms.bound.max()),
                           scorer_units=int(inside.sum()), linear=terms.linear)
             for variant in VARIANTS:
-                out[(row.id, variant)] = CaseSample(values[variant].loc[done].to_numpy(), low=0.0, high=high,
-                                                    **common)
-            gain = (values["lavender"] - values["base"]).loc[done].to_numpy()
-            out[(row.id, "gain")] = CaseSample(gain, low=-high, high=high, **common)
+                out[(row.id, variant)] = positions, CaseSample(values[variant], low=0.0, high=high, **common)
+            out[(row.id, "gain")] = positions, CaseSample(values["lavender"] - values["base"], low=-high, high=high,
+                                                          **common)
         return out
+
+    def samples(self, results: Mapping[str, ScoreResult], done_units: int) -> dict[tuple[str, str], CaseSample]:
+        """The ``CaseSample`` of every case of the benchmark, the first ``done_units`` draw
+        units done in both variants (``results``: variant -> scoring of those predictions)."""
+        return {key: dataclasses.replace(whole, observed=whole.observed[positions < done_units])
+                for key, (positions, whole) in self.populations(results).items()}
 
 
 # ------------------------------------------------------------------------------ looking

@@ -117,7 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_workload_arguments(parser)
     parser.add_argument("--paths", default="a,fast",
                         help="comma-separated paths to run: a (one-sample loop), fast, plain, repro "
-                             "(batch invariance: speed/repro.py) (default a,fast)")
+                             "(batch invariance: speed/repro.py), rounds (after fast: the same rows in "
+                             "--stop-early's rounds, speed/rounds.py) (default a,fast)")
     parser.add_argument("--repro-rows", type=int, default=52,
                         help="repro: rows per benchmark (default 52: 208 rows, each in both variants)")
     parser.add_argument("--repro-max-new", type=int, default=32,
@@ -198,9 +199,9 @@ def main(args: argparse.Namespace) -> int:
               "use --tiny-cpu to run the harness on the tiny model on CPU", file=sys.stderr)
         return 2
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    unknown = sorted(set(paths) - {"a", "fast", "plain", "repro"})
+    unknown = sorted(set(paths) - {"a", "fast", "plain", "repro", "rounds"})
     if unknown or not paths:
-        print(f"lavender-checks bench: unknown path(s) {unknown or paths}; choose from a, fast, plain, repro",
+        print(f"lavender-checks bench: unknown path(s) {unknown or paths}; choose from a, fast, plain, repro, rounds",
               file=sys.stderr)
         return 2
     if not 0 < args.scale <= 1:
@@ -428,6 +429,17 @@ def run_bench(workload: Workload, args, paths: list[str], launched: float | None
                                                 + fast_section["projection"]["measured"]["seconds"])
         save()
 
+    if "rounds" in paths:
+        from lavender_checks.engines.fast.config import DEFAULT_CHUNK_ROWS
+        from lavender_checks.speed.rounds import measure_rounds
+
+        if "fast" not in report:
+            report["notes"].append("rounds: needs the fast path in the same process (--paths fast,rounds); not run")
+        else:
+            report["rounds"] = measure_rounds(engine, workload, scaled, maker, cap, args.chunk_rows or DEFAULT_CHUNK_ROWS,
+                                              report["fast"], seed=args.seed)
+            save()
+
     if "repro" in paths:
         from lavender_checks.speed.repro import run_repro_path
 
@@ -481,6 +493,13 @@ def summary_text(report: dict) -> str:
         if minutes:
             lines.append(f"    projected full gate: invariant {minutes['invariant']:.1f} min, throughput mode "
                          f"{minutes['throughput']:.1f} min ({repro['invariant_cost']:+.1%})")
+    rounds = report.get("rounds")
+    if rounds:
+        share = rounds["overhead_share"]
+        lines.append(f"  --stop-early rounds, a run that goes to the end: {rounds['seconds']:.1f} s in {rounds['calls']} calls "
+                     f"against {rounds['fast_seconds']:.1f} s in {rounds['fast_calls']} (drains {rounds['drain_seconds']:.1f} s "
+                     f"against {rounds['fast_drain_seconds']:.1f} s): {rounds['extra_seconds']:+.1f} s = "
+                     f"{fmt(None if share is None else 100 * share, '+.1f')} % of the projected full gate (target <= 5 %)")
     return "\n".join(lines)
 
 

@@ -327,3 +327,21 @@ def test_breakdown_script_explains_a_saved_report(tmp_path, capsys):
     assert "vision" in capsys.readouterr().out
     (tmp_path / "bad.json").write_text("{}")
     assert script["main"]([str(tmp_path / "bad.json")]) == 2
+
+
+def test_rounds_path_runs_the_fast_rows_again_in_stop_early_rounds(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = bench.main(parse(["--tiny-cpu", "--scale", "0.004", "--max-output-tokens", "6", "--warmup-rows", "2",
+                             "--paths", "fast,rounds", "--out", str(out)]))
+    assert code == 0
+    report = json.loads(out.read_text())
+    rounds, fast = report["rounds"], report["fast"]
+    rows_per_variant = sum(run["rows"] for name, run in fast["per_run"].items() if name.startswith("base/"))
+    per_variant = {}
+    for call in rounds["per_round"]:
+        per_variant[call["variant"]] = per_variant.get(call["variant"], 0) + call["rows"]
+    assert per_variant == {"base": rows_per_variant, "lavender": rows_per_variant}  # every row once per variant
+    assert rounds["calls"] == len(rounds["per_round"]) and rounds["fast_calls"] == len(fast["per_run"])
+    assert rounds["extra_seconds"] == pytest.approx(rounds["seconds"] - rounds["fast_seconds"])
+    assert rounds["overhead_share"] == pytest.approx(rounds["extra_seconds"] / fast["projection"]["seconds"])
+    assert "--stop-early rounds, a run that goes to the end" in capsys.readouterr().out
