@@ -263,3 +263,25 @@ def test_an_input_missing_on_one_host_stops_every_rank_before_any_work(tmp_path)
     assert "lavender-checks run: error: rank 0 of 2" in zero, zero
     assert f"rank 1 of 2 (node 1, local rank 0, host {socket.gethostname()}" in zero, zero
     assert f"failed: RunInputError: --lmu-data LMUData folder {missing} does not exist" in zero, zero
+
+
+def test_stop_early_every_rank_stops_in_the_round_one_process_does(tmp_path, tiny_pair):
+    """--stop-early under torchrun, each host its own store (gather): every round's rows reach
+    rank 0, which decides for all; the launch stops after the round a single process stops
+    after, with the same failure."""
+    from tests.integration.test_stop_early import broken_reference
+
+    reference = broken_reference(tmp_path)
+    single = _single(tiny_pair, tmp_path, stop_early=True, reference=reference)
+    stores = [tmp_path / "store-host0", tmp_path / "store-host1"]
+    reports = tmp_path / "reports"
+    launch = Launch(tmp_path, "early", 2, 1, ["-m", "lavender_checks.cli", "run", "--quiet", "--stop-early",
+                                              "--reference", str(reference), "--reports", str(reports)],
+                    lambda node: ["--store", str(stores[node])])
+    codes = launch.wait()
+    assert codes[0] == 1, launch.output() + launch.rank_output(0, 0)  # the gate failed
+    assert "STOPPED EARLY" in launch.rank_output(0, 0)
+    early = _report(reports)["early_stop"]
+    assert early["stopped"] and early["rows_used"] == single.early_stop.rows_used < early["rows_total"]
+    assert early["decided_by"]["row"] == single.early_stop.deciding.row_id
+    assert _report(reports)["metadata"]["torchrun"]["store_sharing"] == "gather"
