@@ -119,3 +119,52 @@ def test_the_pytest_gate_fails_the_certain_case_and_skips_the_others(gate, tmp_p
     assert reports[0]["stopped"] and reports[0]["rows_used"] < 170
     assert reports[0]["rows_used"] == reports[1]["rows_used"]
     assert reports[0]["failures"] == reports[1]["failures"]
+
+
+# ------------------------------------------------------------------ full-size VLMEvalKit folders
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from lavender_checks.run.config import SEED_REFERENCE
+    from lavender_checks.synthetic.fullsize_data import write_vlmeval_folder
+
+    root = tmp_path_factory.mktemp("folders")
+    for scenario in ("noop", "chartqa-halved", "reproduce"):
+        write_vlmeval_folder(root / scenario, scenario, SEED_REFERENCE, seed=0, lmu_data=False)
+    return {scenario: root / scenario for scenario in ("noop", "chartqa-halved", "reproduce")}
+
+
+def _gate_folder(folder: Path, **options):
+    from lavender_checks.run.collect import collect_results
+    from lavender_checks.run.config import RunConfig
+    from lavender_checks.run.judge import judge_run
+
+    run = collect_results(RunConfig(from_vlmeval=folder, **options))
+    return run, judge_run(run)
+
+
+@pytest.mark.slow
+def test_an_adapter_that_changes_nothing_fails_within_five_percent_of_the_rows(folders):
+    run, outcome = _gate_folder(folders["noop"], stop_early=True)
+    early = run.early_stop
+    assert early.stopped and early.rows_used <= 0.05 * early.rows_total == 0.05 * 14552
+    assert not outcome.passed and all(v.status == "fail" for v in outcome.verdicts if v.early.get("judged"))
+
+
+@pytest.mark.slow
+def test_a_halved_chartqa_gain_fails_within_a_quarter_of_chartqa(folders):
+    run, _ = _gate_folder(folders["chartqa-halved"], stop_early=True)
+    early = run.early_stop
+    assert early.stopped and early.deciding.row_id.startswith("ChartQA_TEST")
+    assert early.benchmarks["ChartQA_TEST"]["rows_used"] <= 0.25 * 2500
+
+
+@pytest.mark.slow
+def test_a_run_that_reproduces_the_report_uses_every_row_and_judges_as_without_stop_early(folders):
+    run, outcome = _gate_folder(folders["reproduce"], stop_early=True)
+    assert not run.early_stop.stopped and run.early_stop.rows_used == run.early_stop.rows_total == 14552
+    _, plain = _gate_folder(folders["reproduce"])
+    assert [(v.row_id, v.quantity, v.status, v.measured, v.band) for v in outcome.verdicts] == [
+        (v.row_id, v.quantity, v.status, v.measured, v.band) for v in plain.verdicts]
+    assert outcome.passed
