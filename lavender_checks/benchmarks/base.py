@@ -32,6 +32,15 @@ class BenchmarkSpec:
     metric_keys: tuple[str, ...]  # VLMEvalKit's metric names, in VLMEvalKit's order
     metric_unit: str  # "percent" or "score" (MME sums of percents)
     url: str | None = None  # where VLMEvalKit downloads the TSV (the suite never downloads)
+    # metric key -> its largest value ("default": every other key); every metric lies in [0, max]
+    metric_max: Mapping[str, float] = field(default_factory=dict)
+
+    def max_value(self, keys: tuple[str, ...] | str) -> float | None:
+        """The largest value of a metric key, or of keys summed (a derived metric); None
+        when benchmarks.toml does not say."""
+        keys = (keys,) if isinstance(keys, str) else keys
+        maxima = [self.metric_max.get(k, self.metric_max.get("default")) for k in keys]
+        return None if any(m is None for m in maxima) else float(sum(maxima))
 
 
 @dataclass(frozen=True)

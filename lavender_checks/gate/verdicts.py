@@ -266,6 +266,7 @@ def _load_row(path: Path, number: int, line: int | None, raw: Any, gate: GateSet
         )
 
     base, lavender, delta = (float(raw[k]) for k in ("base", "lavender", "delta"))
+    _check_range(where, spec, metric, parts, base=base, lavender=lavender, delta=delta)
     difference = lavender - base
     if abs(delta - difference) > gate.consistency_tolerance + _FLOAT_SLACK:
         raise ReferenceFileError(
@@ -277,6 +278,23 @@ def _load_row(path: Path, number: int, line: int | None, raw: Any, gate: GateSet
         table=raw["table"], subtable=raw.get("subtable"), label=raw.get("label", metric), unit=unit,
         base=base, lavender=lavender, delta=delta, floor=floor, note=raw.get("note"),
     )
+
+
+def _check_range(where: str, spec: BenchmarkSpec, metric: str, parts: tuple[str, ...],
+                 **numbers: float) -> None:
+    """A reported number outside what its metric can take (``metric_max`` in benchmarks.toml:
+    a percentage in [0, 100], an MME subtask in [0, 200]; a delta in [-max, +max]) is a typo
+    or another unit: no band around it means anything."""
+    top = spec.max_value(parts)
+    if top is None:
+        return
+    for name, value in numbers.items():
+        low = -top if name == "delta" else 0.0
+        if not low - _FLOAT_SLACK <= value <= top + _FLOAT_SLACK:
+            summed = f" (= {' + '.join(parts)})" if parts != (metric,) else ""
+            raise ReferenceFileError(
+                f"{where} {name}: {value:g} is outside the range of {spec.name} {metric}{summed} "
+                f"({spec.metric_unit}): {name} must lie in [{low:g}, {top:g}]")
 
 
 def _check_derived_sums(path: Path, rows: list[ReferenceRow], tolerance: float) -> None:
