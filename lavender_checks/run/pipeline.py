@@ -29,7 +29,7 @@ from lavender_checks.run.config import (
     input_errors,
 )
 from lavender_checks.run.judge import judge_run, write_run_report
-from lavender_checks.run.reference import TINY_REFERENCE_DESCRIPTION, write_reference
+from lavender_checks.run.reference import TINY_REFERENCE_DESCRIPTION, refuse_subset, write_reference
 
 __all__ = ["add_arguments", "checked", "main", "torchrun_shards"]
 
@@ -61,6 +61,8 @@ def _run(args) -> int:
     config = config_from_options(lambda dest: getattr(args, dest))
     if args.force and args.write_reference is None:
         raise RunInputError("--force only applies to --write-reference")
+    if args.write_reference is not None:
+        refuse_subset(config)
     if args.write_reference is not None and args.write_reference.exists() and not args.force:
         raise RunInputError(f"--write-reference {args.write_reference}: the file exists; "
                             "add --force to replace it")
