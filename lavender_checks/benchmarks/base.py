@@ -74,6 +74,9 @@ class ScoreResult:
     population: stratum -> resampling units of the whole benchmark (``Benchmark.population``
         of its TSV), when the scored rows may be a part of it; None: the rows scored are the
         whole benchmark. The gate widens a subset's bands by the rows it did not score.
+    noncomparable: why these metrics are not the ones the benchmark reports, though computed
+        as VLMEvalKit would ('' when they are): e.g. MMBench rows without their circular
+        copies, where CircularEval cannot be applied.
     """
 
     benchmark: str
@@ -82,6 +85,7 @@ class ScoreResult:
     units: pd.DataFrame
     forms: dict[str, list[Ratio]] = field(default_factory=dict)
     population: dict[Any, int] | None = None
+    noncomparable: str = ""
 
 
 class Benchmark(ABC):

@@ -42,6 +42,8 @@ from lavender_checks.gate.verdicts import (
     noncomparable,
     noncomparable_notice,
     summary_table,
+    unchecked,
+    unchecked_notice,
 )
 from lavender_checks.model import VARIANTS
 
@@ -336,6 +338,10 @@ def _markdown(run_id: str, created: str, reference: Reference, verdicts: list[Ve
         allowed = bool((metadata.get("config") or {}).get("allow_noncomparable"))
         head, *reasons = noncomparable_notice(problems, allowed).splitlines()
         out += [f"> **{head}**", ">"] + [f"> - {line.strip()}" for line in reasons] + [""]
+    notes = unchecked(metadata)
+    if notes:  # what the run could not check of its data
+        head, *reasons = unchecked_notice(notes).splitlines()
+        out += [f"> **{head}**", ">"] + [f"> - {line.strip()}" for line in reasons] + [""]
     out += [
         f"Written {created}. Mode: **{modes}**. Verdicts: **{counts['pass']} pass, "
         f"{counts['fail']} fail, {counts['missing']} missing**.",
@@ -537,7 +543,7 @@ def write_report(
         "modes": sorted({v.mode for v in verdicts}),
         "summary": {**counts, "passed": verdicts_passed and (comparable or allowed),
                     "verdicts_passed": verdicts_passed, "comparable": comparable,
-                    "noncomparable": problems},
+                    "noncomparable": problems, "unchecked": unchecked(metadata)},
         "metadata": metadata,
         "reference": {
             "path": reference.path,

@@ -83,11 +83,13 @@ def _run(args) -> int:
         return EXIT_OK
     outcome = judge_run(run)
     path = write_run_report(run, outcome, reports_root=args.reports, keep=args.keep_reports)
-    from lavender_checks.gate.verdicts import noncomparable_notice
+    from lavender_checks.gate.verdicts import noncomparable_notice, unchecked, unchecked_notice
 
     print(outcome.table(only_problems=args.quiet))
     for benchmark, reason in run.missing.items():
         print(f"missing {benchmark}: {reason}")
+    if unchecked(run.metadata):
+        print(unchecked_notice(unchecked(run.metadata)))
     print(f"report: {path}")
     problems = outcome.noncomparable
     if problems:  # last, where a reader looks first

@@ -249,11 +249,18 @@ def gate_outcome(run_results, worker_barrier, pytestconfig) -> GateOutcome:
                                   keep=pytestconfig.getoption("keep_reports"))
         summary = {"table": outcome.table(), "report": str(outcome.report),
                    "missing": dict(run_results.missing), "noncomparable": dict(outcome.noncomparable),
+                   "unchecked": _unchecked(run_results.metadata),
                    "allow_noncomparable": run_results.config.allow_noncomparable}
         pytestconfig.stash[_GATE_SUMMARY] = summary
         if hasattr(pytestconfig, "workeroutput"):
             pytestconfig.workeroutput[_WORKER_OUTPUT_KEY] = summary
     return outcome
+
+
+def _unchecked(metadata) -> dict:
+    from lavender_checks.gate.verdicts import unchecked
+
+    return unchecked(metadata)
 
 
 def _snapshot_accounts(config: pytest.Config) -> list:
@@ -315,6 +322,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_line(summary["table"])
     for benchmark, reason in summary["missing"].items():
         terminalreporter.write_line(f"missing {benchmark}: {reason}")
+    if summary.get("unchecked"):
+        from lavender_checks.gate.verdicts import unchecked_notice
+
+        terminalreporter.write_line(unchecked_notice(summary["unchecked"]), yellow=True)
     terminalreporter.write_line(f"report: {summary['report']}")
     if _SNAPSHOT_DIFF in config.stash:
         terminalreporter.write_line(f"snapshot diff: {config.stash[_SNAPSHOT_DIFF]}")

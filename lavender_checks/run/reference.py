@@ -10,7 +10,7 @@ import tomli_w
 from lavender_checks import FIXTURES
 from lavender_checks.model import VARIANTS
 from lavender_checks.run.collect import RunResults
-from lavender_checks.run.config import SEED_REFERENCE, RunInputError
+from lavender_checks.run.config import SEED_REFERENCE, RunConfig, RunInputError
 
 TINY_REFERENCE_DESCRIPTION = (
     "The built-in tiny pair's own numbers on the mini benchmarks (fixtures/lmudata-mini), "
