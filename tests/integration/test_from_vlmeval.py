@@ -485,3 +485,17 @@ def test_base_and_lavender_files_asking_different_questions_are_refused(tmp_path
                                                              "lavender": lavender}})
     with pytest.raises(RunInputError, match=r"ask different questions at 1 index\(es\), e.g. index 7"):
         gate(work, benchmarks=("ChartQA_TEST",))
+
+
+def test_mmbench_files_without_their_circular_copies_are_not_comparable(tmp_path, seed_frames, capsys):
+    """Scored on the main questions alone, a guess counts once: not MMBench's circular accuracy."""
+    mains = {v: f[f["index"] < 1_000_000] for v, f in seed_frames["MMBench_DEV_EN"].items()}
+    work = write_run(tmp_path / "outputs", {"MMBench_DEV_EN": mains})
+    run, outcome = gate(work, benchmarks=("MMBench_DEV_EN",))
+    why = outcome.noncomparable["MMBench_DEV_EN"]
+    assert "1164 of 1164 questions have no circular copies" in why
+    assert "CircularEval could not be applied" in why
+    assert "has 1164 rows, VLMEvalKit's MMBench_DEV_EN has 4329" in why
+    assert cli.main(["run", "--from-vlmeval", str(work), "--benchmark", "MMBench_DEV_EN",
+                     "--reports", str(tmp_path / "reports"), "--quiet"]) == 1
+    assert "CircularEval could not be applied" in capsys.readouterr().out.splitlines()[-1]
