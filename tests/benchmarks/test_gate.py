@@ -10,7 +10,8 @@ LMUData, a subset without that category), which says nothing about the model. Wi
 ``--from-vlmeval`` it fails instead: the folder was named as the evidence of a VLMEvalKit run,
 and a gate over it must not turn green on files that are not there.
 
-A benchmark whose TSV is not the data the reference's numbers came from (md5; see
+A benchmark whose numbers cannot test the reference's (its TSV is not the data they came
+from, another profile, MMBench without its circular copies...; see
 ``gate.verdicts.noncomparable``) fails each of its cases with the reason, unless
 ``--allow-noncomparable`` is given.
 """
@@ -42,7 +43,7 @@ def _judge(outcome: GateOutcome, config: RunConfig, row_id: str, quantity: str):
     if why and not config.allow_noncomparable:
         # A verdict on other data says nothing about the report: no silent pass.
         pytest.fail(f"NOT COMPARABLE with the reference: {why} (--allow-noncomparable gates it "
-                    f"anyway; --strict-data refuses it before any work)", pytrace=False)
+                    "anyway)", pytrace=False)
     if verdict.status == "missing":
         if config.from_vlmeval is not None:
             pytest.fail(verdict.message(), pytrace=False)
