@@ -21,6 +21,9 @@ pytest-xdist (``-n auto`` = one worker per GPU):
 * xdist's default ``--dist load`` is the mode to use: the work is split by the fixture, not by
   how cases are spread (see tests/benchmarks/test_snapshots.py on ``--dist loadgroup``).
 
+A selection (``-k``, ``-m``, node ids) runs only the benchmarks of its selected cases: the
+others are neither generated nor reported (``pytest_collection_finish``).
+
 Bad input stops the session at once, before any model loads: ``pytest.exit`` with the line
 and exit status ``lavender-checks run`` gives (``lavender_checks.errors``), instead of one setup
 error per case. Options, model folders, LMUData, reference and profile are checked while pytest
