@@ -124,4 +124,6 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(result.metrics))
     else:
         _print_table(benchmark.name, source, len(frame), result.metrics)
+    if result.noncomparable:  # computed as VLMEvalKit would, but not the metric it reports
+        print(f"NOT THE REPORTED METRIC: {benchmark.name} {source}: {result.noncomparable}", file=sys.stderr)
     return 0

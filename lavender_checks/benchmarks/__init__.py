@@ -52,8 +52,20 @@ def _specs() -> dict[str, BenchmarkSpec]:
             metric_keys=tuple(entry["metric_keys"]),
             metric_unit=entry["metric_unit"],
             url=entry.get("url"),
+            metric_max=_metric_max(name, entry.get("metric_max")),
         )
     return specs
+
+
+def _metric_max(name: str, raw) -> dict[str, float]:
+    """``metric_max`` of ``benchmarks.toml``: a number (every key) or a table key -> number."""
+    if raw is None:
+        return {}
+    table = raw if isinstance(raw, dict) else {"default": raw}
+    for key, value in table.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"{_METADATA}: [{name}] metric_max.{key}: must be a positive number, got {value!r}")
+    return {key: float(value) for key, value in table.items()}
 
 
 def benchmark_names() -> list[str]:

@@ -32,6 +32,15 @@ class BenchmarkSpec:
     metric_keys: tuple[str, ...]  # VLMEvalKit's metric names, in VLMEvalKit's order
     metric_unit: str  # "percent" or "score" (MME sums of percents)
     url: str | None = None  # where VLMEvalKit downloads the TSV (the suite never downloads)
+    # metric key -> its largest value ("default": every other key); every metric lies in [0, max]
+    metric_max: Mapping[str, float] = field(default_factory=dict)
+
+    def max_value(self, keys: tuple[str, ...] | str) -> float | None:
+        """The largest value of a metric key, or of keys summed (a derived metric); None
+        when benchmarks.toml does not say."""
+        keys = (keys,) if isinstance(keys, str) else keys
+        maxima = [self.metric_max.get(k, self.metric_max.get("default")) for k in keys]
+        return None if any(m is None for m in maxima) else float(sum(maxima))
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,9 @@ class ScoreResult:
     population: stratum -> resampling units of the whole benchmark (``Benchmark.population``
         of its TSV), when the scored rows may be a part of it; None: the rows scored are the
         whole benchmark. The gate widens a subset's bands by the rows it did not score.
+    noncomparable: why these metrics are not the ones the benchmark reports, though computed
+        as VLMEvalKit would ('' when they are): e.g. MMBench rows without their circular
+        copies, where CircularEval cannot be applied.
     """
 
     benchmark: str
@@ -73,6 +85,7 @@ class ScoreResult:
     units: pd.DataFrame
     forms: dict[str, list[Ratio]] = field(default_factory=dict)
     population: dict[Any, int] | None = None
+    noncomparable: str = ""
 
 
 class Benchmark(ABC):

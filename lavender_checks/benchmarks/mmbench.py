@@ -144,6 +144,16 @@ class MMBench(Benchmark):
             hits[unit_position] = hit
             logs.append(log)
 
+        options = np.array([sum(not _missing(cells[p]) for _, cells in letter_columns)
+                            for p in main_positions])
+        alone = int(((rotations == 1) & (options >= 2)).sum())
+        noncomparable = ""
+        if alone:
+            # Without its rotated copies a question is scored once, as plain accuracy: a
+            # model that guesses is right far more often than under CircularEval.
+            noncomparable = (f"{alone} of {len(main_positions)} questions have no circular copies "
+                             f"(index + k * {CIRCULAR_STRIDE:,}): CircularEval could not be applied "
+                             "to them, so the metrics are not MMBench's reported circular accuracy")
         units, metrics, forms = self._aggregate(frame, indices[main_positions], main_positions,
                                                 hits, rotations, logs)
         hit_of_group = dict(zip(units["unit"].tolist(), hits.tolist()))
@@ -165,7 +175,8 @@ class MMBench(Benchmark):
             if column in frame.columns:
                 samples[column] = frame[column].to_numpy()
         return ScoreResult(benchmark=name, metrics=metrics, samples=samples, units=units, forms=forms,
-                           population=None if meta is None else self.population(meta))
+                           population=None if meta is None else self.population(meta),
+                           noncomparable=noncomparable)
 
     def _aggregate(self, frame: pd.DataFrame, groups: np.ndarray, main_positions: np.ndarray,
                    hits: np.ndarray, rotations: np.ndarray, logs: list[str]):

@@ -43,6 +43,8 @@ from lavender_checks.gate.verdicts import (
     noncomparable,
     noncomparable_notice,
     summary_table,
+    unchecked,
+    unchecked_notice,
 )
 from lavender_checks.model import VARIANTS
 
@@ -339,6 +341,12 @@ def _markdown(run_id: str, created: str, reference: Reference, verdicts: list[Ve
         out += [f"> **{head}**", ">"] + [f"> - {line.strip()}" for line in reasons] + [""]
     if metadata.get("early_stop"):
         out += [f"> **{stop_headline(metadata['early_stop'])}**", ""]
+    notes = unchecked(metadata)
+    if notes:  # what the run could not check of its data
+        head, *reasons = unchecked_notice(notes).splitlines()
+        out += [f"> **{head}**", ">"] + [f"> - {line.strip()}" for line in reasons] + [""]
+    if metadata.get("selection"):  # pytest ran some of these verdicts' cases only
+        out += [f"> **{metadata['selection']}.**", ""]
     out += [
         f"Written {created}. Mode: **{modes}**. Verdicts: **{counts['pass']} pass, "
         f"{counts['fail']} fail, {counts['missing']} missing**.",
@@ -540,7 +548,8 @@ def write_report(
         "modes": sorted({v.mode for v in verdicts}),
         "summary": {**counts, "passed": verdicts_passed and (comparable or allowed),
                     "verdicts_passed": verdicts_passed, "comparable": comparable,
-                    "noncomparable": problems},
+                    "noncomparable": problems, "unchecked": unchecked(metadata),
+                    "selection": metadata.get("selection")},
         "metadata": metadata,
         "reference": {
             "path": reference.path,

@@ -61,7 +61,8 @@ from lavender_checks.gate.bootstrap import (
 __all__ = [
     "DEFAULT_REFERENCE", "MODES", "QUANTITIES", "GateSettings", "Reference", "ReferenceFileError",
     "ReferenceRow", "Verdict", "benchmark_spec", "data_mismatch", "judge", "load_reference",
-    "measured_value", "noncomparable", "noncomparable_notice", "stopped_verdicts", "summary_table",
+    "measured_value", "noncomparable", "noncomparable_notice", "stopped_verdicts", "summary_table", "unchecked",
+    "unchecked_notice",
 ]
 
 DEFAULT_REFERENCE = FIXTURES / "reported" / "seed-report.toml"
@@ -273,6 +274,7 @@ def _load_row(path: Path, number: int, line: int | None, raw: Any, gate: GateSet
         )
 
     base, lavender, delta = (float(raw[k]) for k in ("base", "lavender", "delta"))
+    _check_range(where, spec, metric, parts, base=base, lavender=lavender, delta=delta)
     difference = lavender - base
     if abs(delta - difference) > gate.consistency_tolerance + _FLOAT_SLACK:
         raise ReferenceFileError(
@@ -284,6 +286,23 @@ def _load_row(path: Path, number: int, line: int | None, raw: Any, gate: GateSet
         table=raw["table"], subtable=raw.get("subtable"), label=raw.get("label", metric), unit=unit,
         base=base, lavender=lavender, delta=delta, floor=floor, note=raw.get("note"),
     )
+
+
+def _check_range(where: str, spec: BenchmarkSpec, metric: str, parts: tuple[str, ...],
+                 **numbers: float) -> None:
+    """A reported number outside what its metric can take (``metric_max`` in benchmarks.toml:
+    a percentage in [0, 100], an MME subtask in [0, 200]; a delta in [-max, +max]) is a typo
+    or another unit: no band around it means anything."""
+    top = spec.max_value(parts)
+    if top is None:
+        return
+    for name, value in numbers.items():
+        low = -top if name == "delta" else 0.0
+        if not low - _FLOAT_SLACK <= value <= top + _FLOAT_SLACK:
+            summed = f" (= {' + '.join(parts)})" if parts != (metric,) else ""
+            raise ReferenceFileError(
+                f"{where} {name}: {value:g} is outside the range of {spec.name} {metric}{summed} "
+                f"({spec.metric_unit}): {name} must lie in [{low:g}, {top:g}]")
 
 
 def _check_derived_sums(path: Path, rows: list[ReferenceRow], tolerance: float) -> None:
@@ -346,6 +365,9 @@ def load_reference(path: str | Path = DEFAULT_REFERENCE) -> Reference:
         except registry.UnknownBenchmark as exc:
             raise ReferenceFileError(f"{path}: [run] benchmarks: {exc}") from None
     _check_recorded_md5s(path, run.get("lmu_data_md5"))
+    for key in ("profile", "profile_fingerprint"):  # read once a run is judged: checked here
+        if key in run and not isinstance(run[key], str):
+            raise ReferenceFileError(f"{path}: [run] {key}: must be a string, got {run[key]!r}")
     gate = _load_gate(path, raw.get("gate"))
     derived = _load_derived(path, raw.get("derived"))
     raw_rows = raw.get("row")
@@ -743,19 +765,59 @@ def data_mismatch(reference: Reference, benchmark: str, info: Mapping[str, Any] 
 
 
 def noncomparable(reference: Reference, metadata: Mapping[str, Any]) -> dict[str, str]:
-    """benchmark -> why its numbers cannot be compared with the reference's, from a run's
-    metadata (``data``: the provenance of each TSV read; under --from-vlmeval, of the TSV
-    that checked the files, when there was one)."""
-    out = {}
-    for benchmark, info in (metadata.get("data") or {}).items():
-        if benchmark not in reference.benchmarks or not isinstance(info, Mapping):
-            continue
-        if "md5" not in info and isinstance(info.get("meta"), Mapping):
-            info = info["meta"]
-        why = data_mismatch(reference, benchmark, info)
-        if why:
-            out[benchmark] = why
-    return out
+    """benchmark -> why its verdicts cannot test the reference's numbers, from a run's metadata
+    (reasons joined by "; "):
+
+    * ``data``: the TSV read is not the one the numbers came from (``data_mismatch``); under
+      --from-vlmeval, of the TSV that checked the files, when there was one;
+    * ``data[b]["noncomparable"]``: what the run itself found (``run.collect``): prediction
+      files whose row count is not the benchmark's, a score that is not the metric the
+      benchmark reports (MMBench without its circular copies);
+    * ``profile``: prompts or decoding other than the reference was recorded with
+      (``[run] profile``, ``profile_fingerprint``);
+    * ``config.benchmarks``: a benchmark the run ran that the reference has no rows for:
+      nothing of it was gated.
+    """
+    reasons: dict[str, list[str]] = {}
+    data = metadata.get("data") or {}
+    measured = [b for b in reference.benchmarks if isinstance(data.get(b), Mapping)]
+    for benchmark in measured:
+        info = data[benchmark]
+        record = info.get("meta") if "md5" not in info and isinstance(info.get("meta"), Mapping) else info
+        why = data_mismatch(reference, benchmark, record)
+        found = [why] if why else []
+        found += [str(r) for r in info.get("noncomparable") or ()]
+        if found:
+            reasons[benchmark] = found
+    profile = _profile_mismatch(reference, metadata.get("profile"))
+    if profile:
+        for benchmark in measured:
+            reasons.setdefault(benchmark, []).append(profile)
+    run_benchmarks = (metadata.get("config") or {}).get("benchmarks") or []
+    for benchmark in run_benchmarks:
+        if benchmark not in reference.benchmarks:
+            reasons[benchmark] = [f"not gated: {reference.path.name} has no rows for it (gate it against "
+                                  f"a reference that has, or leave it out with --benchmark)"]
+    return {benchmark: "; ".join(found) for benchmark, found in reasons.items()}
+
+
+def _profile_mismatch(reference: Reference, profile: Any) -> str:
+    """Why a run made with ``profile`` (``Profile.describe()``) is not prompted and decoded as
+    the reference's run ('' when it is, or when either side does not say)."""
+    if not isinstance(profile, Mapping):
+        return ""
+    name, fingerprint = reference.run.get("profile"), reference.run.get("profile_fingerprint")
+    ran = f"profile {profile.get('name')!r}"
+    if fingerprint and profile.get("fingerprint"):
+        if profile["fingerprint"] == fingerprint:
+            return ""
+        return (f"the run used {ran} (fingerprint {str(profile['fingerprint'])[:12]}), "
+                f"{reference.path.name} was recorded with profile {name!r} (fingerprint "
+                f"{str(fingerprint)[:12]}): other prompts or decoding")
+    if name and profile.get("name") and profile["name"] != name:
+        return (f"the run used {ran}, {reference.path.name}'s numbers come from profile {name!r}: "
+                "other prompts or decoding")
+    return ""
 
 
 def noncomparable_notice(problems: Mapping[str, str], allowed: bool) -> str:
@@ -769,6 +831,23 @@ def noncomparable_notice(problems: Mapping[str, str], allowed: bool) -> str:
                    "before any work")
     lines = [f"NOT COMPARABLE with the reference: {consequence}."]
     lines += [f"  {benchmark}: {why}" for benchmark, why in problems.items()]
+    return "\n".join(lines)
+
+
+def unchecked(metadata: Mapping[str, Any]) -> dict[str, str]:
+    """benchmark -> what the run could not check of its data (``data[b]["unchecked"]``, e.g.
+    --from-vlmeval files without the benchmark's TSV); the verdicts stand, on the files as
+    they are."""
+    return {benchmark: str(info["unchecked"]) for benchmark, info in (metadata.get("data") or {}).items()
+            if isinstance(info, Mapping) and info.get("unchecked")}
+
+
+def unchecked_notice(notes: Mapping[str, str]) -> str:
+    """The lines that say so, just above ``noncomparable_notice``'s."""
+    if not notes:
+        return ""
+    lines = ["NOT CHECKED against the benchmark's data: the verdicts hold for the files as they are."]
+    lines += [f"  {benchmark}: {why}" for benchmark, why in notes.items()]
     return "\n".join(lines)
 
 

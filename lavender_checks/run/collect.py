@@ -232,7 +232,7 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
         "engine": _describe_engine(config, engine),
         "profile": profile.describe(),
         "lmu_data": str(root),
-        "data": {name: _describe_data(item) for name, item in data.items()},
+        "data": {name: _with_score_caveats(_describe_data(item), results[name]) for name, item in data.items()},
         "missing": dict(missing),
         "predictions": counts,
         "store": str(store.root),
@@ -416,6 +416,16 @@ def _describe_data(item: _LoadedBenchmark) -> dict[str, Any]:
     return {**item.selected.provenance.describe(), "scored_rows": len(item.selected.frame)}
 
 
+def _with_score_caveats(info: dict[str, Any], entry: Mapping[str, ScoreResult | None]) -> dict[str, Any]:
+    """``info`` plus, under ``noncomparable``, what the scorer said makes its numbers other
+    than the metric the benchmark reports (``ScoreResult.noncomparable``), once; read by
+    ``gate.verdicts.noncomparable``."""
+    found = list(dict.fromkeys(r.noncomparable for r in entry.values() if r is not None and r.noncomparable))
+    if found:
+        info = {**info, "noncomparable": [*info.get("noncomparable", []), *found]}
+    return info
+
+
 def versions() -> dict[str, str | None]:
     """Versions of what a result depends on."""
     out: dict[str, str | None] = {"lavender-checks": __version__, "python": platform.python_version()}
@@ -473,6 +483,7 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
                 check_questions(frames[v], meta.frame, str(paths[v]), str(meta_root / bench.spec.tsv))
         if meta is not None and config.strict_data:
             _refuse_noncomparable(config, benchmark, meta.provenance)
+        file_problems, unchecked = ([], "") if meta is not None else _check_without_tsv(bench, frames, paths)
         whole = frames
         if config.limit is not None or config.fraction is not None:
             frames = {v: subset(f, bench, limit=config.limit, fraction=config.fraction)
@@ -495,6 +506,11 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
         files[benchmark] = {v: str(paths[v]) for v in VARIANTS}
         data_info[benchmark] = {"meta": meta.provenance.describe() if meta is not None else None,
                                 "scored_rows": len(frames["base"])}
+        if file_problems:
+            data_info[benchmark]["noncomparable"] = file_problems
+        if unchecked:
+            data_info[benchmark]["unchecked"] = unchecked
+        data_info[benchmark] = _with_score_caveats(data_info[benchmark], results[benchmark])
     if len(missing) == len(config.benchmarks):
         raise RunInputError(f"--from-vlmeval {work_dir}: no prediction files of "
                             f"{config.base_name} and {config.lavender_name}; "
@@ -541,6 +557,37 @@ def _read_in_rounds(config: RunConfig, read: Mapping[str, tuple[Benchmark, dict[
         return looker.look(got, done)
 
     return run_rounds(plans, settings, looker.alpha, lambda number, rows: None, look)
+
+
+def _check_without_tsv(bench: Benchmark, frames: Mapping[str, Any], paths: Mapping[str, Path]
+                       ) -> tuple[list[str], str]:
+    """What can be checked of both models' whole files without the benchmark's TSV: their row
+    count against VLMEvalKit's (benchmarks.toml ``rows``) and that both files ask the same
+    question at each index (files of two different TSVs are refused). Returns why the files
+    are not the whole benchmark (not comparable), and what could not be checked."""
+    benchmark, expected = bench.name, bench.spec.rows
+    base, lavender = frames["base"], frames["lavender"]
+    if "question" in base.columns and "question" in lavender.columns:
+        theirs = dict(zip(lavender["index"].map(str), lavender["question"].map(str)))
+        differ = [(i, q) for i, q in zip(base["index"].map(str), base["question"].map(str))
+                  if i in theirs and theirs[i] != q]
+        if differ:
+            index, question = differ[0]
+            raise RunInputError(
+                f"{benchmark}: {paths['base']} and {paths['lavender']} ask different questions at "
+                f"{len(differ)} index(es), e.g. index {index}: {question!r} vs {theirs[index]!r}; "
+                "the files were made from different TSVs")
+    problems = []
+    if expected is not None and len(base) != expected:
+        problems.append(f"{paths['base']} has {len(base)} rows, VLMEvalKit's {benchmark} has "
+                        f"{expected}: the files are not of the whole benchmark (no TSV was given to "
+                        "check them against: --lmu-data)")
+    unchecked = (f"no {bench.spec.tsv} in LMUData (--lmu-data): the files' questions, answers and "
+                 f"indices were not checked against VLMEvalKit's {benchmark} TSV (md5 {bench.spec.md5}); "
+                 f"checked: row count ({len(base)}"
+                 + (f", VLMEvalKit's {expected}" if expected is not None else "")
+                 + "), the same questions in both files")
+    return problems, unchecked
 
 
 def _optional_lmu_root(config: RunConfig) -> Path | None:

@@ -29,7 +29,7 @@ from lavender_checks.run.config import (
     input_errors,
 )
 from lavender_checks.run.judge import judge_run, write_run_report
-from lavender_checks.run.reference import TINY_REFERENCE_DESCRIPTION, write_reference
+from lavender_checks.run.reference import TINY_REFERENCE_DESCRIPTION, refuse_subset, write_reference
 
 __all__ = ["add_arguments", "checked", "main", "torchrun_shards"]
 
@@ -61,6 +61,8 @@ def _run(args) -> int:
     config = config_from_options(lambda dest: getattr(args, dest))
     if args.force and args.write_reference is None:
         raise RunInputError("--force only applies to --write-reference")
+    if args.write_reference is not None:
+        refuse_subset(config)
     if args.write_reference is not None and args.write_reference.exists() and not args.force:
         raise RunInputError(f"--write-reference {args.write_reference}: the file exists; "
                             "add --force to replace it")
@@ -83,11 +85,13 @@ def _run(args) -> int:
         return EXIT_OK
     outcome = judge_run(run)
     path = write_run_report(run, outcome, reports_root=args.reports, keep=args.keep_reports)
-    from lavender_checks.gate.verdicts import noncomparable_notice
+    from lavender_checks.gate.verdicts import noncomparable_notice, unchecked, unchecked_notice
 
     print(outcome.table(only_problems=args.quiet))
     for benchmark, reason in run.missing.items():
         print(f"missing {benchmark}: {reason}")
+    if unchecked(run.metadata):
+        print(unchecked_notice(unchecked(run.metadata)))
     print(f"report: {path}")
     if run.early_stop is not None:
         print(run.early_stop.headline())

@@ -21,6 +21,9 @@ pytest-xdist (``-n auto`` = one worker per GPU):
 * xdist's default ``--dist load`` is the mode to use: the work is split by the fixture, not by
   how cases are spread (see tests/benchmarks/test_snapshots.py on ``--dist loadgroup``).
 
+A selection (``-k``, ``-m``, node ids) runs only the benchmarks of its selected cases: the
+others are neither generated nor reported (``pytest_collection_finish``).
+
 Bad input stops the session at once, before any model loads: ``pytest.exit`` with the line
 and exit status ``lavender-checks run`` gives (``lavender_checks.errors``), instead of one setup
 error per case. Options, model folders, LMUData, reference and profile are checked while pytest
@@ -31,6 +34,7 @@ given that is no writable folder; the default folders when the gate's first fixt
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 
@@ -62,6 +66,7 @@ _SNAPSHOT_ACCOUNTS = pytest.StashKey[list]()
 _SNAPSHOT_OUTPUT_KEY = "lavender_snapshots"
 _SNAPSHOT_DIFF = pytest.StashKey[str]()
 _WORKER_BARRIER_KEY = "lavender_barrier"
+_SELECTION = pytest.StashKey[dict]()
 
 
 # ----------------------------------------------------------------------------- GPUs and xdist
@@ -148,13 +153,60 @@ def pytest_configure(config):
               "(pytest-xdist is the one-host alternative to torchrun)")
 
 
+# ----------------------------------------------------------------------------- selection
+
+
+def pytest_collection_finish(session):
+    """What the session's selected cases need (after ``-k``, ``-m`` and node ids): the run's
+    fixtures then generate, score and report only the benchmarks that have a selected case,
+    so that what is deselected is neither computed nor in the report. A benchmark case names
+    its benchmark by its ``row_id`` (``<benchmark>-<metric>``) or ``snapshot_benchmark``
+    parameter; a selected case that uses the run's results without naming one needs them all."""
+    wanted: list[str] = []
+    gate_cases = 0
+    for item in session.items:
+        if "run_results" not in getattr(item, "fixturenames", ()):
+            continue
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "row_id" in params:
+            gate_cases += 1
+            wanted.append(str(params["row_id"]).split("-", 1)[0])
+        elif "snapshot_benchmark" in params:
+            wanted.append(str(params["snapshot_benchmark"]))
+        else:
+            return  # a case of every benchmark
+    if wanted:
+        session.config.stash[_SELECTION] = {"benchmarks": set(wanted), "gate_cases": gate_cases}
+
+
+def _selected(config: pytest.Config, run: RunConfig) -> RunConfig:
+    """``run`` restricted to the benchmarks of the session's selected cases."""
+    selection = config.stash.get(_SELECTION, None)
+    if selection is None:
+        return run
+    benchmarks = tuple(b for b in run.benchmarks if b in selection["benchmarks"])
+    return dataclasses.replace(run, benchmarks=benchmarks) if benchmarks else run
+
+
+def _selection_note(config: pytest.Config, outcome: GateOutcome) -> str:
+    """When the selected cases are some of the verdicts of the benchmarks run, say that the
+    exit status covers those only ('' when they are all of them)."""
+    selection = config.stash.get(_SELECTION, None)
+    if selection is None or selection["gate_cases"] >= len(outcome.verdicts):
+        return ""
+    return (f"pytest selected {selection['gate_cases']} of the {len(outcome.verdicts)} verdicts of "
+            f"{', '.join(outcome.reference.benchmarks) or 'the benchmarks run'}: the exit status covers "
+            "only the selected cases; the report shows every verdict")
+
+
 # ----------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture(scope="session")
 def gate_config(pytestconfig) -> RunConfig:
-    """The run's configuration, its inputs checked (once per process, before any model loads)."""
-    config = run_config(pytestconfig)
+    """The run's configuration, its inputs checked (once per process, before any model loads);
+    its benchmarks those of the session's selected cases."""
+    config = _selected(pytestconfig, run_config(pytestconfig))
     option = pytestconfig.getoption
     try:
         # Under torchrun the ranks join their group first, so that an input missing on one
@@ -243,18 +295,28 @@ def _torchrun_results(gate_config, request) -> RunResults:
 def gate_outcome(run_results, worker_barrier, pytestconfig) -> GateOutcome:
     """The verdicts of every reference row; the report is written here, by one process."""
     outcome = judge_run(run_results)
+    note = _selection_note(pytestconfig, outcome)
+    if note:  # said in report.md and report.json too
+        run_results.metadata["selection"] = note
     # Every worker holds the same results: the first to get here writes the report.
     if worker_barrier is None or worker_barrier.claim("report"):
         write_run_report(run_results, outcome, reports_root=pytestconfig.getoption("reports"),
                                   keep=pytestconfig.getoption("keep_reports"))
         summary = {"table": outcome.table(), "report": str(outcome.report),
                    "missing": dict(run_results.missing), "noncomparable": dict(outcome.noncomparable),
+                   "unchecked": _unchecked(run_results.metadata), "selection": note,
                    "allow_noncomparable": run_results.config.allow_noncomparable,
                    "early_stop": outcome.early_stop.headline() if outcome.early_stop is not None else None}
         pytestconfig.stash[_GATE_SUMMARY] = summary
         if hasattr(pytestconfig, "workeroutput"):
             pytestconfig.workeroutput[_WORKER_OUTPUT_KEY] = summary
     return outcome
+
+
+def _unchecked(metadata) -> dict:
+    from lavender_checks.gate.verdicts import unchecked
+
+    return unchecked(metadata)
 
 
 def _snapshot_accounts(config: pytest.Config) -> list:
@@ -298,6 +360,10 @@ def pytest_sessionfinish(session):
     for folder in config.stash.get(_BARRIERS, ()):
         shutil.rmtree(folder, ignore_errors=True)
     summary, accounts = config.stash.get(_GATE_SUMMARY, None), config.stash.get(_SNAPSHOT_ACCOUNTS, None)
+    if (summary is not None and summary.get("noncomparable") and not summary.get("allow_noncomparable")
+            and session.exitstatus == pytest.ExitCode.OK):
+        # A benchmark not gated at all (no reference rows) has no case to fail: the run does.
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if not accounts or summary is None or not summary.get("report"):
         return
     from lavender_checks.gate.snapshots import write_account
@@ -316,6 +382,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_line(summary["table"])
     for benchmark, reason in summary["missing"].items():
         terminalreporter.write_line(f"missing {benchmark}: {reason}")
+    if summary.get("selection"):
+        terminalreporter.write_line(summary["selection"], yellow=True)
+    if summary.get("unchecked"):
+        from lavender_checks.gate.verdicts import unchecked_notice
+
+        terminalreporter.write_line(unchecked_notice(summary["unchecked"]), yellow=True)
     terminalreporter.write_line(f"report: {summary['report']}")
     if _SNAPSHOT_DIFF in config.stash:
         terminalreporter.write_line(f"snapshot diff: {config.stash[_SNAPSHOT_DIFF]}")

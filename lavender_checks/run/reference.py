@@ -10,7 +10,7 @@ import tomli_w
 from lavender_checks import FIXTURES
 from lavender_checks.model import VARIANTS
 from lavender_checks.run.collect import RunResults
-from lavender_checks.run.config import SEED_REFERENCE, RunInputError
+from lavender_checks.run.config import SEED_REFERENCE, RunConfig, RunInputError
 
 TINY_REFERENCE_DESCRIPTION = (
     "The built-in tiny pair's own numbers on the mini benchmarks (fixtures/lmudata-mini), "
@@ -27,12 +27,13 @@ def write_reference(run: RunResults, path: str | Path, *, template: str | Path =
     The rows are the template's (the same tables, labels and metrics), their numbers this
     run's, each rounded to 2 decimals as a report prints them (delta = the difference of the
     rounded numbers); [gate] and [derived] are the template's. A row this run did not measure
-    is an error: a reference holds no number that was not computed. An existing file is
-    replaced only with ``force``.
+    is an error: a reference holds no number that was not computed, and so is a subset
+    (``--limit``, ``--fraction``, a shard). An existing file is replaced only with ``force``.
     """
     from lavender_checks.gate.verdicts import load_reference
 
     path = Path(path)
+    refuse_subset(run.config)
     if path.exists() and not force:
         raise RunInputError(f"--write-reference {path}: the file exists; add --force to replace it")
     template_ref = load_reference(template)
@@ -91,6 +92,18 @@ def write_reference(run: RunResults, path: str | Path, *, template: str | Path =
     path.write_text(text, encoding="utf-8")
     load_reference(path)  # what was written reads back as a valid reference
     return path
+
+
+def refuse_subset(config: RunConfig) -> None:
+    """A subset's numbers are a sample of the benchmark's, not the benchmark's: recorded as a
+    reference they would be gated as the whole benchmark's (bands for the whole, not a sample)."""
+    chosen = [flag for flag, value in (("--limit", config.limit), ("--fraction", config.fraction))
+              if value is not None]
+    if config.shard is not None:
+        chosen.append(f"shard {config.shard[0]} of {config.shard[1]}")
+    if chosen:
+        raise RunInputError(f"--write-reference records the whole benchmarks' numbers, not a subset's: "
+                            f"drop {' and '.join(chosen)}")
 
 
 def _fixtures_relative(path: Path) -> str:

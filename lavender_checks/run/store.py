@@ -106,6 +106,7 @@ class Record:
     prompt_sha: str
     time_ns: int
     writer: str
+    line: int = 0  # 1-based line in the writer's file
 
 
 def default_run_id() -> str:
@@ -262,11 +263,25 @@ class PredictionLog:
         return sorted(self.directory.glob("*" + LOG_SUFFIX))
 
     def records(self) -> list[Record]:
-        """Every stored line of every writer, oldest first."""
+        """Every stored line of every writer, oldest first.
+
+        A row stored twice from the same request must hold the same prediction (greedy
+        decoding of one request, or a copy of it): two different ones mean the store mixes
+        runs that are not one run, and picking either would be silent, so it is refused."""
         records = []
         for path in self.writer_files():
             records.extend(_read_log(path))
         records.sort(key=lambda r: (r.time_ns, r.writer))
+        first: dict[tuple[Index, str], Record] = {}
+        for record in records:
+            earlier = first.setdefault((record.index, record.prompt_sha), record)
+            if earlier.prediction != record.prediction:
+                raise PredictionStoreError(
+                    f"{self.directory / (record.writer + LOG_SUFFIX)}, line {record.line}: row "
+                    f"{record.index!r} holds {record.prediction[:40]!r}, but "
+                    f"{self.directory / (earlier.writer + LOG_SUFFIX)}, line {earlier.line} holds "
+                    f"{earlier.prediction[:40]!r} for the same request: the store mixes runs that "
+                    "do not agree; remove one of the lines (or the key's folder) and rerun")
         return records
 
     def existing(self) -> dict[Index, Record]:
@@ -350,7 +365,7 @@ def _read_log(path: Path) -> list[Record]:
             obj = json.loads(raw)
             record = Record(index=obj["index"], prediction=obj["prediction"],
                             prompt_sha=obj["prompt_sha"], time_ns=int(obj["time_ns"]),
-                            writer=writer)
+                            writer=writer, line=number)
             if not isinstance(record.prediction, str) or not isinstance(record.index, (int, str)):
                 raise TypeError("index must be int or str and prediction str")
         except (ValueError, KeyError, TypeError) as exc:

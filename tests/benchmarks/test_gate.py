@@ -13,7 +13,8 @@ and a gate over it must not turn green on files that are not there.
 With ``--stop-early``, a run that stopped fails the cases whose failure was certain and skips
 every other one with the reason: only a complete run judges them (and takes snapshots).
 
-A benchmark whose TSV is not the data the reference's numbers came from (md5; see
+A benchmark whose numbers cannot test the reference's (its TSV is not the data they came
+from, another profile, MMBench without its circular copies...; see
 ``gate.verdicts.noncomparable``) fails each of its cases with the reason, unless
 ``--allow-noncomparable`` is given.
 """
@@ -45,7 +46,7 @@ def _judge(outcome: GateOutcome, config: RunConfig, row_id: str, quantity: str):
     if why and not config.allow_noncomparable:
         # A verdict on other data says nothing about the report: no silent pass.
         pytest.fail(f"NOT COMPARABLE with the reference: {why} (--allow-noncomparable gates it "
-                    f"anyway; --strict-data refuses it before any work)", pytrace=False)
+                    "anyway)", pytrace=False)
     if verdict.status == "missing":
         if config.from_vlmeval is not None and not outcome.stopped_early:
             pytest.fail(verdict.message(), pytrace=False)

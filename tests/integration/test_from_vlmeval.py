@@ -7,6 +7,7 @@ predictions are chosen so that their scores print the seed report's numbers.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -279,3 +280,55 @@ def test_a_file_whose_questions_are_not_the_tsvs_is_refused(tmp_path):
     with pytest.raises(SignatureMismatch, match=r"1 row\(s\) whose question is not the one of .*DocVQA_VAL.tsv "
                                                 r"at the same index, e.g. index .*'an edited question\?' in the file"):
         gate(work, benchmarks=("DocVQA_VAL",), lmu_data=MINI_LMUDATA)
+
+
+def test_files_of_another_size_without_lmu_data_are_not_comparable(tmp_path, seed_frames, capsys):
+    """Without the TSVs, the files' row count is checked against VLMEvalKit's (benchmarks.toml),
+    and what could not be checked is said; 24-row files are no test of the full-size report."""
+    small = {"ChartQA_TEST": {v: f.iloc[:24] for v, f in seed_frames["ChartQA_TEST"].items()}}
+    work = write_run(tmp_path / "outputs", small)
+    run, outcome = gate(work, benchmarks=("ChartQA_TEST",))
+    why = outcome.noncomparable["ChartQA_TEST"]
+    assert "has 24 rows, VLMEvalKit's ChartQA_TEST has 2500" in why
+    assert "not checked against VLMEvalKit's ChartQA_TEST TSV" in run.metadata["data"]["ChartQA_TEST"]["unchecked"]
+    reports = tmp_path / "reports"
+    code = cli.main(["run", "--from-vlmeval", str(work), "--benchmark", "ChartQA_TEST",
+                     "--reports", str(reports), "--quiet"])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 1
+    assert out[-2].startswith("NOT COMPARABLE with the reference") and "has 24 rows" in out[-1]
+    assert any(line.startswith("NOT CHECKED against the benchmark's data") for line in out)
+    report = next(p for p in reports.iterdir() if RUN_ID_PATTERN.match(p.name))
+    md = (report / "report.md").read_text().splitlines()
+    assert md[2].startswith("> **NOT COMPARABLE") and any("**NOT CHECKED" in line for line in md[:12])
+    summary = json.loads((report / "report.json").read_text())["summary"]
+    assert summary["comparable"] is False and "ChartQA_TEST" in summary["unchecked"]
+
+
+def test_full_size_files_without_lmu_data_are_gated_saying_what_was_not_checked(seed_run):
+    run, outcome = gate(seed_run, benchmarks=("MME",))
+    assert outcome.noncomparable == {}
+    assert "checked: row count (2374, VLMEvalKit's 2374)" in run.metadata["data"]["MME"]["unchecked"]
+
+
+def test_base_and_lavender_files_asking_different_questions_are_refused(tmp_path, chartqa_only):
+    lavender = chartqa_only["ChartQA_TEST"]["lavender"].copy()
+    lavender.loc[7, "question"] = "an edited question?"
+    work = write_run(tmp_path / "outputs", {"ChartQA_TEST": {"base": chartqa_only["ChartQA_TEST"]["base"],
+                                                             "lavender": lavender}})
+    with pytest.raises(RunInputError, match=r"ask different questions at 1 index\(es\), e.g. index 7"):
+        gate(work, benchmarks=("ChartQA_TEST",))
+
+
+def test_mmbench_files_without_their_circular_copies_are_not_comparable(tmp_path, seed_frames, capsys):
+    """Scored on the main questions alone, a guess counts once: not MMBench's circular accuracy."""
+    mains = {v: f[f["index"] < 1_000_000] for v, f in seed_frames["MMBench_DEV_EN"].items()}
+    work = write_run(tmp_path / "outputs", {"MMBench_DEV_EN": mains})
+    run, outcome = gate(work, benchmarks=("MMBench_DEV_EN",))
+    why = outcome.noncomparable["MMBench_DEV_EN"]
+    assert "1164 of 1164 questions have no circular copies" in why
+    assert "CircularEval could not be applied" in why
+    assert "has 1164 rows, VLMEvalKit's MMBench_DEV_EN has 4329" in why
+    assert cli.main(["run", "--from-vlmeval", str(work), "--benchmark", "MMBench_DEV_EN",
+                     "--reports", str(tmp_path / "reports"), "--quiet"]) == 1
+    assert "CircularEval could not be applied" in capsys.readouterr().out.splitlines()[-1]

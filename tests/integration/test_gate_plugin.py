@@ -169,3 +169,53 @@ def test_cuda_without_cuda_is_one_error_before_any_case_even_under_xdist(gate, c
 
     assert cli.main(["run", "--device", "cuda", "--quiet"]) == 2
     assert capsys.readouterr().err.strip() in output  # the CLI's line, word for word
+
+
+def _report_json(result) -> dict:
+    line = next(line for line in result.outlines if line.startswith("report: "))
+    return json.loads((Path(line.removeprefix("report: ")) / "report.json").read_text())
+
+
+def test_deselected_benchmarks_are_neither_generated_nor_reported(gate, tmp_path):
+    """``-k MME``: the session's fixtures run MME alone; a selection of some of a benchmark's
+    verdicts says that the exit status covers those only."""
+    store = tmp_path / "store"
+    mme_rows = [row for row in tomllib.loads(TINY_REFERENCE.read_text())["row"] if row["benchmark"] == "MME"]
+    result = gate("-k", "MME", "--store", str(store), subprocess=True)
+    result.assert_outcomes(passed=3 * len(mme_rows))
+    assert result.ret == 0
+    report = _report_json(result)
+    assert report["metadata"]["config"]["benchmarks"] == ["MME"]
+    assert {v["benchmark"] for v in report["verdicts"]} == {"MME"}
+    assert len(report["verdicts"]) == 3 * len(mme_rows) and report["summary"]["selection"] is None
+    generated = {path.relative_to(store).parts[0].split("-")[0] for path in store.rglob("*.jsonl")}
+    assert generated == {"MME"}
+    # Some of MME's verdicts selected: the rest are in the report, and the session says so.
+    some = gate("-k", "test_gain and MME", "--store", str(store), subprocess=True)
+    some.assert_outcomes(passed=len(mme_rows))
+    note = f"pytest selected {len(mme_rows)} of the {3 * len(mme_rows)} verdicts of MME: the exit status covers only"
+    some.stdout.fnmatch_lines([f"{note}*", "report: *"])
+    assert _report_json(some)["summary"]["selection"].startswith(note)
+
+
+def test_a_benchmark_run_without_reference_rows_fails_the_session(gate, pytester, tmp_path):
+    """A case of MME other than the gate's (as a snapshot case) runs it; the reference has no
+    MME rows, so nothing of it is gated: the session says so last and fails."""
+    head, *rows = TINY_REFERENCE.read_text().split("[[row]]")
+    chartqa = tmp_path / "chartqa.toml"
+    chartqa.write_text(head + "".join(f"[[row]]{r}" for r in rows if 'benchmark = "ChartQA_TEST"' in r))
+    pytester.makepyfile(test_other="""
+        import pytest
+
+        @pytest.mark.parametrize("snapshot_benchmark", ["MME"])
+        def test_uses_the_run(gate_outcome, snapshot_benchmark):
+            pass
+    """)
+    result = gate("--reference", str(chartqa), "--benchmark", "ChartQA_TEST", "--benchmark", "MME",
+                  "--store", str(tmp_path / "store"), subprocess=True)
+    outcomes = result.parseoutcomes()
+    assert outcomes["passed"] == 1 + 3 * sum('benchmark = "ChartQA_TEST"' in r for r in rows)
+    assert "failed" not in outcomes and result.ret == 1
+    # the gate summary's last lines, above pytest's count
+    assert result.outlines[-3].startswith("NOT COMPARABLE with the reference")
+    assert result.outlines[-2].startswith("  MME: not gated: chartqa.toml has no rows for it")

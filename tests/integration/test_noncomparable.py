@@ -108,3 +108,24 @@ def test_pytest_cases_do_not_pass_silently(tmp_path, edited_lmudata, allow):
     lines = out.splitlines()
     after_report = lines[next(i for i, line in enumerate(lines) if line.startswith("report: ")) + 1]
     assert after_report.startswith("NOT COMPARABLE with the reference: ")  # the gate summary's last lines
+
+
+def test_a_run_with_another_profile_than_the_references_fails_saying_so(capsys, _run):
+    """tiny-mini.toml was recorded with the seed-report profile (name and fingerprint)."""
+    assert _run(MINI, "--profile", "vlmevalkit") == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2].startswith("NOT COMPARABLE with the reference")
+    assert out[-1].startswith("  ChartQA_TEST: the run used profile 'vlmevalkit'")
+    assert "was recorded with profile 'seed-report'" in out[-1]
+
+
+def test_a_benchmark_the_reference_has_no_rows_for_is_named_and_fails_the_run(tmp_path, capsys, _run):
+    assert _run(MINI, "--benchmark", "MME") == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2].startswith("NOT COMPARABLE with the reference")
+    assert out[-1].startswith("  MME: not gated: tiny-mini.toml has no rows for it")
+    assert "9 pass, 0 fail, 0 missing" in "\n".join(out)  # the gated verdicts alone would have passed
+    report = next(p for p in (tmp_path / "reports").iterdir() if p.name[0].isdigit())
+    assert "MME: not gated" in (report / "report.md").read_text(encoding="utf-8").splitlines()[4]
+    summary = json.loads((report / "report.json").read_text(encoding="utf-8"))["summary"]
+    assert summary["passed"] is False and "MME" in summary["noncomparable"]

@@ -557,6 +557,19 @@ def test_write_reference_does_not_replace_a_file_without_force(tmp_path, capsys,
     assert load_reference(existing).rows
 
 
+@pytest.mark.parametrize("subset", [["--limit", "2"], ["--fraction", "0.5"]])
+def test_write_reference_refuses_a_subset_before_any_model(tmp_path, capsys, no_model_load, subset):
+    target = tmp_path / "own.toml"
+    assert cli.main(["run", "--write-reference", str(target), *subset, "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, "--write-reference", "not a subset's", f"drop {subset[0]}")
+    assert not target.exists()
+    run = collect_results(stand_in_config(tmp_path, benchmarks=("ChartQA_TEST",), limit=2),
+                          pair=StandInPair(), progress=False)
+    with pytest.raises(RunInputError, match="drop --limit"):
+        write_reference(run, target)
+    assert not target.exists()
+
+
 def test_a_recorded_reference_keeps_the_hand_written_layout(tmp_path):
     run = collect_results(stand_in_config(tmp_path), pair=StandInPair(), progress=False)
     text = write_reference(run, tmp_path / "own.toml").read_text()

@@ -79,6 +79,22 @@ def test_samples_file_for_mmbench(tmp_path, capsys):
         (1, 1.0, "A", 1.0), (2, 0.0, None, 0.0), (1000001, 1.0, "B", 1.0)]
 
 
+def test_an_mmbench_file_without_its_circular_copies_is_said_not_the_reported_metric(tmp_path, capsys):
+    frame = pd.DataFrame({
+        "index": [1, 2], "question": ["q1", "q2"], "hint": [np.nan, np.nan],
+        "A": ["cat", "yes"], "B": ["dog", "no"], "answer": ["A", "B"], "category": ["ocr"] * 2,
+        "l2-category": ["finegrained_perception (instance-level)"] * 2, "split": ["dev"] * 2,
+        "prediction": ["A", "A"],
+    })
+    path = tmp_path / "m_MMBench_DEV_EN.xlsx"
+    _vlmevalkit_xlsx(frame, path)
+    assert _run(["MMBench_DEV_EN", str(path), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["Overall"] == 50.0  # VLMEvalKit's number on these rows
+    assert captured.err.startswith(f"NOT THE REPORTED METRIC: MMBench_DEV_EN {path}: 2 of 2 questions "
+                                   "have no circular copies")
+
+
 def test_samples_file_for_mme_has_extracted(tmp_path):
     rows = []
     for category in ("OCR", "artwork", "celebrity", "color", "count", "existence", "landmark",

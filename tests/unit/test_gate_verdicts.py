@@ -292,3 +292,61 @@ def test_missing_benchmark_verdicts_carry_the_reason_given():
     assert all("/data/MME.tsv" in v.message() for v in mme)
     docvqa = [v for v in verdicts if v.benchmark == "DocVQA_VAL"]
     assert all("not computed in this run" in v.message() for v in docvqa)
+
+
+# ------------------------------------------------------------------ what makes a run not comparable
+
+
+def _chartqa_reference(run=None):
+    """tiny-mini.toml's ChartQA rows (with ``run`` as its [run] table, when given)."""
+    import dataclasses
+
+    from lavender_checks.run.config import TINY_REFERENCE
+
+    reference = load_reference(TINY_REFERENCE)
+    rows = tuple(r for r in reference.rows if r.benchmark == "ChartQA_TEST")
+    return dataclasses.replace(reference, rows=rows, run=reference.run if run is None else run)
+
+
+def test_a_run_with_another_profile_is_not_comparable():
+    from lavender_checks.gate.verdicts import noncomparable
+    from lavender_checks.profiles import load_profile
+
+    reference = _chartqa_reference()
+    data = {"data": {"ChartQA_TEST": {"scored_rows": 24}}}
+    same = {**data, "profile": load_profile("seed-report").describe()}
+    assert noncomparable(reference, same) == {}
+    other = {**data, "profile": load_profile("vlmevalkit").describe()}
+    why = noncomparable(reference, other)["ChartQA_TEST"]
+    assert "the run used profile 'vlmevalkit'" in why and "recorded with profile 'seed-report'" in why
+    # The seed report names its profile only: the name decides.
+    named = _chartqa_reference({"profile": "seed-report"})
+    assert noncomparable(named, same) == {}
+    assert "come from profile 'seed-report'" in noncomparable(named, other)["ChartQA_TEST"]
+    # --from-vlmeval has no profile to compare: nothing is claimed
+    assert noncomparable(named, data) == {}
+
+
+def test_the_seed_report_was_run_with_the_seed_report_profile():
+    from lavender_checks.gate.verdicts import DEFAULT_REFERENCE
+
+    assert load_reference(DEFAULT_REFERENCE).run["profile"] == "seed-report"
+
+
+def test_a_benchmark_the_reference_has_no_rows_for_is_not_gated_and_says_so():
+    from lavender_checks.gate.verdicts import noncomparable
+
+    reference = _chartqa_reference()
+    metadata = {"config": {"benchmarks": ["ChartQA_TEST", "MME"]},
+                "data": {"ChartQA_TEST": {"scored_rows": 24}, "MME": {"scored_rows": 56}}}
+    problems = noncomparable(reference, metadata)
+    assert list(problems) == ["MME"]
+    assert problems["MME"].startswith(f"not gated: {reference.path.name} has no rows for it")
+
+
+def test_what_the_run_found_joins_the_data_problems():
+    from lavender_checks.gate.verdicts import noncomparable
+
+    reference = _chartqa_reference()
+    metadata = {"data": {"ChartQA_TEST": {"noncomparable": ["a", "b"]}}}
+    assert noncomparable(reference, metadata) == {"ChartQA_TEST": "a; b"}

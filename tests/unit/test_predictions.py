@@ -112,11 +112,25 @@ def test_writers_union_and_no_duplicate_index(tmp_path):
     gw1 = store.log(make_key(), writer="gw1")
     gw0.append([(1, "a", SHA_A), (2, "b", SHA_A)])
     gw1.append([(3, "c", SHA_A)])
-    gw1.append([(2, "b again", SHA_A)])  # the same row written twice: newest wins, once
+    gw1.append([(2, "b", SHA_A)])  # the same row written twice, alike: once
     reader = store.log(make_key())
-    assert predictions_of(reader) == {1: "a", 2: "b again", 3: "c"}
+    assert predictions_of(reader) == {1: "a", 2: "b", 3: "c"}
     assert sorted(p.name for p in reader.writer_files()) == ["gw0.jsonl", "gw1.jsonl"]
     assert len(reader.records()) == 4
+
+
+def test_a_row_stored_twice_with_different_predictions_is_refused_naming_file_and_row(tmp_path):
+    store = PredictionStore(tmp_path)
+    store.log(make_key(), writer="gw0").append([(1, "a", SHA_A), (2, "Yes", SHA_A)])
+    store.log(make_key(), writer="gw1").append([(2, "No", SHA_A)])
+    reader = store.log(make_key())
+    with pytest.raises(PredictionStoreError) as raised:
+        reader.matching({1: SHA_A, 2: SHA_A})
+    message = str(raised.value)
+    assert f"{reader.directory / 'gw1.jsonl'}, line 1: row 2 holds 'No'" in message
+    assert f"{reader.directory / 'gw0.jsonl'}, line 2 holds 'Yes'" in message
+    with pytest.raises(PredictionStoreError):
+        reader.existing()
 
 
 def test_matching_prefers_the_wanted_prompt(tmp_path):

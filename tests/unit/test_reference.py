@@ -200,3 +200,32 @@ def test_the_recorded_tsv_md5s_are_checked_when_the_file_is_read(tmp_path):
     assert "[run] lmu_data_md5.ChartQA_TEST: must be an md5 string" in msg
     msg = load_error(with_md5s('{ TextVQA_VAL = "92945adcb74b5f23fd249b4b2fe6768e" }'))
     assert "[run] lmu_data_md5" in msg and "TextVQA_VAL" in msg
+
+
+@pytest.mark.parametrize("fields, named, bounds", [
+    (dict(base=150.0, lavender=150.0, delta=0.0), "base: 150 is outside the range of ChartQA_TEST Overall",
+     "[0, 100]"),
+    (dict(base=-4.17, lavender=2.31, delta=6.48), "base: -4.17 is outside", "[0, 100]"),
+    (dict(benchmark="MME", metric="count", base=201.0, lavender=190.0, delta=-11.0),
+     "base: 201 is outside the range of MME count (score)", "[0, 200]"),
+    (dict(benchmark="MME", metric="perception", base=2100.0, lavender=1900.0, delta=-200.0),
+     "base: 2100 is outside the range of MME perception", "[0, 2000]"),
+    (dict(benchmark="MME", metric="reasoning", base=100.0, lavender=900.0, delta=800.0),
+     "lavender: 900 is outside the range of MME reasoning", "[0, 800]"),
+    (dict(benchmark="MME", metric="total", base=2700.0, lavender=2900.0, delta=200.0),
+     "lavender: 2900 is outside the range of MME total (= perception + reasoning)", "[0, 2800]"),
+])
+def test_a_reported_number_outside_its_metrics_range_is_refused_naming_row_and_range(
+        tmp_path, fields, named, bounds):
+    msg = load_error(write(tmp_path, row(**fields)))
+    assert f"row 1 ({fields.get('benchmark', 'ChartQA_TEST')}-{fields.get('metric', 'Overall')}, line 13)" in msg
+    assert named in msg and bounds in msg
+
+
+def test_the_metric_ranges_are_data_of_benchmarks_toml(tmp_path):
+    assert benchmark_spec("ChartQA_TEST").max_value("Overall") == 100.0
+    assert benchmark_spec("MMBench_DEV_EN").max_value("ocr") == 100.0
+    mme = benchmark_spec("MME")
+    assert (mme.max_value("count"), mme.max_value("perception"), mme.max_value("reasoning")) == (200, 2000, 800)
+    assert mme.max_value(("perception", "reasoning")) == 2800.0
+    load_reference(write(tmp_path, row(base=0.0, lavender=100.0, delta=100.0)))  # the edges are possible

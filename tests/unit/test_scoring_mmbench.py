@@ -198,3 +198,18 @@ def test_dataset_prompt_without_hint_or_options():
     row = pd.Series({"question": "Which?", "A": "yes", "B": "no"})  # no hint column at all
     assert MMBENCH.dataset_prompt(row) == (
         "Question: Which?\nOptions:\nA. yes\nB. no\nPlease select the correct answer from the options above. \n")
+
+
+def test_a_file_without_its_circular_copies_is_scored_but_said_not_comparable():
+    """A guess that is right once is a hit without the copies, a miss with them."""
+    whole = _frame([*[_row(1, r, "A") for r in range(4)], *[_row(2, r, "A", category="ocr")
+                                                            for r in range(4)]])
+    full = MMBENCH.score(whole)
+    assert full.noncomparable == ""
+    mains = MMBENCH.score(whole[whole["index"] < 1_000_000])
+    assert mains.metrics["Overall"] > full.metrics["Overall"]
+    assert "2 of 2 questions have no circular copies" in mains.noncomparable
+    assert "CircularEval could not be applied" in mains.noncomparable
+    # A question with one option has nothing to rotate: it needs no copies.
+    single = _frame([{**_row(3, 0, "A", options=("cat", "dog")), "B": np.nan}])
+    assert MMBENCH.score(single).noncomparable == ""
