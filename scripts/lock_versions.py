@@ -89,7 +89,8 @@ def locked_versions() -> dict[str, str]:
 
 
 def render(versions: dict[str, str]) -> str:
-    lines = [HEADER.format(python=f"Python {sys.version.split()[0]}", platform=sys.platform)]
+    lines = [HEADER.format(python=f"Python {sys.version_info.major}.{sys.version_info.minor}",
+                           platform=sys.platform)]
     for name in sorted(versions):
         version = versions[name]
         if name in ANY_BUILD:
