@@ -45,7 +45,8 @@ def _judge(outcome: GateOutcome, config: RunConfig, row_id: str, quantity: str):
     if why and not config.allow_noncomparable:
         # A verdict on other data says nothing about the report: no silent pass.
         pytest.fail(f"NOT COMPARABLE with the reference: {why} (--allow-noncomparable gates it "
-                    f"anyway; --strict-data refuses it before any work)\n{verdict.message()}", pytrace=False)
+                    f"anyway; --strict-data refuses it before any work)\n    on that data: {verdict.message()}",
+                    pytrace=False)
     if verdict.status == "missing":
         if config.from_vlmeval is not None:
             pytest.fail(verdict.message(), pytrace=False)
