@@ -61,9 +61,9 @@ def verdict_table(verdicts: Iterable[Verdict]) -> str:
 def page(title: str, passed: bool, table: str, *, notices: Iterable[str] = (),
          missing: Mapping[str, str] | None = None, report: str | Path | None = None,
          snapshot_diff: str | Path | None = None) -> str:
-    """The Markdown a run appends: ``table`` is ``verdict_table``'s; each notice is shown,
-    quoted, before it (its first line in bold)."""
-    out = [f"## {title}: {'passed' if passed else 'FAILED'}", ""]
+    """The Markdown a run appends, headed ``## <title> passed`` or ``FAILED``; ``table`` is
+    ``verdict_table``'s; each notice is shown, quoted, before it (its first line in bold)."""
+    out = [f"## {title} {'passed' if passed else 'FAILED'}", ""]
     for notice in notices:
         if notice:
             head, *rest = notice.splitlines()

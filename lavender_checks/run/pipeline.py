@@ -94,7 +94,7 @@ def _run(args) -> int:
     from lavender_checks.gate import step_summary
 
     step_summary.append(step_summary.page(
-        "lavender-checks run", passed, step_summary.verdict_table(outcome.verdicts),
+        "lavender-checks run:", passed, step_summary.verdict_table(outcome.verdicts),
         notices=[noncomparable_notice(problems, config.allow_noncomparable)], missing=run.missing,
         report=path))
     return EXIT_OK if passed else EXIT_GATE_FAILED

@@ -332,7 +332,8 @@ def _append_step_summary(config: pytest.Config, summary: dict, accounts: list) -
     allowed = summary["allow_noncomparable"]
     passed = summary["passed"] and (not summary["noncomparable"] or allowed)
     step_summary.append(step_summary.page(
-        "lavender-checks gate (pytest)", passed, summary["markdown_table"],
+        # The snapshot cases fail the session on their own; the diff below says so.
+        "lavender-checks gate (pytest): verdicts", passed, summary["markdown_table"],
         notices=[noncomparable_notice(summary["noncomparable"], allowed), versions_notice(accounts)],
         missing=summary["missing"], report=summary["report"], snapshot_diff=config.stash.get(_SNAPSHOT_DIFF, None)))
 

@@ -105,7 +105,7 @@ def test_a_failing_case_prints_measured_reported_band_and_n(gate, tmp_path, monk
 
     # GitHub's job page: appended after what earlier steps wrote.
     text = page.read_text(encoding="utf-8")
-    assert text.startswith("# earlier steps\n## lavender-checks gate (pytest): FAILED\n")
+    assert text.startswith("# earlier steps\n## lavender-checks gate (pytest): verdicts FAILED\n")
     table = [line for line in text.splitlines() if line.startswith(f"| {row_id} ")]
     assert [line.split(" | ")[-1] for line in table] == ["**FAIL** |", "**FAIL** |", "pass |"]
     assert f"| {row['base'] + 40:.2f} | " in table[0] and "| 24 questions |" in table[0]

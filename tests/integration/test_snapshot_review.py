@@ -227,7 +227,7 @@ def test_a_snapshot_of_other_versions_says_so_before_the_verdicts(suite, tiny_ru
     # GitHub's job page: the notice, the verdicts, then the snapshot diff.
     text = page.read_text(encoding="utf-8")
     diff = (report / "snapshot-diff.md").read_text(encoding="utf-8")
-    assert text.startswith("## lavender-checks gate (pytest): passed\n")  # the bands pass; the snapshot did not
+    assert text.startswith("## lavender-checks gate (pytest): verdicts passed\n")  # the snapshot did not
     assert text.index("> **SNAPSHOT VERSIONS: ") < text.index("| case | measured |") < text.index(diff.strip())
     assert f"- report: `{report}`" in text
 
