@@ -3,8 +3,8 @@
 GitHub Actions renders the Markdown a step appends to the file ``$GITHUB_STEP_SUMMARY`` names
 on the run's page. ``lavender-checks run`` and the pytest gate append theirs when that variable
 is set: a title with the outcome, the notices that say what the verdicts do not test (data
-not comparable, snapshots recorded with other versions), one table row per verdict
-(measured, reported, band, n, status), the benchmarks not measured and why, the report
+not comparable, snapshots recorded with other versions), the messages of the verdicts that
+did not pass, one table row per verdict (measured, reported, band, n, status), the benchmarks not measured and why, the report
 folder, then the snapshot diff (``snapshot-diff.md``) when the session wrote one. Elsewhere
 (``GITHUB_STEP_SUMMARY`` unset or empty) nothing is written.
 """
@@ -37,9 +37,12 @@ def _cell(text: str) -> str:
 
 
 def verdict_table(verdicts: Iterable[Verdict]) -> str:
-    """One Markdown table row per verdict, then the counts."""
+    """The messages of the verdicts that did not pass, one Markdown table row per verdict,
+    then the counts."""
     verdicts = list(verdicts)
-    lines = ["| case | measured | reported | band | n | status |", "| --- | ---: | ---: | --- | ---: | --- |"]
+    problems = [v.message() for v in verdicts if v.status != "pass"]
+    lines = ["Did not pass:", "", "```text", *problems, "```", ""] if problems else []
+    lines += ["| case | measured | reported | band | n | status |", "| --- | ---: | ---: | --- | ---: | --- |"]
     for v in verdicts:
         signed = v.quantity == "gain"
         if v.band is None:
@@ -51,7 +54,7 @@ def verdict_table(verdicts: Iterable[Verdict]) -> str:
         n = "–" if v.n is None else f"{v.n} of {v.population_n}" if v.subset else str(v.n)
         status = {"pass": "pass", "fail": "**FAIL**"}.get(v.status, f"**MISSING**: {v.reason}")
         lines.append(f"| {_cell(f'{v.row_id} {v.quantity}')} | {_num(v.measured, signed)} | "
-                     f"{_num(v.reported, signed)} | {band} | {n} {v.unit_kind}s | {_cell(status)} |")
+                     f"{_num(v.reported, signed)} | {band} | {n} {v.unit_kind.replace('_', ' ')}s | {_cell(status)} |")
     counts = {s: sum(v.status == s for v in verdicts) for s in STATUSES}
     modes = ", ".join(sorted({v.mode for v in verdicts})) or "no verdicts"
     lines += ["", f"{counts['pass']} pass, {counts['fail']} fail, {counts['missing']} missing ({modes})"]

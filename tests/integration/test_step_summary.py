@@ -34,7 +34,9 @@ def test_a_run_appends_its_verdicts_to_the_step_summary(tmp_path, monkeypatch, c
     out = capsys.readouterr().out
     assert status == 1
     text = page.read_text(encoding="utf-8")
-    assert text.startswith("earlier step\n## lavender-checks run: FAILED\n\n| case | measured | reported | band | n | status |\n")
+    assert text.startswith("earlier step\n## lavender-checks run: FAILED\n\nDid not pass:\n\n```text\n"
+                           "FAIL ChartQA_TEST-Overall base [ChartQA_TEST Overall]: measured ")
+    assert "\n```\n\n| case | measured | reported | band | n | status |\n" in text
     rows = [line for line in text.splitlines() if line.startswith("| ChartQA_TEST-Overall ")]
     assert [r.split(" | ")[0] for r in rows] == [f"| ChartQA_TEST-Overall {q}" for q in ("base", "lavender", "gain")]
     assert f"| {reported:.2f} |" in rows[0] and "| 24 questions | **FAIL** |" in rows[0]
