@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lavender_checks import REPO_ROOT
-
-yaml = pytest.importorskip("yaml")
 
 CI = REPO_ROOT / "docs" / "ci"
 WORKFLOWS = {"github": CI / "github-actions.yml", "gitlab": CI / "gitlab-ci.yml"}
