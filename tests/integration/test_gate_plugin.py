@@ -167,12 +167,17 @@ def test_cases_are_only_the_rows_of_the_benchmarks_run(gate):
 
 
 @pytest.mark.slow
-def test_a_sharded_session_leaves_no_barrier_folder(gate, tmp_path):
+def test_a_sharded_session_leaves_no_barrier_folder(gate, tmp_path, monkeypatch):
     # Its own store: its workers are a run of their own (another xdist test-run id).
     store = tmp_path / "store"
+    page = tmp_path / "step-summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(page))
     result = gate("-n", "2", "--benchmark", "ChartQA_TEST", "--store", str(store), subprocess=True)
     assert result.ret == 0, "\n".join(result.outlines[-30:])
     result.stdout.fnmatch_lines(["*lavender-checks gate*", "* pass, 0 fail, 0 missing*"])
+    # The controller writes the job's summary once, with the verdicts one worker computed.
+    text = page.read_text(encoding="utf-8")
+    assert text.count("## lavender-checks gate (pytest): verdicts passed") == 1 and "| ChartQA_TEST-" in text
     # Every row stored exactly once, whichever worker generated it (a worker that starts late
     # may find its shard taken by the other, by design).
     by_key: dict[Path, list[int]] = {}
