@@ -58,9 +58,9 @@ def review(assertion: Any, current: Current | None, *, verdicts: list[dict[str, 
                                                     index=assertion.index))
     shown = Path(location).relative_to(Path.cwd()) if Path(location).is_relative_to(Path.cwd()) else location
     where = f"{report}/snapshot-diff.md" if report is not None else "snapshot-diff.md in the run's report folder"
+    path = Path(location)
     if current is None:
         # Nothing to assert: a skipped case keeps its file (syrupy does not call it unused).
-        path = Path(location)
         if not path.is_file():
             return Review(None, "skip", f"no result and no accepted snapshot: {missing_reason}")
         accepted = snapshots.parse(path.read_text(encoding="utf-8"), location)
@@ -71,6 +71,15 @@ def review(assertion: Any, current: Current | None, *, verdicts: list[dict[str, 
         return Review(account, "fail", snapshots.markdown([account], rows_per_group=settings.message_rows)
                       + f"\nfull account: {where}")
 
+    run_versions = current.snapshot.get("versions")
+    if path.is_file():
+        # The versions a file records are those it was recorded with: a run on other versions
+        # whose results are the same matches it and leaves it as it is (compare() says so).
+        on_file = snapshots.parse(path.read_text(encoding="utf-8"), location)
+        if snapshots.same_content(on_file, current.snapshot):
+            current.snapshot.pop("versions", None)
+            if "versions" in on_file:
+                current.snapshot["versions"] = on_file["versions"]
     matched = assertion == current.snapshot
     result = assertion.executions[max(assertion.executions)]
     if result.exception is not None:
@@ -78,6 +87,8 @@ def review(assertion: Any, current: Current | None, *, verdicts: list[dict[str, 
     recalled = result.recalled_data
     accepted = snapshots.parse(recalled, location) if recalled is not None else None
     account = snapshots.compare(accepted, current, verdicts=verdicts, case=case, location=str(shown))
+    # Results that match on other versions: nothing to review, but the session says so.
+    account["versions_changed"] = snapshots.version_change(accepted, {"versions": run_versions})
     if result.created:
         account["status"] = "created"
     elif result.updated and account["status"] == "unchanged":

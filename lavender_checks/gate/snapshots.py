@@ -2,7 +2,9 @@
 
 A snapshot is one JSON file per benchmark, profile and run (tests/benchmarks/__snapshots__/):
 
-* the header: benchmark, profile, run label, row and unit counts;
+* the header: benchmark, profile, run label, row and unit counts, and the versions of the
+  packages the predictions depend on (``VERSION_PACKAGES``; files recorded before they were
+  kept have none);
 * ``metrics``: every metric key, base, Lavender, Δ and n (units behind it), rounded;
 * ``canaries``: the rows kept verbatim (question, both predictions), chosen to be informative:
   one row of every split/category first, preferring rows where the variants' scores or answers
@@ -13,7 +15,8 @@ A snapshot is one JSON file per benchmark, profile and run (tests/benchmarks/__s
 ``dumps`` writes it with a fixed key order and one metric, canary or row per line, so a plain
 ``git diff`` reads as a list of changed rows. ``compare`` turns an accepted snapshot and the
 current one into an account (changed metrics with the gate's band, changed rows grouped by
-direction, changed canaries); ``markdown`` renders it, ``write_account`` puts it in a report
+direction, changed canaries; first, when the file was recorded with other versions, a note
+saying so); ``markdown`` renders it, ``write_account`` puts it in a report
 folder as snapshot-diff.md and snapshot-diff.json.
 """
 
@@ -33,12 +36,16 @@ import numpy as np
 from lavender_checks.model import VARIANTS
 
 __all__ = [
-    "ROW_GROUPS", "SETTINGS", "Current", "Settings", "SnapshotFormatError", "compare", "current_snapshot",
-    "digest", "dumps", "load_settings", "markdown", "parse", "write_account",
+    "ROW_GROUPS", "SETTINGS", "VERSION_PACKAGES", "Current", "Settings", "SnapshotFormatError", "compare",
+    "current_snapshot", "digest", "dumps", "load_settings", "markdown", "parse", "same_content",
+    "version_change", "versions_notice", "write_account",
 ]
 
 SETTINGS_FILE = Path(__file__).with_name("snapshots.toml")
 HEADER_KEYS = ("benchmark", "profile", "run", "rows", "units")
+# The packages whose versions a snapshot records: greedy tokens can change with them (in
+# bfloat16 above all), with nothing else changed.
+VERSION_PACKAGES = ("torch", "transformers", "peft")
 METRIC_FIELDS = ("base", "lavender", "delta", "n")
 CANARY_FIELDS = ("index", "group", "question", "base", "lavender")
 ROW_FIELDS = ("index", "base score", "lavender score", "base digest", "lavender digest")
@@ -221,10 +228,13 @@ def _pick_canaries(rows: list[dict[str, Any]], answers: Mapping[str, Mapping[Any
 
 
 def current_snapshot(benchmark: str, base: Any, lavender: Any, predictions: Mapping[str, Mapping[Any, Any]],
-                     *, profile: str, run: str, settings: Settings = SETTINGS) -> Current:
+                     *, profile: str, run: str, versions: Mapping[str, Any] | None = None,
+                     settings: Settings = SETTINGS) -> Current:
     """The snapshot of one benchmark: header, score table, canaries and per-row scores.
 
-    ``base``/``lavender``: the ScoreResults; ``predictions``: variant -> index -> raw text."""
+    ``base``/``lavender``: the ScoreResults; ``predictions``: variant -> index -> raw text;
+    ``versions``: package -> version of this run (the run metadata's), of which the snapshot
+    keeps ``VERSION_PACKAGES``."""
     answers = {v: {_plain_index(i): (None if t is None else str(t)) for i, t in predictions.get(v, {}).items()}
                for v in VARIANTS}
     rows = _row_frame(benchmark, base, lavender)
@@ -235,6 +245,7 @@ def current_snapshot(benchmark: str, base: Any, lavender: Any, predictions: Mapp
         "run": run,
         "rows": len(base.samples),
         "units": len(base.units),
+        **({"versions": {p: versions.get(p) for p in VERSION_PACKAGES}} if versions is not None else {}),
         "metrics": score_table(base, lavender, settings.metric_decimals),
         "canaries": [{"index": r["index"], "group": r["group"],
                       "question": _shorten(r["question"], settings.canary_question_chars),
@@ -267,11 +278,13 @@ def _block(open_: str, lines: list[str], close: str, indent: str) -> list[str]:
 
 def dumps(snapshot: Mapping[str, Any]) -> str:
     """The snapshot as JSON with a fixed key order and one metric, canary or row per line."""
-    known = (*HEADER_KEYS, "metrics", "canaries", "row_fields", "row_scores")
+    known = (*HEADER_KEYS, "versions", "metrics", "canaries", "row_fields", "row_scores")
     unknown = [k for k in snapshot if k not in known]
     if unknown:
         raise ValueError(f"snapshot has keys this format does not write: {unknown}")
     parts = [f"  {_json(key)}: {_json(snapshot[key])}" for key in HEADER_KEYS if key in snapshot]
+    if "versions" in snapshot:
+        parts.append(f'  "versions": {_json(snapshot["versions"])}')
     if "metrics" in snapshot:
         metrics = [f"{_json(key)}: {_json({f: value.get(f) for f in METRIC_FIELDS})}"
                    for key, value in snapshot["metrics"].items()]
@@ -296,6 +309,10 @@ def parse(text: str | bytes, where: str = "snapshot") -> dict[str, Any]:
         raise SnapshotFormatError(f"{where}: not JSON ({exc})") from None
     if not isinstance(data, dict) or "benchmark" not in data or not isinstance(data.get("metrics", {}), dict):
         raise SnapshotFormatError(f"{where}: not a benchmark snapshot (no 'benchmark' key or no 'metrics' table)")
+    versions = data.get("versions")
+    if versions is not None and not (isinstance(versions, dict)
+                                     and all(isinstance(v, (str, type(None))) for v in versions.values())):
+        raise SnapshotFormatError(f"{where}: versions is {versions!r}, not a table package -> version")
     fields = data.get("row_fields")
     if "row_scores" in data and fields != list(ROW_FIELDS):
         raise SnapshotFormatError(f"{where}: row_fields is {fields!r}, this version reads {list(ROW_FIELDS)}")
@@ -306,6 +323,50 @@ def parse(text: str | bytes, where: str = "snapshot") -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- comparing
+
+
+def same_content(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two snapshots hold the same results, whatever versions each records."""
+    def without_versions(s: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in s.items() if k != "versions"}
+
+    return dumps(without_versions(a)) == dumps(without_versions(b))
+
+
+def _versions_text(versions: Mapping[str, Any]) -> str:
+    return ", ".join(f"{p} {versions.get(p) or '?'}" for p in VERSION_PACKAGES)
+
+
+def version_change(accepted: Mapping[str, Any] | None, now: Mapping[str, Any] | None) -> str:
+    """'' when both snapshots record the same versions or either records none; else what
+    differs, e.g. 'recorded with torch 2.11.0, ...; this run: torch 2.13.0+cpu, ...'."""
+    a = (accepted or {}).get("versions")
+    n = (now or {}).get("versions")
+    if not a or not n or all(a.get(p) == n.get(p) for p in VERSION_PACKAGES):
+        return ""
+    return f"recorded with {_versions_text(a)}; this run: {_versions_text(n)}"
+
+
+_VERSIONS_WHY = ("greedy tokens can differ between versions (in bfloat16 above all) with nothing "
+                 "else changed: install the recorded versions (constraints.txt) to test the code and "
+                 "the adapter, or review the change and record the snapshot on these versions with "
+                 "--snapshot-update")
+
+
+def versions_notice(accounts: Iterable[Mapping[str, Any]]) -> str:
+    """The lines that open a session's verdicts when any accepted snapshot was recorded with
+    other versions than this run's ('' when none was)."""
+    changes = [(a["benchmark"], a.get("versions_changed", "")) for a in accounts]
+    changes = [(b, c) for b, c in changes if c]
+    if not changes:
+        return ""
+    failed = [a["benchmark"] for a in accounts if a.get("versions_changed") and a["status"] == "changed"]
+    outcome = (f"the snapshots of {', '.join(failed)} differ, and the versions may be why"
+               if failed else "the snapshots match all the same")
+    lines = [f"SNAPSHOT VERSIONS: accepted snapshots were recorded with other versions than this run's; "
+             f"{outcome}; {_VERSIONS_WHY}."]
+    lines += [f"  {benchmark}: {change}" for benchmark, change in dict(changes).items()]
+    return "\n".join(lines)
 
 
 def _differs(a: Any, b: Any) -> bool:
@@ -381,7 +442,8 @@ def compare(accepted: Mapping[str, Any] | None, current: Current | None, *,
     now = current.snapshot if current is not None else None
     benchmark = (now or accepted or {}).get("benchmark", "")
     account: dict[str, Any] = {"benchmark": benchmark, "case": case, "snapshot": location,
-                               "status": "unchanged", "header": [], "metrics": [],
+                               "status": "unchanged", "versions_changed": version_change(accepted, now),
+                               "header": [], "metrics": [],
                                "rows": {"counts": {k: 0 for k in ROW_GROUPS}, "groups": {k: [] for k in ROW_GROUPS}},
                                "canaries": {"changed": [], "added": [], "dropped": []}, "notes": []}
     if now is None:
@@ -398,6 +460,8 @@ def compare(accepted: Mapping[str, Any] | None, current: Current | None, *,
         return account
 
     verdicts = list(verdicts)
+    if account["versions_changed"]:  # first: it may explain everything below
+        account["notes"].append(f"{account['versions_changed']}: {_VERSIONS_WHY}")
     for key in HEADER_KEYS:
         if _differs(accepted.get(key), now.get(key)):
             account["header"].append({"key": key, "accepted": accepted.get(key), "now": now.get(key)})
@@ -451,10 +515,13 @@ def compare(accepted: Mapping[str, Any] | None, current: Current | None, *,
     changed = (account["header"] or account["metrics"] or any(account["rows"]["counts"].values())
                or any(account["canaries"].values()))
     # Anything else that differs (a canary's question or group, row order) still counts.
-    if changed or dumps(accepted) != dumps(now):
+    if changed or not same_content(accepted, now):
         account["status"] = "changed"
         if not changed:
             account["notes"].append("the file differs only in canary questions/groups or row order: see git diff")
+        if not accepted.get("versions") and now.get("versions"):
+            account["notes"].append(f"the accepted snapshot records no versions (recorded before snapshots "
+                                    f"kept them); this run: {_versions_text(now['versions'])}")
     return account
 
 

@@ -99,6 +99,12 @@ def _run(args) -> int:
     if problems:  # last, where a reader looks first
         print(noncomparable_notice(problems, config.allow_noncomparable))
     passed = outcome.passed and (not problems or config.allow_noncomparable)
+    from lavender_checks.gate import step_summary
+
+    step_summary.append(step_summary.page(
+        "lavender-checks run:", passed, step_summary.verdict_table(outcome.verdicts),
+        notices=[noncomparable_notice(problems, config.allow_noncomparable)], missing=run.missing,
+        report=path))
     return EXIT_OK if passed else EXIT_GATE_FAILED
 
 

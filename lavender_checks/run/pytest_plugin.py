@@ -302,11 +302,14 @@ def gate_outcome(run_results, worker_barrier, pytestconfig) -> GateOutcome:
     if worker_barrier is None or worker_barrier.claim("report"):
         write_run_report(run_results, outcome, reports_root=pytestconfig.getoption("reports"),
                                   keep=pytestconfig.getoption("keep_reports"))
+        from lavender_checks.gate.step_summary import verdict_table
+
         summary = {"table": outcome.table(), "report": str(outcome.report),
                    "missing": dict(run_results.missing), "noncomparable": dict(outcome.noncomparable),
                    "unchecked": _unchecked(run_results.metadata), "selection": note,
                    "allow_noncomparable": run_results.config.allow_noncomparable,
-                   "early_stop": outcome.early_stop.headline() if outcome.early_stop is not None else None}
+                   "early_stop": outcome.early_stop.headline() if outcome.early_stop is not None else None,
+                   "passed": outcome.passed, "markdown_table": verdict_table(outcome.verdicts)}
         pytestconfig.stash[_GATE_SUMMARY] = summary
         if hasattr(pytestconfig, "workeroutput"):
             pytestconfig.workeroutput[_WORKER_OUTPUT_KEY] = summary
@@ -335,6 +338,20 @@ def snapshot_accounts(pytestconfig) -> list:
     return accounts
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A gate or snapshot case that fails with its own message (``pytest.fail(..., pytrace=False)``)
+    reports that message as it is: it becomes the JUnit XML's ``<failure message=...>`` and the
+    short summary's text, without pytest's ``Failed: `` prefix."""
+    report = yield
+    crash = getattr(report.longrepr, "reprcrash", None)
+    if (report.failed and crash is not None and call.excinfo is not None
+            and "gate_outcome" in getattr(item, "fixturenames", ())
+            and isinstance(call.excinfo.value, pytest.fail.Exception) and not call.excinfo.value.pytrace):
+        crash.message = call.excinfo.value.msg
+    return report
+
+
 # ----------------------------------------------------------------------------- terminal summary
 
 
@@ -353,7 +370,8 @@ def pytest_testnodedown(node, error):
 
 def pytest_sessionfinish(session):
     """Controller (or a session without xdist): the snapshot accounts of the whole session go
-    into the run's report folder; every worker is done, so the barrier folders can go."""
+    into the run's report folder; every worker is done, so the barrier folders can go. Under
+    GitHub Actions the verdicts and the snapshot diff go to the job's summary page."""
     config = session.config
     if hasattr(config, "workeroutput"):
         return
@@ -364,11 +382,27 @@ def pytest_sessionfinish(session):
             and session.exitstatus == pytest.ExitCode.OK):
         # A benchmark not gated at all (no reference rows) has no case to fail: the run does.
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    if not accounts or summary is None or not summary.get("report"):
+    if summary is None or not summary.get("report"):
         return
-    from lavender_checks.gate.snapshots import write_account
+    if accounts:
+        from lavender_checks.gate.snapshots import write_account
 
-    config.stash[_SNAPSHOT_DIFF] = str(write_account(summary["report"], accounts)[0])
+        config.stash[_SNAPSHOT_DIFF] = str(write_account(summary["report"], accounts)[0])
+    _append_step_summary(config, summary, accounts or [])
+
+
+def _append_step_summary(config: pytest.Config, summary: dict, accounts: list) -> None:
+    from lavender_checks.gate import step_summary
+    from lavender_checks.gate.snapshots import versions_notice
+    from lavender_checks.gate.verdicts import noncomparable_notice
+
+    allowed = summary["allow_noncomparable"]
+    passed = summary["passed"] and (not summary["noncomparable"] or allowed)
+    step_summary.append(step_summary.page(
+        # The snapshot cases fail the session on their own; the diff below says so.
+        "lavender-checks gate (pytest): verdicts", passed, summary["markdown_table"],
+        notices=[noncomparable_notice(summary["noncomparable"], allowed), versions_notice(accounts)],
+        missing=summary["missing"], report=summary["report"], snapshot_diff=config.stash.get(_SNAPSHOT_DIFF, None)))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -379,6 +413,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if "rank" in summary:  # a torchrun rank other than 0
         terminalreporter.write_line(summary["rank"])
         return
+    from lavender_checks.gate.snapshots import versions_notice
+
+    versions = versions_notice(config.stash.get(_SNAPSHOT_ACCOUNTS, None) or [])
+    if versions:  # before the verdicts: it may explain a snapshot failure above
+        terminalreporter.write_line(versions, yellow=True)
     terminalreporter.write_line(summary["table"])
     for benchmark, reason in summary["missing"].items():
         terminalreporter.write_line(f"missing {benchmark}: {reason}")

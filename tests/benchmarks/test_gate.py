@@ -17,6 +17,9 @@ A benchmark whose numbers cannot test the reference's (its TSV is not the data t
 from, another profile, MMBench without its circular copies...; see
 ``gate.verdicts.noncomparable``) fails each of its cases with the reason, unless
 ``--allow-noncomparable`` is given.
+
+A failing case's message is ``Verdict.message()``: measured, reported, band, n and how the
+band was made; the plugin makes it the JUnit XML's ``<failure message=...>`` as it is.
 """
 
 from __future__ import annotations
@@ -46,12 +49,15 @@ def _judge(outcome: GateOutcome, config: RunConfig, row_id: str, quantity: str):
     if why and not config.allow_noncomparable:
         # A verdict on other data says nothing about the report: no silent pass.
         pytest.fail(f"NOT COMPARABLE with the reference: {why} (--allow-noncomparable gates it "
-                    "anyway)", pytrace=False)
+                    f"anyway)\n    on that data: {verdict.message()}", pytrace=False)
     if verdict.status == "missing":
         if config.from_vlmeval is not None and not outcome.stopped_early:
             pytest.fail(verdict.message(), pytrace=False)
         pytest.skip(verdict.message())
-    assert verdict.status == "pass", verdict.message()
+    if verdict.status != "pass":
+        # The verdict's message alone (no traceback, no assert rewrite): it is what the
+        # terminal, the JUnit XML's <failure message=...> and a CI page show.
+        pytest.fail(verdict.message(), pytrace=False)
 
 
 def test_base(gate_outcome, gate_config, row_id):

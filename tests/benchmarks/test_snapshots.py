@@ -5,7 +5,9 @@ prints it, a canary set of rows kept verbatim (rows where the variants differ, a
 every split/category), and every row's scores and prediction digests, one row per line
 (``lavender_checks/gate/snapshots.py``; sizes and choices in docs/snapshots.md). Any change to
 prompts, generation or scoring fails here with an account of what changed: the metrics with
-the gate's band, the rows that flipped; the same account goes to
+the gate's band, the rows that flipped, and first, when the accepted file was recorded with
+other torch, transformers or peft versions than the run's, a note saying so (greedy tokens can
+differ between versions); the same account goes to
 ``reports/<run-id>/snapshot-diff.md`` and ``.json``. ``--snapshot-update`` records a new state.
 
 The case id names the profile and the run (``RunConfig.label()``: ``tiny-mini`` for the
@@ -62,7 +64,8 @@ def test_scores(run_results, gate_outcome, snapshot_benchmark, benchmark_snapsho
         result = run_results.results[snapshot_benchmark]
         current = snapshots.current_snapshot(
             snapshot_benchmark, result["base"], result["lavender"], run_results.predictions[snapshot_benchmark],
-            profile=run_results.metadata["profile"]["name"], run=config.label())
+            profile=run_results.metadata["profile"]["name"], run=config.label(),
+            versions=run_results.metadata.get("versions"))
     outcome = review(benchmark_snapshot, current, case=request.node.name, report=gate_outcome.report,
                      verdicts=[v.to_dict() for v in gate_outcome.verdicts if v.benchmark == snapshot_benchmark],
                      missing_reason=run_results.missing.get(snapshot_benchmark, ""))

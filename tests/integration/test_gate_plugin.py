@@ -10,9 +10,11 @@ this process. The built-in tiny pair generates into the default store, so after 
 
 from __future__ import annotations
 
+import glob
 import json
 import re
 import tomllib
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -59,7 +61,7 @@ def test_the_tiny_gate_passes(gate):
     assert metadata["predictions"]["ChartQA_TEST"]["lavender"]["generated"] == 0
 
 
-def test_a_failing_case_prints_measured_reported_band_and_n(gate, tmp_path):
+def test_a_failing_case_prints_measured_reported_band_and_n(gate, tmp_path, monkeypatch):
     text = TINY_REFERENCE.read_text(encoding="utf-8")
     reference = tomllib.loads(text)
     row = next(r for r in reference["row"] if r["benchmark"] == "ChartQA_TEST")
@@ -74,15 +76,42 @@ def test_a_failing_case_prints_measured_reported_band_and_n(gate, tmp_path):
     assert moved != text
     edited = tmp_path / "edited.toml"
     edited.write_text(moved, encoding="utf-8")
-    result = gate("--benchmark", "ChartQA_TEST", "--reference", str(edited), subprocess=True)
+    page = tmp_path / "step-summary.md"
+    page.write_text("# earlier steps\n", encoding="utf-8")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(page))
+    junit = tmp_path / "junit.xml"
+    result = gate("--benchmark", "ChartQA_TEST", "--reference", str(edited), "--junitxml", str(junit),
+                  subprocess=True)
     outcomes = result.parseoutcomes()
     assert outcomes["failed"] == 2 and result.ret == 1  # base and lavender of that row
     row_id = f"ChartQA_TEST-{row['metric']}"
-    result.stdout.fnmatch_lines([
-        f"*test_base?{row_id}?*",
-        f"*FAIL {row_id} base*: measured {row['base']:.2f}, reported {row['base'] + 40:.2f}, "
-        "band [[]*, *[]], n=24 questions",
-    ])
+    first_line = (f"FAIL {row_id} base [ChartQA_TEST {row['metric']}]: measured {row['base']:.2f}, "
+                  f"reported {row['base'] + 40:.2f}, band [")
+    result.stdout.fnmatch_lines([f"*test_base?{row_id}?*", f"{glob.escape(first_line)}*, *], n=24 questions"])
+    result.stdout.fnmatch_lines([f"FAILED test_gate.py::test_base[[]{row_id}[]] - FAIL {row_id[:10]}*"])
+
+    # CI's view: one <testcase> per case; a failure's message is the verdict's, whole.
+    cases = {case.get("name"): case for case in ET.parse(junit).getroot().iter("testcase")}
+    assert len(cases) == sum(outcomes.values())
+    failures = {name: case.find("failure") for name, case in cases.items() if case.find("failure") is not None}
+    assert sorted(failures) == [f"test_base[{row_id}]", f"test_lavender[{row_id}]"]
+    message = failures[f"test_base[{row_id}]"].get("message")
+    assert message.startswith(first_line) and message == failures[f"test_base[{row_id}]"].text
+    head, band_line = message.splitlines()
+    assert re.fullmatch(r".*, band \[[\d.]+, [\d.]+\], n=24 questions", head), head
+    assert re.fullmatch(r" +band = reported ± [\d.]+ \(95% paired bootstrap half-width [\d.]+, floor [\d.]+\), "
+                        r"reproduce", band_line), band_line
+    assert "Traceback" not in message and "assert " not in message and "GateOutcome" not in message
+
+    # GitHub's job page: appended after what earlier steps wrote.
+    text = page.read_text(encoding="utf-8")
+    assert text.startswith("# earlier steps\n## lavender-checks gate (pytest): verdicts FAILED\n")
+    table = [line for line in text.splitlines() if line.startswith(f"| {row_id} ")]
+    assert [line.split(" | ")[-1] for line in table] == ["**FAIL** |", "**FAIL** |", "pass |"]
+    assert f"| {row['base'] + 40:.2f} | " in table[0] and "| 24 questions |" in table[0]
+    assert f"{outcomes['passed']} pass, 2 fail, 0 missing (reproduce)" in text
+    assert text.count(f"\nFAIL {row_id} ") == 2  # the messages of the two failures, before the table
+    assert "- report: `" in text
 
 
 def test_an_input_error_stops_the_session_once_with_the_cli_line_and_status(gate, tmp_path, capsys):
@@ -138,12 +167,17 @@ def test_cases_are_only_the_rows_of_the_benchmarks_run(gate):
 
 
 @pytest.mark.slow
-def test_a_sharded_session_leaves_no_barrier_folder(gate, tmp_path):
+def test_a_sharded_session_leaves_no_barrier_folder(gate, tmp_path, monkeypatch):
     # Its own store: its workers are a run of their own (another xdist test-run id).
     store = tmp_path / "store"
+    page = tmp_path / "step-summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(page))
     result = gate("-n", "2", "--benchmark", "ChartQA_TEST", "--store", str(store), subprocess=True)
     assert result.ret == 0, "\n".join(result.outlines[-30:])
     result.stdout.fnmatch_lines(["*lavender-checks gate*", "* pass, 0 fail, 0 missing*"])
+    # The controller writes the job's summary once, with the verdicts one worker computed.
+    text = page.read_text(encoding="utf-8")
+    assert text.count("## lavender-checks gate (pytest): verdicts passed") == 1 and "| ChartQA_TEST-" in text
     # Every row stored exactly once, whichever worker generated it (a worker that starts late
     # may find its shard taken by the other, by design).
     by_key: dict[Path, list[int]] = {}

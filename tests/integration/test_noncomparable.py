@@ -5,6 +5,7 @@ last on the console and first in report.md, fails unless --allow-noncomparable, 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -105,6 +106,9 @@ def test_pytest_cases_do_not_pass_silently(tmp_path, edited_lmudata, allow):
         assert done.returncode == 1, out + done.stderr
         assert "9 failed" in out
         assert "NOT COMPARABLE with the reference: " in out
+        # Each case still shows what was measured on that data, for the reader of a CI page.
+        assert re.search(r"^    on that data: PASS ChartQA_TEST-\S+ base \[ChartQA_TEST \S+\]: measured [\d.]+, "
+                         r"reported [\d.]+, band \[[\d.]+, [\d.]+\], n=\d+ questions$", out, re.M), out
     lines = out.splitlines()
     after_report = lines[next(i for i, line in enumerate(lines) if line.startswith("report: ")) + 1]
     assert after_report.startswith("NOT COMPARABLE with the reference: ")  # the gate summary's last lines

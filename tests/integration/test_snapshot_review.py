@@ -182,12 +182,70 @@ def test_a_removed_benchmark_fails_with_what_was_accepted(suite, tiny_run):
     assert _account(report)["status"] == "removed"
 
 
-def test_snapshot_update_accepts_and_records_what_it_accepted(suite):
+def test_snapshot_update_accepts_and_records_what_it_accepted(suite, tiny_run):
     recorded = suite.file().read_text(encoding="utf-8")
     suite.edit(lambda data: data["metrics"]["OCR"].update(lavender=150.0, delta=-50.0))
     result, report = suite.run("--snapshot-update")
     result.assert_outcomes(passed=1)
     assert "1 snapshot updated" in _output(result)
-    assert suite.file().read_text(encoding="utf-8") == recorded
+    # The file recorded before versions were kept, now with the versions it was taken with.
+    written = snapshots.parse(suite.file().read_text(encoding="utf-8"))
+    assert snapshots.same_content(written, snapshots.parse(recorded))
+    assert written["versions"] == {p: tiny_run.metadata["versions"][p] for p in snapshots.VERSION_PACKAGES}
     account = _account(report)
     assert account["status"] == "updated" and [m["key"] for m in account["metrics"]] == ["OCR"]
+
+
+GPU_BOX = {"torch": "2.11.0+cu128", "transformers": "5.17.0", "peft": "0.21.0"}
+
+
+def _versions_line(tiny_run) -> str:
+    now = tiny_run.metadata["versions"]
+    return ("recorded with torch 2.11.0+cu128, transformers 5.17.0, peft 0.21.0; this run: "
+            f"torch {now['torch']}, transformers {now['transformers']}, peft {now['peft']}")
+
+
+def test_a_snapshot_of_other_versions_says_so_before_the_verdicts(suite, tiny_run, tmp_path, monkeypatch):
+    def recorded_elsewhere(data):
+        data["versions"] = GPU_BOX
+        data["metrics"]["OCR"].update(lavender=150.0, delta=-50.0)
+
+    suite.edit(recorded_elsewhere)
+    page = tmp_path / "step-summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(page))
+    result, report = suite.run()
+    result.assert_outcomes(failed=1)
+    lines = _output(result).splitlines()
+    # The case's account opens with the versions, before any metric.
+    note = next(i for i, line in enumerate(lines) if line.startswith(f"- {_versions_line(tiny_run)}: greedy tokens"))
+    assert note < next(i for i, line in enumerate(lines) if line.startswith("| OCR"))
+    # The session's summary says so before its verdict table.
+    gate = next(i for i, line in enumerate(lines) if "lavender-checks gate" in line)
+    assert lines[gate + 1].startswith("SNAPSHOT VERSIONS: ") and "the snapshots of MME differ" in lines[gate + 1]
+    assert lines[gate + 2] == f"  MME: {_versions_line(tiny_run)}"
+    assert lines[gate + 3].startswith("row ")
+    # GitHub's job page: the notice, the verdicts, then the snapshot diff.
+    text = page.read_text(encoding="utf-8")
+    diff = (report / "snapshot-diff.md").read_text(encoding="utf-8")
+    assert text.startswith("## lavender-checks gate (pytest): verdicts passed\n")  # the snapshot did not
+    assert text.index("> **SNAPSHOT VERSIONS: ") < text.index("| case | measured |") < text.index(diff.strip())
+    assert f"- report: `{report}`" in text
+
+
+def test_the_same_results_on_other_versions_pass_and_keep_the_file(suite, tiny_run):
+    suite.edit(lambda data: data.update(versions=GPU_BOX))
+    recorded = suite.file().read_text(encoding="utf-8")
+    result, report = suite.run("--snapshot-update")
+    result.assert_outcomes(passed=1)
+    assert suite.file().read_text(encoding="utf-8") == recorded  # still the versions it was taken with
+    out = _output(result)
+    assert "match all the same" in out and f"  MME: {_versions_line(tiny_run)}" in out
+    assert _account(report)["status"] == "unchanged"
+
+
+def test_an_older_file_without_versions_still_matches_and_stays_as_it_is(suite):
+    recorded = suite.file().read_text(encoding="utf-8")
+    assert "versions" not in snapshots.parse(recorded)
+    result, _ = suite.run("--snapshot-update")
+    result.assert_outcomes(passed=1)
+    assert suite.file().read_text(encoding="utf-8") == recorded and "SNAPSHOT VERSIONS" not in _output(result)

@@ -224,3 +224,54 @@ def test_no_accepted_file_and_no_result_read_as_what_to_do():
     text = snapshots.markdown([removed])
     assert text.startswith("### B: removed from the run") and "/x/B.tsv does not exist" in text
     assert "| Overall | 50.00 → — |" in re.sub(" +", " ", text)
+
+
+GPU_BOX = {"torch": "2.11.0+cu128", "transformers": "5.17.0", "peft": "0.21.0"}
+HERE = {"torch": "2.13.0+cpu", "transformers": "5.25.0", "peft": "0.21.2"}
+
+
+def test_a_snapshot_records_the_versions_it_was_taken_with_and_reads_back():
+    base, lavender, preds = _pair()
+    snapshot = current_snapshot("B", base, lavender, preds, profile="p", run="r",
+                                versions={**HERE, "numpy": "2.4.6"}).snapshot
+    assert snapshot["versions"] == HERE  # torch, transformers and peft only
+    text = dumps(snapshot)
+    assert f'  "versions": {json.dumps(HERE)},' in text.splitlines()
+    assert parse(text) == snapshot
+    with pytest.raises(snapshots.SnapshotFormatError, match=r"x\.json: versions is"):
+        parse(json.dumps({**snapshot, "versions": ["torch"]}), "x.json")
+
+
+def test_other_versions_open_the_account_of_a_changed_snapshot():
+    base, lavender, preds = _pair(flips=(1,))
+    now = current_snapshot("B", base, lavender, preds, profile="p", run="r", versions=HERE)
+    accepted = json.loads(dumps(now.snapshot))
+    accepted["versions"] = GPU_BOX
+    accepted["row_scores"][1][2] = 0  # accepted: Lavender wrong on row 1
+    account = compare(accepted, now)
+    assert account["status"] == "changed"
+    assert account["versions_changed"] == ("recorded with torch 2.11.0+cu128, transformers 5.17.0, peft 0.21.0; "
+                                           "this run: torch 2.13.0+cpu, transformers 5.25.0, peft 0.21.2")
+    assert account["notes"][0].startswith(account["versions_changed"] + ": greedy tokens can differ")
+    text = snapshots.markdown([account])
+    assert text.index("recorded with torch 2.11.0+cu128") < text.index("Rows (")
+    notice = snapshots.versions_notice([account])
+    assert notice.startswith("SNAPSHOT VERSIONS: ") and "the snapshots of B differ" in notice
+    assert notice.splitlines()[1] == f"  B: {account['versions_changed']}"
+
+
+def test_versions_alone_are_no_change_and_a_file_without_them_stays_valid():
+    base, lavender, preds = _pair()
+    now = current_snapshot("B", base, lavender, preds, profile="p", run="r", versions=HERE)
+    other = {**json.loads(dumps(now.snapshot)), "versions": GPU_BOX}
+    assert snapshots.same_content(other, now.snapshot)
+    account = compare(other, now)
+    assert account["status"] == "unchanged" and account["versions_changed"]
+    assert "match all the same" in snapshots.versions_notice([account])
+    older = {k: v for k, v in json.loads(dumps(now.snapshot)).items() if k != "versions"}  # recorded before they were kept
+    account = compare(older, now)
+    assert account["status"] == "unchanged" and not account["versions_changed"]
+    assert snapshots.versions_notice([account]) == ""
+    older["row_scores"][0][1] = 0
+    notes = compare(older, now)["notes"]
+    assert any(n.startswith("the accepted snapshot records no versions") and "torch 2.13.0+cpu" in n for n in notes)
