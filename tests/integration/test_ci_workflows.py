@@ -147,21 +147,6 @@ def problems(command: Command) -> list[str]:
     return found
 
 
-def _declared(option: str) -> bool:
-    from lavender_checks.run.config import RUN_OPTIONS
-
-    return any(flag == option for flag, _ in RUN_OPTIONS)
-
-
-# --stop-early is added to RUN_OPTIONS on its own branch; until it is there, a workflow that
-# uses it fails the checks below by naming it, and only it.
-PENDING = () if _declared("--stop-early") else ("--stop-early",)
-
-
-def _pending(found: list[str]) -> list[str]:
-    return [p for p in found if any(p.endswith(f"has no option {option}") for option in PENDING)]
-
-
 # ---------------------------------------------------------------------------- the files
 
 
@@ -199,10 +184,7 @@ def test_a_workflow_gates_no_regression_keeps_the_store_and_the_reports(kind):
 
 def test_every_command_of_the_workflows_exists_with_its_options():
     found = [p for path in WORKFLOWS.values() for c in commands(path) for p in problems(c)]
-    pending = _pending(found)
-    assert [p for p in found if p not in pending] == []
-    if pending:
-        pytest.xfail("options not merged yet:\n" + "\n".join(pending))
+    assert found == []
 
 
 def test_the_checker_names_the_step_and_the_option():
@@ -235,8 +217,6 @@ def _on_the_tiny_pair(command: Command, folder: Path) -> list[str]:
             if flag in OUTPUT_OPTIONS:
                 out.append(f"{flag}={folder / flag.strip('-')}")
             continue
-        if word in PENDING:
-            continue  # not an option yet: the run below is of the rest of the step
         out.append(word)
     if "--reports" not in " ".join(out):
         out.append(f"--reports={folder / 'reports'}")
@@ -262,5 +242,3 @@ def test_the_gate_step_runs_on_the_tiny_pair(tmp_path):
             cases = list(ET.parse(tmp_path / "junitxml").getroot().iter("testcase"))
             assert cases and not any(c.find("failure") is not None or c.find("error") is not None for c in cases)
         assert list((tmp_path / "reports").glob("*/report.md"))
-    if PENDING:
-        pytest.xfail(f"ran without {', '.join(PENDING)}, which is not an option yet")
