@@ -163,11 +163,23 @@ def pin_local_gpu(gpu_ids: Sequence[str], environ: dict | None = None) -> str | 
 
 
 def check_device(device: str | None) -> None:
-    """Under torchrun each rank sees one GPU (its LOCAL_RANK's): an index names another."""
-    if device and re.fullmatch(r"cuda:\d+", device) and device != "cuda:0":
+    """Under torchrun each rank sees one GPU (its LOCAL_RANK's): an index names another. When
+    CUDA started in this process before the rank could hide the other GPUs (``pin_local_gpu``
+    then makes the rank's GPU the current device), every index, cuda:0 included, names a GPU
+    of the host, the same for every rank: refused too."""
+    if not device or not re.fullmatch(r"cuda:\d+", device):
+        return
+    if device != "cuda:0":
         raise DistributedUsageError(
             f"--device {device}: under torchrun each rank uses the GPU of its LOCAL_RANK, which it "
             "sees as cuda:0; give --device cuda (or leave it out)")
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized() and torch.cuda.device_count() > 1:
+        raise DistributedUsageError(
+            f"--device {device}: under torchrun each rank uses the GPU of its LOCAL_RANK, but CUDA "
+            f"started in this process before the rank could hide the host's other GPUs, so {device} "
+            "is the host's first GPU for every rank; give --device cuda (the rank's own GPU) or "
+            "leave it out")
 
 
 # ----------------------------------------------------------------------------- the group
