@@ -34,11 +34,10 @@ def test_the_run_started_first_gets_the_store_even_if_it_reads_its_data_last(tmp
         # The first run goes on to its data (slowly); the second starts now and reads fast.
         second = _start(store, tmp_path / "reports-2")
         out2, err2 = second.communicate(timeout=300)
+        assert second.returncode == 2, out2 + err2
+        assert err2.startswith("lavender-checks run: error: "), err2
+        assert f"another run is using these predictions: pid {first.pid}" in err2, err2
+        assert first.poll() is None  # still on its way: holding the store, not refused
     finally:
-        go.write_text("go")
-    out1, err1 = first.communicate(timeout=300)
-    assert second.returncode == 2, out2 + err2
-    assert err2.startswith("lavender-checks run: error: "), err2
-    assert f"another run is using these predictions: pid {first.pid}" in err2, err2
-    assert first.returncode in (0, 1) and "error" not in err1, out1 + err1  # it ran the gate
-    assert "report:" in out1, out1
+        first.kill()  # what it would generate after this proves nothing more
+        first.communicate()

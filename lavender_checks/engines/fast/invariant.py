@@ -15,9 +15,10 @@ kernel; it only makes calls whose shapes depend on the row alone or on nothing:
   ``min_cache_len`` units (``cache_length``): the same shapes for any slot count, row order,
   chunk or shard. The length is the row's own: a row needing more than ``min_cache_len``
   positions is decoded in a pass of the call with the rows of its own cache length
-  (``by_cache_length``), never with the others. A row's slot (its row in the batch) is the only thing that still differs,
-  and matrix products compute every row of a tile the same way unless a reduction is split
-  across thread blocks, which the cuBLAS settings below turn off.
+  (``by_cache_length``), never with the others. A row's slot (its row in the batch) is the
+  only thing that still differs, and matrix products compute every row of a tile the same
+  way unless a reduction is split across thread blocks, which the cuBLAS settings below
+  turn off.
 * **cuBLAS** (CUDA only): cuBLASLt, with reduced-precision and split-K reductions off for
   bf16/fp16 products (``allow_bf16_reduced_precision_reduction = (False, False)``).
 
