@@ -125,6 +125,29 @@ def _load_data(config: RunConfig, root: Path, shard: tuple[int, int] | None
     return data, missing
 
 
+def _take_locks(config: RunConfig, pair: Any, root: Path, profile: Any, engine: Any, store: Any,
+                barrier: Barrier | TorchrunShards | None) -> None:
+    """Lock the store key of every benchmark (whose TSV is there) and variant of the run. A
+    key needs the pair's fingerprints and the TSV's md5 only: no weights, no TSV parsed."""
+    from lavender_checks.run.predict import store_key
+
+    keys: list[Any] = []
+
+    def find_keys() -> None:
+        if not root.is_dir():
+            raise RunInputError(f"LMUData folder {root} does not exist")
+        keys.extend(store_key(pair, bench, None, profile, variant, root, batch_invariant=engine.batch_invariant)
+                    for bench in config.selected if (root / bench.spec.tsv).is_file() for variant in VARIANTS)
+
+    if isinstance(barrier, TorchrunShards):
+        barrier.check(find_keys, "store keys found")  # a rank that cannot stops every rank
+        barrier.take_locks(keys, store)
+        return
+    find_keys()
+    for key in keys:
+        store.lock(key)
+
+
 def _refuse_noncomparable(config: RunConfig, benchmark: str, record: Any) -> None:
     """--strict-data: a TSV that is not the reference's data (``record``: its data.Provenance)
     is an input error, before any work."""
@@ -149,8 +172,6 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
     for name in config.benchmarks:
         profile.for_benchmark(name)  # a benchmark the profile lacks is an error before any work
     root = config.lmu_root()
-    # With a barrier every process scores the union of the shards; without one, its own shard.
-    data, missing = _load_data(config, root, shard if barrier is None else None)
     # The processes sharing a barrier are one run: they share the store keys' locks.
     store = PredictionStore(config.store, run_id=barrier.run_id if barrier is not None else None)
 
@@ -163,6 +184,15 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
         fast_config = FastGenConfig(invariant=False)
     engine = make_engine(config.engine, pair, batch_size=config.batch_size,
                          chunk_rows=config.chunk_rows, fast_config=fast_config)
+    try:
+        # The locks first, before any TSV is read or weights loaded: of two runs started
+        # together on one store, the one started first gets them.
+        _take_locks(config, pair, root, profile, engine, store, barrier)
+        # With a barrier every process scores the union of the shards; without one, its own shard.
+        data, missing = _load_data(config, root, shard if barrier is None else None)
+    except BaseException:
+        store.release()
+        raise
 
     def predict(item: _LoadedBenchmark, rows, variant: str):
         return predict_run(pair, engine, item.bench, rows, profile, variant, store,

@@ -163,11 +163,23 @@ def pin_local_gpu(gpu_ids: Sequence[str], environ: dict | None = None) -> str | 
 
 
 def check_device(device: str | None) -> None:
-    """Under torchrun each rank sees one GPU (its LOCAL_RANK's): an index names another."""
-    if device and re.fullmatch(r"cuda:\d+", device) and device != "cuda:0":
+    """Under torchrun each rank sees one GPU (its LOCAL_RANK's): an index names another. When
+    CUDA started in this process before the rank could hide the other GPUs (``pin_local_gpu``
+    then makes the rank's GPU the current device), every index, cuda:0 included, names a GPU
+    of the host, the same for every rank: refused too."""
+    if not device or not re.fullmatch(r"cuda:\d+", device):
+        return
+    if device != "cuda:0":
         raise DistributedUsageError(
             f"--device {device}: under torchrun each rank uses the GPU of its LOCAL_RANK, which it "
             "sees as cuda:0; give --device cuda (or leave it out)")
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized() and torch.cuda.device_count() > 1:
+        raise DistributedUsageError(
+            f"--device {device}: under torchrun each rank uses the GPU of its LOCAL_RANK, but CUDA "
+            f"started in this process before the rank could hide the host's other GPUs, so {device} "
+            "is the host's first GPU for every rank; give --device cuda (the rank's own GPU) or "
+            "leave it out")
 
 
 # ----------------------------------------------------------------------------- the group
@@ -380,6 +392,29 @@ class TorchrunShards:
         if error is not None:
             raise error
 
+    def take_locks(self, keys: Sequence[Any], store: PredictionStore) -> None:
+        """The launch's locks on ``keys`` in ``store``, taken so that rank 0 holds them.
+
+        A lock is released by the process that wrote it, and judged stale once that process
+        is gone. Rank 0 uses the keys last (it scores after every shard is stored), so in a
+        folder rank 0 shares the lock must be its own: a lock written by another rank would
+        go with that rank while rank 0 still reads the keys. So: every rank clears the stale
+        locks of its host (only a rank on that host can tell that their process is gone),
+        then rank 0 takes the locks, then the others, who find rank 0's lock (one run) or,
+        in a folder of their own (``gather``), take their own. Any refusal stops every rank.
+        """
+        def clear() -> None:
+            for key in keys:
+                store.clear_stale_lock(key)
+
+        def take() -> None:
+            for key in keys:
+                store.lock(key)
+
+        self.check(clear, "stale locks cleared")
+        self.check(take if self.group.rank == 0 else lambda: None, "locks taken by rank 0")
+        self.check(take, "locks taken")
+
     # --- sharing
 
     def decide_sharing(self) -> str:
@@ -421,15 +456,12 @@ class TorchrunShards:
         error: BaseException | None = None
         try:
             mine = work(self.own, self.count)
-            # A rank killed in an earlier launch left its locks; only a rank on its host can
-            # tell that its process is gone. Cleared before any rank takes them.
-            for key, _ in mine:
-                store.clear_stale_lock(key)
         except Exception as exc:  # noqa: BLE001 - reported to every rank, then raised here
             error = exc
         g.agree("start", error)
         if error is not None:
             raise error
+        self.take_locks([key for key, _ in mine], store)  # (already held when the run took them first)
         known = self._seed(mine, store) if self.sharing == "gather" else None
         before = self._count(mine, store)
         try:

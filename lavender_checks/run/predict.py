@@ -223,8 +223,8 @@ def _generate(engine: Engine, works: list[_Work], variant: str, progress: bool,
 def store_key(pair: Any, bench: Benchmark, data: Any, profile: Profile, variant: str,
               lmu_root: str | Path, *, batch_invariant: bool = True) -> StoreKey:
     """Where the predictions of ``variant`` on ``bench`` are stored; ``data``: rows of its TSV,
-    a ``data.BenchmarkData`` (its record gives the TSV's md5) or a bare frame (the md5 of the
-    TSV in ``lmu_root``).
+    a ``data.BenchmarkData`` (its record gives the TSV's md5), or a bare frame or None (the
+    md5 of the TSV in ``lmu_root``: a run's keys are known before any TSV is read).
 
     Below float32, an engine that is not batch-invariant makes predictions that depend on how
     the run was cut: they are kept apart, so that a batch-invariant run never resumes from

@@ -14,7 +14,10 @@ kill; a line torn by a kill mid-write is ignored on read and cut off before the 
 A run takes a lock on every key it opens (``.lock`` in the key's folder, naming the run, its
 process and command), released when the run is done: a second run on the same store and key
 is refused with that name instead of generating every row a second time. The processes of one
-sharded run share their locks; a lock whose process is gone is taken over.
+sharded run share their locks; a lock whose process is gone is taken over. Judging a lock,
+taking it over and releasing it happen under an flock of the folder's ``.lock.guard``, so two
+processes of one host that find the same stale lock cannot both take it (the second one finds
+the first one's lock); a lock file appears whole (linked from a written temporary file).
 
 Base predictions are keyed without the adapter, so gating a new adapter reuses them. Every
 line carries the hash of the exact chat text and max_new_tokens it was generated from
@@ -24,6 +27,7 @@ line carries the hash of the exact chat text and max_new_tokens it was generated
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -34,7 +38,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +53,7 @@ except ImportError:  # pragma: no cover - Windows
 DEFAULT_ROOT = REPORTS / "store"
 KEY_FILE = "key.json"
 LOCK_FILE = ".lock"
+GUARD_FILE = ".lock.guard"  # flocked while a lock is judged, taken over or released; never removed
 LOG_SUFFIX = ".jsonl"
 _WRITER_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -137,12 +142,18 @@ class PredictionStore:
         """Give back the locks this process wrote."""
         while self._locks:
             path = self._locks.pop()
-            holder = _read_lock(path)
-            if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
-                try:
-                    path.unlink()
-                except OSError:
-                    pass
+            try:
+                with _guard(path.parent):
+                    holder = _read_lock(path)
+                    if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+                        path.unlink()
+            except OSError:  # the folder was removed meanwhile
+                pass
+
+    def lock(self, key: StoreKey) -> None:
+        """Take the lock of ``key`` for this run now (``log`` takes it too), or raise
+        ``StoreLockedError`` naming the run that holds it."""
+        self._lock(self.root / key.relative_dir())
 
     def _lock(self, directory: Path) -> None:
         """Take the lock of one key's folder for this run, or say which run holds it."""
@@ -153,12 +164,13 @@ class PredictionStore:
         mine = {"run": self.run_id, "pid": os.getpid(), "host": socket.gethostname(),
                 "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "command": " ".join(sys.argv)}
-        for _ in range(3):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+        with _guard(directory):
+            for _ in range(3):
+                if _create_lock(path, mine):
+                    self._locks.append(path)
+                    return
                 holder = _read_lock(path)
-                if holder is None:  # being written right now, or torn by a kill
+                if holder is None:  # torn by a kill, or removed meanwhile by its run
                     time.sleep(0.05)
                     holder = _read_lock(path)
                 if holder is not None and holder.get("run") == self.run_id:
@@ -169,36 +181,25 @@ class PredictionStore:
                         f"on {holder.get('host')}, started {holder.get('started')}, command "
                         f"{holder.get('command')!r}. Wait for it to finish (a rerun then reuses what "
                         f"it stored), stop it, or use another --store; {path} is its lock") from None
-                # Its process is gone (or the file is unreadable): take it over. Renaming first
-                # lets only one of several processes doing this at once win.
-                stale = path.with_name(f"{LOCK_FILE}.stale.{os.getpid()}")
-                try:
-                    os.replace(path, stale)
-                    stale.unlink()
-                except OSError:
-                    pass
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(json.dumps(mine) + "\n")
-            self._locks.append(path)
-            return
+                # Its process is gone (or the file is unreadable): take it over. Under the guard
+                # no other process of this host judges it meanwhile, so what is removed is the
+                # lock judged stale, never one another process has just taken.
+                _remove(path)
         raise StoreLockedError(f"{path}: could not take this lock (other processes keep changing it)")
 
     def clear_stale_lock(self, key: StoreKey) -> bool:
         """Remove the lock of ``key`` when another run's process on this host wrote it and is
         gone (a process on another host is only judged there). True when one was removed."""
-        path = self.root / key.relative_dir() / LOCK_FILE
-        holder = _read_lock(path)
-        if (holder is None or holder.get("run") == self.run_id
-                or holder.get("host") != socket.gethostname() or _alive(holder)):
+        directory = self.root / key.relative_dir()
+        path = directory / LOCK_FILE
+        if not path.exists():
             return False
-        stale = path.with_name(f"{LOCK_FILE}.stale.{os.getpid()}")
-        try:
-            os.replace(path, stale)
-            stale.unlink()
-        except OSError:
-            return False
-        return True
+        with _guard(directory):
+            holder = _read_lock(path)
+            if (holder is None or holder.get("run") == self.run_id
+                    or holder.get("host") != socket.gethostname() or _alive(holder)):
+                return False
+            return _remove(path)
 
     def log(self, key: StoreKey, writer: str = "main", *, lock: bool = True) -> PredictionLog:
         """The log of ``key``; ``writer`` names the file this process appends to. ``lock``:
@@ -416,6 +417,46 @@ def _read_key(path: Path) -> StoreKey | None:
         return StoreKey(**json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, TypeError) as exc:
         raise PredictionStoreError(f"{path}: not a store key ({exc})") from None
+
+
+@contextlib.contextmanager
+def _guard(directory: Path) -> Iterator[None]:
+    """Hold the flock of a key folder's guard file (one process of this host at a time)."""
+    fd = os.open(directory / GUARD_FILE, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def _create_lock(path: Path, holder: Mapping[str, Any]) -> bool:
+    """Create ``path`` holding ``holder``, whole, unless it exists (then False)."""
+    tmp = path.with_name(f"{LOCK_FILE}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(holder) + "\n", encoding="utf-8")
+    try:
+        os.link(tmp, path)  # atomic, and fails where the lock exists (also over NFS)
+    except FileExistsError:
+        return False
+    except OSError:  # a filesystem without hard links: create it exclusively, then write
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(holder) + "\n")
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
+def _remove(path: Path) -> bool:
+    try:
+        path.unlink()
+    except OSError:
+        return False
+    return True
 
 
 def _read_lock(path: Path) -> dict | None:

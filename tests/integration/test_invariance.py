@@ -158,3 +158,45 @@ def test_invariant_mode_runs_rows_alone_and_whole_cache(pair, forced, requests):
     assert not throughput.last_stats.invariant and throughput.runner.rows == 4
     assert throughput.last_stats.prefill_calls < len(requests)
 
+
+
+def decode_cache_lengths(fast: FastGenerator) -> dict:
+    """Record, per row key, the cache lengths of the decode steps that row took part in."""
+    seen: dict = {}
+    runner = fast.runner
+    set_inputs, decode = runner.set_step_inputs, runner.decode
+    running: list = []
+
+    def recording_set_inputs(positions, rows):
+        running[:] = [row.key for row in rows.values()]
+        return set_inputs(positions, rows)
+
+    def recording_decode(variant, length, stats):
+        for key in running:
+            seen.setdefault(key, set()).add(runner.cache_len)
+        return decode(variant, length, stats)
+
+    runner.set_step_inputs, runner.decode = recording_set_inputs, recording_decode
+    return seen
+
+
+def test_a_long_row_changes_the_shapes_of_no_other_row(pair, forced, requests):
+    """A row needing more than ``min_cache_len`` positions is decoded with caches of its own
+    length; the rows of its call, and of the calls after it, keep ``min_cache_len``, as in a
+    run without it (a long row once grew the caches for the rest of the process)."""
+    unit = 128
+    assert max(len(pair.processor.tokenizer(r.text)["input_ids"]) + r.max_new_tokens for r in requests) < unit
+    # It asks about the page of rows 0-2, so that page's features serve both cache lengths.
+    long_row = GenerationRequest(key="long", text=requests[0].text, images=requests[0].images,
+                                 max_new_tokens=unit, image_key=requests[0].image_key)
+    reference = engine(pair, forced, min_cache_len=unit)
+    alone = {k: v for r in requests for k, v in reference.generate_ids([r], "lavender").items()}
+    fast = engine(pair, forced, min_cache_len=unit, max_slots=4)
+    shapes = decode_cache_lengths(fast)
+    together = fast.generate_ids([long_row, *requests[:8]], "lavender")
+    assert fast.last_stats.images == len({r.image_key for r in requests[:8]})  # vision once per image
+    after = fast.generate_ids(requests[8:], "lavender")
+    assert shapes.pop("long") == {2 * unit}
+    assert shapes == {r.key: {unit} for r in requests}, "a short row was decoded with the long row's caches"
+    assert len(together.pop("long")) == unit
+    assert {**together, **after} == alone

@@ -245,6 +245,16 @@ def test_a_failing_or_hanging_rank_stops_the_others_in_bounded_time(tmp_path, sc
         assert "PASSED" in launch.rank_output(0, 1)  # it raises its own error itself
 
 
+def test_rank0_holds_the_launchs_locks_until_it_is_done(tmp_path):
+    """Shared store: the key's lock is rank 0's, whichever rank reaches the store first, so
+    it does not go when another rank ends while rank 0 still uses the key."""
+    launch = Launch(tmp_path, "locks", 1, 2,
+                    ["-m", "tests.integration.torchrun_child", "locks", "60", str(tmp_path / "store")])
+    codes = launch.wait(timeout=120)
+    zero = launch.rank_output(0, 0)
+    assert "PASSED" in zero and codes == [0], zero + launch.output()
+
+
 def test_an_input_missing_on_one_host_stops_every_rank_before_any_work(tmp_path):
     """Host 1 is given an LMUData folder that does not exist: its rank exits 2 with the
     folder's name, and rank 0 stops at once (exit 3) with that error, naming the rank."""

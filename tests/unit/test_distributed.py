@@ -131,3 +131,40 @@ def test_rank0_insists_on_seeing_every_row_of_a_shared_store(tmp_path):
     message = str(caught.value)
     assert "2 of rank1-host-b.jsonl" in message and "--store-sharing gather" in message
     assert "rank0-host-a" not in message
+
+
+def test_a_gpu_index_is_refused_when_cuda_started_before_the_rank_pinned_its_gpu(monkeypatch):
+    """CUDA already initialised with every GPU of the host visible: cuda:0 would be the host's
+    first GPU for every rank, so it is refused (exit status 2); --device cuda stays the rank's."""
+    import torch
+
+    from lavender_checks.run.config import input_errors
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(DistributedUsageError, match="--device cuda:0: under torchrun .* CUDA started in this "
+                                                     "process before the rank could hide") as caught:
+        distributed.check_device("cuda:0")
+    assert isinstance(caught.value, input_errors())
+    distributed.check_device("cuda")
+    distributed.check_device(None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # pinned before CUDA started
+    distributed.check_device("cuda:0")
+
+
+def test_run_under_torchrun_refuses_a_gpu_index_once_cuda_started(monkeypatch, capsys):
+    import torch
+
+    from lavender_checks import cli
+
+    for name, value in {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "9"}.items():
+        monkeypatch.setenv(name, value)  # (a group it tried to join would fail at once, locally)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert cli.main(["run", "--device", "cuda:0", "--dist-timeout", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lavender-checks run: error: --device cuda:0: under torchrun"), err
+    assert len(err.strip().splitlines()) == 1 and chosen == []  # refused before pinning or joining

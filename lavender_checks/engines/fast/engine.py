@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -52,6 +53,8 @@ from lavender_checks.engines.request import (
     pair_greedy_settings,
 )
 from lavender_checks.model import BASE_VARIANT
+
+log = logging.getLogger(__name__)
 
 
 def default_variant_context(model: Any) -> Callable[[str], contextlib.AbstractContextManager]:
@@ -156,17 +159,30 @@ class FastGenerator:
                 by_image.setdefault(row.image, []).append(row)
             stats.rows = len(rows)
             stats.rows_sharing_image = len(rows) - len(by_image)
-            need = max(len(r.ids) + r.max_new for r in rows)
+            waiting = [row for group in by_image.values() for row in group]
+            if self.config.invariant:
+                # Each part decoded with caches of its rows' own length (invariant.py).
+                passes = invariant.by_cache_length(waiting, _positions_needed, self.config.min_cache_len)
+                if len(passes) > 1 or passes[0][0] > self.config.min_cache_len:
+                    log.info("fast path: %s", "; ".join(
+                        f"{len(part)} row(s) decoded with {length} cache positions" for length, part in passes))
+            else:
+                passes = [(max(_positions_needed(r) for r in rows), waiting)]
+            results: dict[Any, list[int]] = {}
             with (torch.inference_mode(), self.variant_context(variant),
                   invariant.blas_settings(self.device, self.config.invariant and self.config.invariant_blas)):
-                self.runner.ensure_buffers(need)
-                stats.slots = self.runner.slots
-                stats.cache_len = self.runner.cache_len
-                stats.invariant = self.config.invariant
-                waiting = [row for group in by_image.values() for row in group]
-                feed = _ImageFeed(self.processor, first_images, pool,
-                                  window=max(2 * self.config.vision_batch, 2 * self.runner.slots))
-                results = self._run(variant, waiting, feed, stats, on_finish)
+                feed = None
+                for number, (need, part) in enumerate(passes):
+                    self.runner.ensure_buffers(need)
+                    stats.slots = max(stats.slots, self.runner.slots)
+                    stats.cache_len = max(stats.cache_len, self.runner.cache_len)
+                    stats.invariant = self.config.invariant
+                    if feed is None:  # one feed for every pass: vision still runs once per image
+                        feed = _ImageFeed(self.processor,
+                                          {row.image: first_images[row.image] for _, rows_of in passes for row in rows_of},
+                                          pool, window=max(2 * self.config.vision_batch, 2 * self.runner.slots))
+                    feed.keep = {row.image for _, later in passes[number + 1:] for row in later}
+                    results.update(self._run(variant, part, feed, stats, on_finish))
         stats.seconds["total"] = time.perf_counter() - started
         stats.graphs = self.runner.graphs
         self.last_stats = stats
@@ -214,6 +230,11 @@ class FastGenerator:
             stats.seconds["drain"] += spent - (stats.seconds["capture"] - captured_before)
 
 
+def _positions_needed(row: Row) -> int:
+    """Self-attention cache positions a row needs: its prompt and its token budget."""
+    return len(row.ids) + row.max_new
+
+
 def _report(scheduler: Scheduler, on_finish) -> None:
     finished = scheduler.unreported()
     if on_finish is not None and finished:
@@ -236,6 +257,7 @@ class _ImageFeed:
         self.submitted = 0
         self.kv: dict[str, tuple[list, list]] = {}
         self.meta: dict[str, EncodedImage] = {}
+        self.keep: set[str] = set()  # images rows of a later pass still need
         self._submit_ahead(window)
 
     def _submit_ahead(self, upto: int) -> None:
@@ -263,6 +285,8 @@ class _ImageFeed:
 
     def drop(self, images: list[str]) -> None:
         for image in images:
+            if image in self.keep:
+                continue
             del self.kv[image]
             del self.meta[image]
 

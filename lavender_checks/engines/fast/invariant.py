@@ -13,15 +13,18 @@ kernel; it only makes calls whose shapes depend on the row alone or on nothing:
 * **decode**: every step runs ``decode_rows`` rows (idle slots ride along) over the whole
   self-attention cache (no key-length buckets), whose length is a whole number of
   ``min_cache_len`` units (``cache_length``): the same shapes for any slot count, row order,
-  chunk or shard. A row's slot (its row in the batch) is the only thing that still differs,
-  and matrix products compute every row of a tile the same way unless a reduction is split
-  across thread blocks, which the cuBLAS settings below turn off.
+  chunk or shard. The length is the row's own: a row needing more than ``min_cache_len``
+  positions is decoded in a pass of the call with the rows of its own cache length
+  (``by_cache_length``), never with the others. A row's slot (its row in the batch) is the
+  only thing that still differs, and matrix products compute every row of a tile the same
+  way unless a reduction is split across thread blocks, which the cuBLAS settings below
+  turn off.
 * **cuBLAS** (CUDA only): cuBLASLt, with reduced-precision and split-K reductions off for
   bf16/fp16 products (``allow_bf16_reduced_precision_reduction = (False, False)``).
 
 What stays part of the numerics, and so of a snapshot: the weights, the dtype, the GPU model,
-the software versions (``environment`` records them), and the cache length unit (only a row
-longer than ``min_cache_len`` positions changes it).
+the software versions (``environment`` records them), and the cache length unit
+``min_cache_len`` (with the row's own length it sets the row's cache length).
 
 The cost of this against the throughput mode (batched prefill, vision four images at a time,
 decode over the active slots and a key-length bucket) is measured by ``lavender-checks bench
@@ -34,8 +37,10 @@ import contextlib
 import ctypes
 import importlib.metadata
 import os
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def cache_length(need: int, unit: int) -> int:
@@ -44,6 +49,16 @@ def cache_length(need: int, unit: int) -> int:
     if unit < 1:
         raise ValueError(f"min_cache_len must be at least 1 in invariant mode, got {unit}")
     return max(unit, -(-need // unit) * unit)
+
+
+def by_cache_length(rows: Sequence[T], need: Callable[[T], int], unit: int) -> list[tuple[int, list[T]]]:
+    """``rows`` split by their own cache length (``cache_length(need(row), unit)``), shortest
+    first, each part in the given order: the engine decodes each part with caches of that
+    length, so a long row changes the shapes of no other row, in its call or after it."""
+    parts: dict[int, list[T]] = {}
+    for row in rows:
+        parts.setdefault(cache_length(need(row), unit), []).append(row)
+    return sorted(parts.items())
 
 
 @contextlib.contextmanager

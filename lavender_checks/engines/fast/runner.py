@@ -58,7 +58,10 @@ class ModelRunner:
         return per_pos * (len(p.self_index) * cache_len + len(p.cross_index) * p.vision_tokens)
 
     def ensure_buffers(self, need: int) -> None:
-        """Caches for rows of up to ``need`` positions (grown, never shrunk)."""
+        """Caches for rows of up to ``need`` positions. Throughput mode: grown, never shrunk.
+        Invariant mode: exactly ``invariant.cache_length(need)`` positions, shrunk too, since
+        the cache length is part of every decoded row's shapes (the engine runs rows of one
+        cache length together)."""
         torch, p, cfg = self._torch, self.parts, self.config
         if cfg.invariant:
             if cfg.decode_rows < 1:
@@ -67,15 +70,13 @@ class ModelRunner:
         else:
             cache_len = max(cfg.min_bucket, cfg.min_cache_len, _round_up(need, 64))
         same_mode = cfg.invariant == self._invariant_buffers and (not cfg.invariant or self.rows == cfg.decode_rows)
-        if self.slots and cache_len <= self.cache_len and same_mode:
+        fits = cache_len == self.cache_len if cfg.invariant else cache_len <= self.cache_len
+        if self.slots and fits and same_mode:
             if cfg.invariant:  # the slot count only limits admission: the buffers stay decode_rows
                 self.slots = min(cfg.max_slots, self.rows)
             return
-        if cfg.invariant and cache_len > max(self.cache_len, cfg.min_cache_len):
-            log.warning("fast path: a row needs %d cache positions, more than min_cache_len=%d: the "
-                        "decode caches grow to %d, and rows decoded with them are computed with other "
-                        "shapes than in a run without such a row", need, cfg.min_cache_len, cache_len)
-        cache_len = max(cache_len, self.cache_len)
+        if not cfg.invariant:
+            cache_len = max(cache_len, self.cache_len)
         # Free the old caches and the graphs that point into them before sizing the new ones.
         # The graphs' memory pool goes with them: capturing into a pool whose graphs are all
         # gone trips an allocator assertion (torch 2.11), so new graphs get a new pool.
