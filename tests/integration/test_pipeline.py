@@ -557,6 +557,36 @@ def test_write_reference_does_not_replace_a_file_without_force(tmp_path, capsys,
     assert load_reference(existing).rows
 
 
+@pytest.fixture
+def no_work(monkeypatch, no_model_load):
+    """Fails the test if the command gets as far as reading data or predictions."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the run started its work")
+
+    monkeypatch.setattr(pipeline, "collect_results", refuse)
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_write_reference_onto_a_folder_is_one_line_before_any_work(tmp_path, capsys, no_work, force):
+    folder = tmp_path / "refs"
+    folder.mkdir()
+    assert cli.main(["run", "--write-reference", str(folder), *force, "--reports", str(tmp_path / "r"),
+                     "--store", str(tmp_path / "s"), "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, f"--write-reference {folder}: is a folder")
+    assert list(folder.iterdir()) == []
+
+
+def test_write_reference_where_no_file_can_be_written_is_one_line_before_any_work(tmp_path, capsys, no_work):
+    (tmp_path / "plain").write_text("x")
+    target = tmp_path / "plain" / "own.toml"
+    assert cli.main(["run", "--write-reference", str(target), "--store", str(tmp_path / "s"), "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, f"--write-reference {target}: {tmp_path / 'plain'} is a file")
+    # /proc takes no new files, even from root: a folder that cannot be written.
+    assert cli.main(["run", "--write-reference", "/proc/lavender-own.toml", "--force",
+                     "--store", str(tmp_path / "s"), "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, "--write-reference /proc/lavender-own.toml: cannot write there")
+
+
 def test_a_recorded_reference_keeps_the_hand_written_layout(tmp_path):
     run = collect_results(stand_in_config(tmp_path), pair=StandInPair(), progress=False)
     text = write_reference(run, tmp_path / "own.toml").read_text()
