@@ -462,6 +462,13 @@ def test_a_store_or_reports_that_is_no_folder_is_one_line_before_any_model(tmp_p
     one_error_line(capsys.readouterr().err, "--store /proc/lavender-store", "cannot write there")
 
 
+def test_a_reference_that_is_a_folder_is_one_line_before_any_model(tmp_path, capsys, no_model_load):
+    folder = tmp_path / "refs"
+    folder.mkdir()
+    assert cli.main(["run", "--reference", str(folder), "--store", str(tmp_path / "s"), "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, f"{folder}: a folder, not a reference file")
+
+
 @pytest.mark.parametrize("device", ["tpu", "meta", "cuda:x", "cpu:0:1"])
 def test_an_unusable_device_is_refused_at_once(device, capsys, no_model_load):
     with pytest.raises(RunInputError, match=f"--device {device}: the model runs on cpu or cuda"):
