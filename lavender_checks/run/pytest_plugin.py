@@ -62,6 +62,7 @@ _SNAPSHOT_ACCOUNTS = pytest.StashKey[list]()
 _SNAPSHOT_OUTPUT_KEY = "lavender_snapshots"
 _SNAPSHOT_DIFF = pytest.StashKey[str]()
 _WORKER_BARRIER_KEY = "lavender_barrier"
+_WORKER_STOP_KEY = "lavender_stop"
 
 
 # ----------------------------------------------------------------------------- GPUs and xdist
@@ -119,12 +120,39 @@ def run_config(config: pytest.Config) -> RunConfig:
 
 
 def _stop(error: BaseException | str, returncode: int = EXIT_INPUT) -> None:
-    """End the session at once with the line and status of ``lavender-checks run``."""
+    """End the session at once with the line and status of ``lavender-checks run``. In an
+    xdist worker this ends the worker; ``_Stopped`` hands the line to the controller, which
+    ends the whole session with it (``pytest_testnodedown``)."""
     pytest.exit(error_line("run", error), returncode=returncode)
+
+
+class _Stopped:
+    """What a session stopped by ``_stop`` still has to do once pytest has caught the stop.
+
+    * syrupy must not look for unused snapshots: no case ran, so it would take every accepted
+      snapshot for unused, delete them under ``--snapshot-update`` and add its own status to
+      the stop's (2 | 1 = 3);
+    * in an xdist worker, the line and status go where the controller reads them
+      (``pytest_testnodedown``). Without that the controller sees a worker that ended with
+      status 2 (its keyboard interrupt), takes it for a crash and starts a new worker, which
+      stops again: pages of crashed workers and errors instead of one line.
+    """
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+
+    def pytest_keyboard_interrupt(self, excinfo) -> None:  # pytest calls it for pytest.exit too
+        stop = excinfo.value
+        if not (isinstance(stop, pytest.exit.Exception) and stop.msg.startswith(error_line("run", ""))):
+            return
+        self.config.option.disable_unused_snapshots = True  # syrupy's --snapshot-disable-unused
+        if hasattr(self.config, "workeroutput"):
+            self.config.workeroutput[_WORKER_STOP_KEY] = {"line": stop.msg, "returncode": stop.returncode}
 
 
 def pytest_configure(config):
     config.stash[_BARRIERS] = set()
+    config.pluginmanager.register(_Stopped(config), "lavender-stopped")
     try:
         # Bad options and missing inputs stop the session before collection, in the xdist
         # controller before any worker starts; what needs torch or writes is checked by the
@@ -278,7 +306,8 @@ def snapshot_accounts(pytestconfig) -> list:
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error):
     """Controller: keep the summary of the worker that wrote the report, every worker's
-    snapshot accounts, and the barrier folder the workers shared."""
+    snapshot accounts, and the barrier folder the workers shared; a worker that stopped on
+    bad input (``_Stopped``) stops the session with its line and status."""
     output = getattr(node, "workeroutput", {})
     summary = output.get(_WORKER_OUTPUT_KEY)
     if summary is not None:
@@ -286,6 +315,9 @@ def pytest_testnodedown(node, error):
     _snapshot_accounts(node.config).extend(output.get(_SNAPSHOT_OUTPUT_KEY, []))
     if output.get(_WORKER_BARRIER_KEY):
         node.config.stash[_BARRIERS].add(output[_WORKER_BARRIER_KEY])
+    stop = output.get(_WORKER_STOP_KEY)
+    if stop is not None:  # a worker met bad input: the whole session ends, as without xdist
+        pytest.exit(stop["line"], returncode=stop["returncode"])
 
 
 def pytest_sessionfinish(session):
