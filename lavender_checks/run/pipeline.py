@@ -50,11 +50,15 @@ def main(args) -> int:
     try:
         return _run(args)
     except input_errors() as exc:
-        print(error_line("run", exc), file=sys.stderr)
-        return EXIT_INPUT
+        return _failed(error_line("run", exc), EXIT_INPUT)
     except distributed.RankFailure as exc:
-        print(error_line("run", exc), file=sys.stderr)
-        return EXIT_RANK_FAILED
+        return _failed(error_line("run", exc), EXIT_RANK_FAILED)
+
+
+def _failed(line: str, status: int) -> int:
+    print(line, file=sys.stderr)
+    distributed.leave_failure_to_launcher(line)  # under torchrun: a short summary
+    return status
 
 
 def _run(args) -> int:

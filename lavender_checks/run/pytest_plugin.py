@@ -135,19 +135,26 @@ class _Stopped:
     * in an xdist worker, the line and status go where the controller reads them
       (``pytest_testnodedown``). Without that the controller sees a worker that ended with
       status 2 (its keyboard interrupt), takes it for a crash and starts a new worker, which
-      stops again: pages of crashed workers and errors instead of one line.
+      stops again: pages of crashed workers and errors instead of one line;
+    * under torchrun, the rank ends as ``distributed.leave_failure_to_launcher`` says.
     """
 
     def __init__(self, config: pytest.Config):
         self.config = config
+        self.stop: pytest.exit.Exception | None = None
 
     def pytest_keyboard_interrupt(self, excinfo) -> None:  # pytest calls it for pytest.exit too
         stop = excinfo.value
         if not (isinstance(stop, pytest.exit.Exception) and stop.msg.startswith(error_line("run", ""))):
             return
+        self.stop = stop
         self.config.option.disable_unused_snapshots = True  # syrupy's --snapshot-disable-unused
         if hasattr(self.config, "workeroutput"):
             self.config.workeroutput[_WORKER_STOP_KEY] = {"line": stop.msg, "returncode": stop.returncode}
+
+    def pytest_unconfigure(self) -> None:
+        if self.stop is not None:  # after the session's output: under torchrun, a short summary
+            distributed.leave_failure_to_launcher(self.stop.msg)
 
 
 def pytest_configure(config):

@@ -263,3 +263,19 @@ def test_an_input_missing_on_one_host_stops_every_rank_before_any_work(tmp_path)
     assert "lavender-checks run: error: rank 0 of 2" in zero, zero
     assert f"rank 1 of 2 (node 1, local rank 0, host {socket.gethostname()}" in zero, zero
     assert f"failed: RunInputError: --lmu-data LMUData folder {missing} does not exist" in zero, zero
+
+
+def test_bad_input_on_every_rank_gives_a_short_launcher_summary(tmp_path):
+    """Both ranks of one host meet the same bad input: each prints its line and fails, but
+    torchrun's summary names one rank, with that line (not a pointer to torch's docs)."""
+    missing = tmp_path / "no-lmudata"
+    launch = Launch(tmp_path, "summary", 1, 2,
+                    ["-m", "lavender_checks.cli", "run", "--quiet", "--store", str(tmp_path / "store"),
+                     "--reports", str(tmp_path / "reports"), "--lmu-data", str(missing)])
+    assert launch.wait(timeout=120) == [1], launch.output()
+    line = f"lavender-checks run: error: --lmu-data LMUData folder {missing} does not exist"
+    for local in (0, 1):
+        assert line in launch.rank_output(0, local), launch.rank_output(0, local)
+    summary = (tmp_path / "torchrun-summary-node0.log").read_text()
+    assert f"traceback : {line}" in summary, summary
+    assert "<NO_OTHER_FAILURES>" in summary and "To enable traceback" not in summary, summary
