@@ -340,6 +340,11 @@ def leave_failure_to_launcher(line: str, *, environ: Mapping[str, str] | None = 
     environ = os.environ if environ is None else environ
     if not launched(environ):
         return
+    waits = environ.get("LOCAL_RANK", "0") != "0"
+    if waits:  # first: torchrun may end this rank as soon as local rank 0 has exited
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     error_file = environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         record = {"message": {"message": line, "extraInfo": {"py_callstack": line,
@@ -348,12 +353,8 @@ def leave_failure_to_launcher(line: str, *, environ: Mapping[str, str] | None = 
             Path(error_file).write_text(json.dumps(record), encoding="utf-8")
         except OSError:
             pass  # the summary then points to torch's documentation, as without it
-    if environ.get("LOCAL_RANK", "0") == "0":
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    sleep(grace_s)
+    if waits:
+        sleep(grace_s)
 
 
 # ----------------------------------------------------------------------------- the store
