@@ -27,6 +27,8 @@ error per case. Options, model folders, LMUData, reference and profile are check
 configures itself (in the xdist controller: once), and so is ``--device cuda`` on a CPU build
 of torch or with no GPU visible (without importing torch), and a ``--store`` or ``--reports``
 given that is no writable folder; the default folders when the gate's first fixture is set up.
+Under xdist, a worker that meets bad input later (a store key another run holds) hands its line
+to the controller, which stops the whole session with it (``_Stopped``, ``pytest_testnodedown``).
 """
 
 from __future__ import annotations
