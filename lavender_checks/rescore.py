@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from lavender_checks.errors import EXIT_INPUT, error_line
+from lavender_checks.outputs import OutputFileError, check_output_file, write_file
 
 # pandas and the scorers are imported inside main(): building the CLI parser stays cheap.
 
@@ -66,14 +67,14 @@ def _plain(value):
 
 
 def _write_samples(samples, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     columns = list(samples.columns)
-    temporary = path.with_name(f".{path.name}.partial")
-    with temporary.open("w", encoding="utf-8") as fh:
+
+    def write(fh) -> None:
         for row in samples.itertuples(index=False, name=None):
             record = {column: _plain(value) for column, value in zip(columns, row)}
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-    temporary.replace(path)
+
+    write_file("--samples", path, write)
 
 
 def _print_table(benchmark: str, source: Path, rows: int, metrics: dict[str, float]) -> None:
@@ -98,6 +99,8 @@ def main(args: argparse.Namespace) -> int:
 
     source = Path(args.predictions_file)
     try:
+        if args.samples:  # before reading and scoring: the file is written last
+            check_output_file("--samples", Path(args.samples))
         frame = read_prediction_file(source)
         # Another benchmark's file would be scored without a word (its rows, this benchmark's
         # metric keys): refuse it, saying what it looks like.
@@ -108,7 +111,7 @@ def main(args: argparse.Namespace) -> int:
         result = benchmark.score(frame, meta)
         if meta is not None:
             check_questions(frame, meta, str(source), f"--meta {args.meta}")
-    except SignatureMismatch as err:
+    except (SignatureMismatch, OutputFileError) as err:
         print(error_line("score", err), file=sys.stderr)
         return EXIT_ERROR
     except (FileNotFoundError, PredictionFileError) as err:
@@ -119,7 +122,11 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_ERROR
 
     if args.samples:
-        _write_samples(result.samples, Path(args.samples))
+        try:
+            _write_samples(result.samples, Path(args.samples))
+        except OutputFileError as err:
+            print(error_line("score", err), file=sys.stderr)
+            return EXIT_ERROR
     if args.json:
         print(json.dumps(result.metrics))
     else:

@@ -47,12 +47,16 @@ class Review:
 
 
 def review(assertion: Any, current: Current | None, *, verdicts: list[dict[str, Any]] = (),
-           case: str = "", missing_reason: str = "", report: Path | None = None) -> Review:
+           case: str = "", missing_reason: str = "", report: Path | None = None,
+           benchmark: str = "") -> Review:
     """Match ``current`` (this run's snapshot of one benchmark; None when the run has no result
     for it) against the accepted file through ``assertion`` (syrupy's ``snapshot`` fixture with
     ``BenchmarkSnapshotExtension``), and account for any difference.
 
-    report: the run's report folder, named in a failure message (None: not known here)."""
+    report: the run's report folder, named in a failure message (None: not known here).
+    benchmark: the benchmark's name, for the account of an accepted file that cannot be read.
+    Such a file (empty, cut short, another shape) fails the case with that account, which
+    names the file and ``--snapshot-update``; under ``--snapshot-update`` it is rewritten."""
     settings = snapshots.SETTINGS
     location = str(assertion.extension.get_location(test_location=assertion.test_location,
                                                     index=assertion.index))
@@ -63,7 +67,12 @@ def review(assertion: Any, current: Current | None, *, verdicts: list[dict[str, 
         # Nothing to assert: a skipped case keeps its file (syrupy does not call it unused).
         if not path.is_file():
             return Review(None, "skip", f"no result and no accepted snapshot: {missing_reason}")
-        accepted = snapshots.parse(path.read_text(encoding="utf-8"), location)
+        try:
+            accepted = snapshots.parse(path.read_text(encoding="utf-8", errors="replace"), str(shown))
+        except snapshots.SnapshotFormatError as exc:
+            account = snapshots.unreadable(str(exc), benchmark=benchmark or case, case=case, location=str(shown))
+            account["notes"].insert(1, f"this run has no result for it either: {missing_reason}")
+            return Review(account, "fail", snapshots.markdown([account]) + f"\nfull account: {where}")
         account = snapshots.compare(accepted, None, case=case, location=str(shown), missing_reason=missing_reason)
         if assertion.update_snapshots:
             return Review(account, "skip", f"{missing_reason}; its accepted snapshot {shown} is kept "
@@ -85,7 +94,19 @@ def review(assertion: Any, current: Current | None, *, verdicts: list[dict[str, 
     if result.exception is not None:
         raise result.exception
     recalled = result.recalled_data
-    accepted = snapshots.parse(recalled, location) if recalled is not None else None
+    try:
+        accepted = snapshots.parse(recalled, str(shown)) if recalled is not None else None
+    except snapshots.SnapshotFormatError as exc:
+        # A file cut short, emptied or edited into another shape: say which and how to rewrite
+        # it, instead of a traceback through the session's fixtures.
+        if not result.updated:
+            account = snapshots.unreadable(str(exc), benchmark=current.snapshot["benchmark"], case=case,
+                                           location=str(shown))
+            return Review(account, "fail", snapshots.markdown([account]) + f"\nfull account: {where}")
+        account = snapshots.compare(None, current, verdicts=verdicts, case=case, location=str(shown))
+        account["status"] = "updated"
+        account["notes"] = [f"{exc}; rewritten from this run with --snapshot-update"]
+        return Review(account, "pass")
     account = snapshots.compare(accepted, current, verdicts=verdicts, case=case, location=str(shown))
     # Results that match on other versions: nothing to review, but the session says so.
     account["versions_changed"] = snapshots.version_change(accepted, {"versions": run_versions})

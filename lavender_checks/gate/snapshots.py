@@ -37,7 +37,7 @@ from lavender_checks.model import VARIANTS
 
 __all__ = [
     "ROW_GROUPS", "SETTINGS", "VERSION_PACKAGES", "Current", "Settings", "SnapshotFormatError", "compare",
-    "current_snapshot", "digest", "dumps", "load_settings", "markdown", "parse", "same_content",
+    "current_snapshot", "digest", "dumps", "load_settings", "markdown", "parse", "same_content", "unreadable",
     "version_change", "versions_notice", "write_account",
 ]
 
@@ -49,6 +49,9 @@ VERSION_PACKAGES = ("torch", "transformers", "peft")
 METRIC_FIELDS = ("base", "lavender", "delta", "n")
 CANARY_FIELDS = ("index", "group", "question", "base", "lavender")
 ROW_FIELDS = ("index", "base score", "lavender score", "base digest", "lavender digest")
+FILE_KEYS = (*HEADER_KEYS, "versions", "metrics", "canaries", "row_fields", "row_scores")
+REWRITE_HINT = ("rewrite it from this run with --snapshot-update (the same options), "
+                "then review `git diff` of the file and commit it")
 # Groups of changed rows, in the order an account lists them.
 ROW_GROUPS = {
     "right_to_wrong": "flipped right → wrong",
@@ -278,8 +281,7 @@ def _block(open_: str, lines: list[str], close: str, indent: str) -> list[str]:
 
 def dumps(snapshot: Mapping[str, Any]) -> str:
     """The snapshot as JSON with a fixed key order and one metric, canary or row per line."""
-    known = (*HEADER_KEYS, "versions", "metrics", "canaries", "row_fields", "row_scores")
-    unknown = [k for k in snapshot if k not in known]
+    unknown = [k for k in snapshot if k not in FILE_KEYS]
     if unknown:
         raise ValueError(f"snapshot has keys this format does not write: {unknown}")
     parts = [f"  {_json(key)}: {_json(snapshot[key])}" for key in HEADER_KEYS if key in snapshot]
@@ -302,24 +304,49 @@ def dumps(snapshot: Mapping[str, Any]) -> str:
 
 def parse(text: str | bytes, where: str = "snapshot") -> dict[str, Any]:
     """A snapshot file's content (this format, or the older one without canary groups and
-    per-row scores)."""
+    per-row scores). A file this version cannot read (empty, cut short, edited into another
+    shape) raises ``SnapshotFormatError`` naming ``where`` and what is wrong."""
+    if not text.strip():
+        raise SnapshotFormatError(f"{where}: the file is empty")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise SnapshotFormatError(f"{where}: not JSON ({exc})") from None
+        raise SnapshotFormatError(f"{where}: not JSON, or cut short ({exc})") from None
     if not isinstance(data, dict) or "benchmark" not in data or not isinstance(data.get("metrics", {}), dict):
         raise SnapshotFormatError(f"{where}: not a benchmark snapshot (no 'benchmark' key or no 'metrics' table)")
     versions = data.get("versions")
     if versions is not None and not (isinstance(versions, dict)
                                      and all(isinstance(v, (str, type(None))) for v in versions.values())):
         raise SnapshotFormatError(f"{where}: versions is {versions!r}, not a table package -> version")
+    unknown = [key for key in data if key not in FILE_KEYS]
+    if unknown:
+        raise SnapshotFormatError(f"{where}: key(s) this format does not have: {', '.join(unknown)} "
+                                  f"(it has {', '.join(FILE_KEYS)})")
+    for key, value in data.get("metrics", {}).items():
+        if not isinstance(value, dict):
+            raise SnapshotFormatError(f"{where}: metrics {key!r} is {value!r}, not a table of {', '.join(METRIC_FIELDS)}")
+    canaries = data.get("canaries", [])
+    if not isinstance(canaries, list) or not all(isinstance(c, dict) and "index" in c for c in canaries):
+        raise SnapshotFormatError(f"{where}: canaries must be a list of tables with an index")
     fields = data.get("row_fields")
     if "row_scores" in data and fields != list(ROW_FIELDS):
         raise SnapshotFormatError(f"{where}: row_fields is {fields!r}, this version reads {list(ROW_FIELDS)}")
+    if not isinstance(data.get("row_scores", []), list):
+        raise SnapshotFormatError(f"{where}: row_scores must be a list")
     for number, row in enumerate(data.get("row_scores", []), start=1):
         if not isinstance(row, list) or len(row) != len(ROW_FIELDS):
             raise SnapshotFormatError(f"{where}: row_scores entry {number} is {row!r}, not [{', '.join(ROW_FIELDS)}]")
     return data
+
+
+def unreadable(problem: str, *, benchmark: str, case: str = "", location: str = "") -> dict[str, Any]:
+    """The account of an accepted snapshot file that cannot be read (``problem``: the
+    ``SnapshotFormatError`` message): nothing to compare, only how to rewrite it."""
+    return {"benchmark": benchmark, "case": case, "snapshot": location, "status": "unreadable",
+            "header": [], "metrics": [],
+            "rows": {"counts": {k: 0 for k in ROW_GROUPS}, "groups": {k: [] for k in ROW_GROUPS}},
+            "canaries": {"changed": [], "added": [], "dropped": []},
+            "notes": [problem, REWRITE_HINT]}
 
 
 # ---------------------------------------------------------------------------- comparing
@@ -438,7 +465,8 @@ def compare(accepted: Mapping[str, Any] | None, current: Current | None, *,
     benchmark has no result in this run; ``missing_reason`` says why). verdicts: the gate's
     verdicts as dicts (``Verdict.to_dict()``), for the band of each changed metric.
     Returns plain data (JSON-ready); ``status`` is "unchanged", "changed", "new" or "removed"
-    (``snapshot_extension.review`` adds "created" and "updated" under --snapshot-update)."""
+    (``snapshot_extension.review`` adds "created" and "updated" under --snapshot-update; an
+    accepted file that cannot be read has the account ``unreadable`` gives)."""
     now = current.snapshot if current is not None else None
     benchmark = (now or accepted or {}).get("benchmark", "")
     account: dict[str, Any] = {"benchmark": benchmark, "case": case, "snapshot": location,
@@ -586,6 +614,8 @@ def _account_lines(account: Mapping[str, Any], rows_per_group: int | None, setti
         title = f"{benchmark}: removed from the run"
     elif status == "new":
         title = f"{benchmark}: no accepted snapshot"
+    elif status == "unreadable":
+        title = f"{benchmark}: the accepted snapshot cannot be read"
     elif status == "created":
         title = f"{benchmark}: snapshot recorded (there was none)"
     elif status == "unchanged":

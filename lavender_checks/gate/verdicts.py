@@ -349,6 +349,12 @@ def load_reference(path: str | Path = DEFAULT_REFERENCE) -> Reference:
         raw = tomllib.loads(text)
     except FileNotFoundError:
         raise ReferenceFileError(f"{path}: no such reference file") from None
+    except IsADirectoryError:
+        raise ReferenceFileError(f"{path}: a folder, not a reference file (give a .toml file)") from None
+    except NotADirectoryError:
+        raise ReferenceFileError(f"{path}: no such reference file (a part of the path is a file, not a folder)") from None
+    except OSError as exc:
+        raise ReferenceFileError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
         raise ReferenceFileError(f"{path}: not UTF-8 text: {exc}") from None
     except tomllib.TOMLDecodeError as exc:

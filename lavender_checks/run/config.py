@@ -422,6 +422,7 @@ def input_errors() -> tuple[type[BaseException], ...]:
     from lavender_checks.data import DataError
     from lavender_checks.gate.verdicts import ReferenceFileError
     from lavender_checks.model import ModelLoadError
+    from lavender_checks.outputs import OutputFileError
     from lavender_checks.profiles import ProfileError
     from lavender_checks.run.distributed import DistributedUsageError
     from lavender_checks.run.store import PredictionStoreError, StoreLockedError
@@ -429,4 +430,4 @@ def input_errors() -> tuple[type[BaseException], ...]:
 
     return (RunInputError, UnknownBenchmark, ScoringInputError, DataError, ReferenceFileError,
             ModelLoadError, PredictionStoreError, StoreLockedError, ProfileError, PredictionFileError,
-            DistributedUsageError)
+            DistributedUsageError, OutputFileError)

@@ -39,8 +39,10 @@ This module knows nothing of benchmarks or scoring: the pipeline hands it the wo
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -319,6 +321,52 @@ def group(timeout_s: float = DEFAULT_TIMEOUT_S) -> Group:
     if _GROUP is None:
         _GROUP = Group(timeout_s)
     return _GROUP
+
+
+# ----------------------------------------------------------------------------- ending a rank
+
+
+# How long a rank that stops with an error, other than local rank 0, leaves the launcher to end
+# it (torchrun checks its ranks every 0.1 s by default: --monitor-interval).
+LAUNCHER_GRACE_S = 10.0
+
+
+def leave_failure_to_launcher(line: str, *, environ: Mapping[str, str] | None = None,
+                              grace_s: float = LAUNCHER_GRACE_S, sleep: Callable[[float], None] = time.sleep) -> None:
+    """The last thing a torchrun rank does before it exits with an error status, having
+    printed ``line``; outside torchrun, nothing.
+
+    For a launch whose ranks failed, torchrun prints its own traceback and a summary with one
+    entry for every rank that did not end with status 0. So that the summary is short and says
+    what happened:
+
+    * ``line`` goes to the error file torchrun gives each rank (``TORCHELASTIC_ERROR_FILE``),
+      in the format of torch's own ``ErrorHandler``: the entry shows it where it would
+      otherwise point to torch's documentation;
+    * local rank 0 exits at once; the host's other ranks wait up to ``grace_s`` for the
+      launcher, which ends them (SIGTERM) once it sees a rank fail. They answer it with status
+      0, so that the summary names one rank per host, not every GPU's; the launch fails all the same, through local rank 0. All of
+      them stop on the same error (every rank learns another's at their meetings), each has
+      printed its line, and what they stored is kept. A rank nobody ends exits with its status.
+    """
+    environ = os.environ if environ is None else environ
+    if not launched(environ):
+        return
+    waits = environ.get("LOCAL_RANK", "0") != "0"
+    if waits:  # first: torchrun may end this rank as soon as local rank 0 has exited
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    error_file = environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        record = {"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                              "timestamp": str(int(time.time()))}}}
+        try:
+            Path(error_file).write_text(json.dumps(record), encoding="utf-8")
+        except OSError:
+            pass  # the summary then points to torch's documentation, as without it
+    if waits:
+        sleep(grace_s)
 
 
 # ----------------------------------------------------------------------------- the store

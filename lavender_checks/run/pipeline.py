@@ -29,7 +29,7 @@ from lavender_checks.run.config import (
     input_errors,
 )
 from lavender_checks.run.judge import judge_run, write_run_report
-from lavender_checks.run.reference import TINY_REFERENCE_DESCRIPTION, refuse_subset, write_reference
+from lavender_checks.run.reference import TINY_REFERENCE_DESCRIPTION, check_target, refuse_subset, write_reference
 
 __all__ = ["add_arguments", "checked", "main", "torchrun_shards"]
 
@@ -50,11 +50,15 @@ def main(args) -> int:
     try:
         return _run(args)
     except input_errors() as exc:
-        print(error_line("run", exc), file=sys.stderr)
-        return EXIT_INPUT
+        return _failed(error_line("run", exc), EXIT_INPUT)
     except distributed.RankFailure as exc:
-        print(error_line("run", exc), file=sys.stderr)
-        return EXIT_RANK_FAILED
+        return _failed(error_line("run", exc), EXIT_RANK_FAILED)
+
+
+def _failed(line: str, status: int) -> int:
+    print(line, file=sys.stderr)
+    distributed.leave_failure_to_launcher(line)  # under torchrun: a short summary
+    return status
 
 
 def _run(args) -> int:
@@ -63,14 +67,17 @@ def _run(args) -> int:
         raise RunInputError("--force only applies to --write-reference")
     if args.write_reference is not None:
         refuse_subset(config)
-    if args.write_reference is not None and args.write_reference.exists() and not args.force:
-        raise RunInputError(f"--write-reference {args.write_reference}: the file exists; "
-                            "add --force to replace it")
     shards = torchrun_shards(config, args.store_sharing, args.dist_timeout)
-    # Under torchrun only rank 0 writes reports.
-    writes = args.write_reference is None and (shards is None or shards.scores)
-    checked(shards, lambda: check_before_work(config, reports=args.reports if writes else None,
-                                              keep_reports=args.keep_reports))
+    # Under torchrun only rank 0 writes reports, or the reference.
+    scores = shards is None or shards.scores
+    writes = args.write_reference is None and scores
+
+    def check() -> None:
+        check_before_work(config, reports=args.reports if writes else None, keep_reports=args.keep_reports)
+        if args.write_reference is not None and scores:  # before the work, not after it
+            check_target(args.write_reference, force=args.force)
+
+    checked(shards, check)
     if not args.quiet:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     else:

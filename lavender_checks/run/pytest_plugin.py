@@ -30,6 +30,8 @@ error per case. Options, model folders, LMUData, reference and profile are check
 configures itself (in the xdist controller: once), and so is ``--device cuda`` on a CPU build
 of torch or with no GPU visible (without importing torch), and a ``--store`` or ``--reports``
 given that is no writable folder; the default folders when the gate's first fixture is set up.
+Under xdist, a worker that meets bad input later (a store key another run holds) hands its line
+to the controller, which stops the whole session with it (``_Stopped``, ``pytest_testnodedown``).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ _SNAPSHOT_OUTPUT_KEY = "lavender_snapshots"
 _SNAPSHOT_DIFF = pytest.StashKey[str]()
 _WORKER_BARRIER_KEY = "lavender_barrier"
 _SELECTION = pytest.StashKey[dict]()
+_WORKER_STOP_KEY = "lavender_stop"
 
 
 # ----------------------------------------------------------------------------- GPUs and xdist
@@ -124,12 +127,46 @@ def run_config(config: pytest.Config) -> RunConfig:
 
 
 def _stop(error: BaseException | str, returncode: int = EXIT_INPUT) -> None:
-    """End the session at once with the line and status of ``lavender-checks run``."""
+    """End the session at once with the line and status of ``lavender-checks run``. In an
+    xdist worker this ends the worker; ``_Stopped`` hands the line to the controller, which
+    ends the whole session with it (``pytest_testnodedown``)."""
     pytest.exit(error_line("run", error), returncode=returncode)
+
+
+class _Stopped:
+    """What a session stopped by ``_stop`` still has to do once pytest has caught the stop.
+
+    * syrupy must not look for unused snapshots: no case ran, so it would take every accepted
+      snapshot for unused, delete them under ``--snapshot-update`` and add its own status to
+      the stop's (2 | 1 = 3);
+    * in an xdist worker, the line and status go where the controller reads them
+      (``pytest_testnodedown``). Without that the controller sees a worker that ended with
+      status 2 (its keyboard interrupt), takes it for a crash and starts a new worker, which
+      stops again: pages of crashed workers and errors instead of one line;
+    * under torchrun, the rank ends as ``distributed.leave_failure_to_launcher`` says.
+    """
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+        self.stop: pytest.exit.Exception | None = None
+
+    def pytest_keyboard_interrupt(self, excinfo) -> None:  # pytest calls it for pytest.exit too
+        stop = excinfo.value
+        if not (isinstance(stop, pytest.exit.Exception) and stop.msg.startswith(error_line("run", ""))):
+            return
+        self.stop = stop
+        self.config.option.disable_unused_snapshots = True  # syrupy's --snapshot-disable-unused
+        if hasattr(self.config, "workeroutput"):
+            self.config.workeroutput[_WORKER_STOP_KEY] = {"line": stop.msg, "returncode": stop.returncode}
+
+    def pytest_unconfigure(self) -> None:
+        if self.stop is not None:  # after the session's output: under torchrun, a short summary
+            distributed.leave_failure_to_launcher(self.stop.msg)
 
 
 def pytest_configure(config):
     config.stash[_BARRIERS] = set()
+    config.pluginmanager.register(_Stopped(config), "lavender-stopped")
     try:
         # Bad options and missing inputs stop the session before collection, in the xdist
         # controller before any worker starts; what needs torch or writes is checked by the
@@ -358,7 +395,8 @@ def pytest_runtest_makereport(item, call):
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error):
     """Controller: keep the summary of the worker that wrote the report, every worker's
-    snapshot accounts, and the barrier folder the workers shared."""
+    snapshot accounts, and the barrier folder the workers shared; a worker that stopped on
+    bad input (``_Stopped``) stops the session with its line and status."""
     output = getattr(node, "workeroutput", {})
     summary = output.get(_WORKER_OUTPUT_KEY)
     if summary is not None:
@@ -366,6 +404,9 @@ def pytest_testnodedown(node, error):
     _snapshot_accounts(node.config).extend(output.get(_SNAPSHOT_OUTPUT_KEY, []))
     if output.get(_WORKER_BARRIER_KEY):
         node.config.stash[_BARRIERS].add(output[_WORKER_BARRIER_KEY])
+    stop = output.get(_WORKER_STOP_KEY)
+    if stop is not None:  # a worker met bad input: the whole session ends, as without xdist
+        pytest.exit(stop["line"], returncode=stop["returncode"])
 
 
 def pytest_sessionfinish(session):

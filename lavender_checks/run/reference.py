@@ -9,6 +9,7 @@ import tomli_w
 
 from lavender_checks import FIXTURES
 from lavender_checks.model import VARIANTS
+from lavender_checks.outputs import check_output_file, write_file
 from lavender_checks.run.collect import RunResults
 from lavender_checks.run.config import SEED_REFERENCE, RunConfig, RunInputError
 
@@ -20,6 +21,15 @@ TINY_REFERENCE_DESCRIPTION = (
 )
 
 
+def check_target(path: str | Path, *, force: bool = False) -> None:
+    """Before any work: ``--write-reference`` can write ``path`` (not a folder, in a folder this
+    process can write to) and, without ``force``, no file is there yet."""
+    path = Path(path)
+    check_output_file("--write-reference", path)
+    if path.exists() and not force:
+        raise RunInputError(f"--write-reference {path}: the file exists; add --force to replace it")
+
+
 def write_reference(run: RunResults, path: str | Path, *, template: str | Path = SEED_REFERENCE,
                     description: str = "", force: bool = False) -> Path:
     """Record this run's numbers as a reference file (the schema of ``fixtures/reported``).
@@ -28,14 +38,14 @@ def write_reference(run: RunResults, path: str | Path, *, template: str | Path =
     run's, each rounded to 2 decimals as a report prints them (delta = the difference of the
     rounded numbers); [gate] and [derived] are the template's. A row this run did not measure
     is an error: a reference holds no number that was not computed, and so is a subset
-    (``--limit``, ``--fraction``, a shard). An existing file is replaced only with ``force``.
+    (``--limit``, ``--fraction``, a shard). An existing file is replaced only with ``force``; the
+    file is written whole (``outputs.write_file``).
     """
     from lavender_checks.gate.verdicts import load_reference
 
     path = Path(path)
     refuse_subset(run.config)
-    if path.exists() and not force:
-        raise RunInputError(f"--write-reference {path}: the file exists; add --force to replace it")
+    check_target(path, force=force)
     template_ref = load_reference(template)
     rows, unmeasured = [], []
     for row in template_ref.rows:
@@ -89,7 +99,7 @@ def write_reference(run: RunResults, path: str | Path, *, template: str | Path =
         f"{_fixtures_relative(template_ref.path)}'s rows.\n"
         "# Schema: see fixtures/reported/seed-report.toml.\n",
         tomli_w.dumps(document), *row_tables])
-    path.write_text(text, encoding="utf-8")
+    write_file("--write-reference", path, lambda fh: fh.write(text))
     load_reference(path)  # what was written reads back as a valid reference
     return path
 

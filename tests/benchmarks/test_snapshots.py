@@ -68,7 +68,7 @@ def test_scores(run_results, gate_outcome, snapshot_benchmark, benchmark_snapsho
             versions=run_results.metadata.get("versions"))
     outcome = review(benchmark_snapshot, current, case=request.node.name, report=gate_outcome.report,
                      verdicts=[v.to_dict() for v in gate_outcome.verdicts if v.benchmark == snapshot_benchmark],
-                     missing_reason=run_results.missing.get(snapshot_benchmark, ""))
+                     missing_reason=run_results.missing.get(snapshot_benchmark, ""), benchmark=snapshot_benchmark)
     if outcome.account is not None:
         snapshot_accounts.append(outcome.account)
     outcome.settle()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import re
 import tomllib
 import xml.etree.ElementTree as ET
@@ -34,6 +35,9 @@ def gate(pytester, tmp_path, monkeypatch):
     # workers (it keeps the test-run id: the outer session's runs share the store's locks).
     for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):
         monkeypatch.delenv(name, raising=False)
+    # A subprocess session (and its xdist workers) imports this checkout's package, not the
+    # one installed in the environment, which may be another checkout's.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
 
     def run(*options: str, subprocess: bool = False):
         runner = pytester.runpytest_subprocess if subprocess else pytester.runpytest
@@ -253,3 +257,41 @@ def test_a_benchmark_run_without_reference_rows_fails_the_session(gate, pytester
     # the gate summary's last lines, above pytest's count
     assert result.outlines[-3].startswith("NOT COMPARABLE with the reference")
     assert result.outlines[-2].startswith("  MME: not gated: chartqa.toml has no rows for it")
+# A store key held by another run, as collect_results reports it (no model, no torch needed).
+STORE_HELD = """
+from lavender_checks.run import pytest_plugin
+from lavender_checks.run.store import StoreLockedError
+
+
+def _held(*args, **kwargs):
+    raise StoreLockedError("/store/MME: another run is using these predictions: pid 1 on host-a")
+
+
+pytest_plugin.collect_results = _held
+"""
+
+
+def test_bad_input_met_by_xdist_workers_ends_the_session_with_one_line(gate, pytester):
+    pytester.makeconftest(STORE_HELD)
+    result = gate("-n", "2", "--benchmark", "MME", subprocess=True)
+    output = "\n".join(result.outlines + result.errlines)
+    assert result.ret == 2, output
+    assert output.count(f"{ERROR_LINE}/store/MME: another run is using these predictions") == 1, output
+    assert "crashed" not in output and "Traceback" not in output, output
+    assert not re.search(r"\d+ (passed|failed|errors?)\b", output), output
+
+
+def test_a_stopped_session_keeps_the_accepted_snapshots_and_its_status(gate, pytester):
+    """No case ran: syrupy must neither delete the accepted files under --snapshot-update nor
+    add its own status for "unused" snapshots to the stop's."""
+    pytester.makeconftest(STORE_HELD)
+    snapshots = REPO_ROOT / "tests" / "benchmarks" / "__snapshots__" / "test_snapshots"
+    accepted = pytester.path / "__snapshots__" / "test_snapshots" / "test_scores[seed-report-tiny-mini-MME].json"
+    accepted.parent.mkdir(parents=True)
+    accepted.write_bytes((snapshots / accepted.name).read_bytes())
+    pytester.makepyfile(test_snapshots=(REPO_ROOT / "tests" / "benchmarks" / "test_snapshots.py").read_text())
+    result = gate("--benchmark", "MME", "--snapshot-update", subprocess=True)
+    output = "\n".join(result.outlines + result.errlines)
+    assert result.ret == 2, output
+    assert output.count(ERROR_LINE) == 1, output
+    assert accepted.is_file() and "deleted" not in output, output

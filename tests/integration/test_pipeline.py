@@ -462,6 +462,13 @@ def test_a_store_or_reports_that_is_no_folder_is_one_line_before_any_model(tmp_p
     one_error_line(capsys.readouterr().err, "--store /proc/lavender-store", "cannot write there")
 
 
+def test_a_reference_that_is_a_folder_is_one_line_before_any_model(tmp_path, capsys, no_model_load):
+    folder = tmp_path / "refs"
+    folder.mkdir()
+    assert cli.main(["run", "--reference", str(folder), "--store", str(tmp_path / "s"), "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, f"{folder}: a folder, not a reference file")
+
+
 @pytest.mark.parametrize("device", ["tpu", "meta", "cuda:x", "cpu:0:1"])
 def test_an_unusable_device_is_refused_at_once(device, capsys, no_model_load):
     with pytest.raises(RunInputError, match=f"--device {device}: the model runs on cpu or cuda"):
@@ -568,6 +575,34 @@ def test_write_reference_refuses_a_subset_before_any_model(tmp_path, capsys, no_
     with pytest.raises(RunInputError, match="drop --limit"):
         write_reference(run, target)
     assert not target.exists()
+@pytest.fixture
+def no_work(monkeypatch, no_model_load):
+    """Fails the test if the command gets as far as reading data or predictions."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the run started its work")
+
+    monkeypatch.setattr(pipeline, "collect_results", refuse)
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_write_reference_onto_a_folder_is_one_line_before_any_work(tmp_path, capsys, no_work, force):
+    folder = tmp_path / "refs"
+    folder.mkdir()
+    assert cli.main(["run", "--write-reference", str(folder), *force, "--reports", str(tmp_path / "r"),
+                     "--store", str(tmp_path / "s"), "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, f"--write-reference {folder}: is a folder")
+    assert list(folder.iterdir()) == []
+
+
+def test_write_reference_where_no_file_can_be_written_is_one_line_before_any_work(tmp_path, capsys, no_work):
+    (tmp_path / "plain").write_text("x")
+    target = tmp_path / "plain" / "own.toml"
+    assert cli.main(["run", "--write-reference", str(target), "--store", str(tmp_path / "s"), "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, f"--write-reference {target}: {tmp_path / 'plain'} is a file")
+    # /proc takes no new files, even from root: a folder that cannot be written.
+    assert cli.main(["run", "--write-reference", "/proc/lavender-own.toml", "--force",
+                     "--store", str(tmp_path / "s"), "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, "--write-reference /proc/lavender-own.toml: cannot write there")
 
 
 def test_a_recorded_reference_keeps_the_hand_written_layout(tmp_path):

@@ -242,3 +242,53 @@ def test_an_unknown_split_is_refused(tmp_path, capsys):
     assert _run(["ChartQA_TEST", str(path)]) == 2
     err = capsys.readouterr().err
     assert "column 'split' has 'val', none of ChartQA_TEST's" in err and "looks like none of" in err
+
+
+def _refused_before_reading(monkeypatch):
+    """Reading the prediction file fails the test: a refused --samples must stop before it."""
+    def read(*_args, **_kwargs):
+        raise AssertionError("the prediction file was read before --samples was checked")
+
+    monkeypatch.setattr("lavender_checks.vlmeval_io.read_prediction_file", read)
+
+
+def test_samples_under_a_file_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "m_ChartQA_TEST.xlsx"
+    _vlmevalkit_xlsx(_chartqa_frame(), path)
+    (tmp_path / "plain").write_text("", encoding="utf-8")
+    _refused_before_reading(monkeypatch)
+    assert _run(["ChartQA_TEST", str(path), "--samples", str(tmp_path / "plain" / "s.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"lavender-checks score: error: --samples {tmp_path / 'plain' / 's.jsonl'}: "
+                                f"{tmp_path / 'plain'} is a file, not a folder"]
+
+
+def test_samples_onto_a_folder_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "m_ChartQA_TEST.xlsx"
+    _vlmevalkit_xlsx(_chartqa_frame(), path)
+    (tmp_path / "out").mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    _refused_before_reading(monkeypatch)
+    assert _run(["ChartQA_TEST", str(path), "--samples", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"lavender-checks score: error: --samples {tmp_path / 'out'}: is a folder; "
+                                "give the path of a file"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no .out.partial
+
+
+def test_samples_on_a_read_only_filesystem_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+    import tempfile
+
+    path = tmp_path / "m_ChartQA_TEST.xlsx"
+    _vlmevalkit_xlsx(_chartqa_frame(), path)
+
+    def read_only(*_args, **_kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    _refused_before_reading(monkeypatch)
+    out = tmp_path / "s.jsonl"
+    assert _run(["ChartQA_TEST", str(path), "--samples", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"lavender-checks score: error: --samples {out}: cannot write there (Read-only file system)"]

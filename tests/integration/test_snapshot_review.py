@@ -249,3 +249,38 @@ def test_an_older_file_without_versions_still_matches_and_stays_as_it_is(suite):
     result, _ = suite.run("--snapshot-update")
     result.assert_outcomes(passed=1)
     assert suite.file().read_text(encoding="utf-8") == recorded and "SNAPSHOT VERSIONS" not in _output(result)
+DAMAGED = {
+    "truncated": lambda text: text[: len(text) // 2],
+    "empty": lambda text: "",
+    "unknown key": lambda text: text.replace('{\n', '{\n  "comment": "edited by hand",\n', 1),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGED))
+def test_a_damaged_snapshot_file_is_named_with_how_to_rewrite_it(suite, damage):
+    recorded = suite.file().read_text(encoding="utf-8")
+    suite.file().write_text(DAMAGED[damage](recorded), encoding="utf-8")
+    result, report = suite.run()
+    result.assert_outcomes(failed=1)
+    out = _output(result)
+    assert "RunResults(" not in out and "GateOutcome(" not in out and "Traceback" not in out
+    assert f"{MME_CASE}.json" in out and "--snapshot-update" in out
+    account = _account(report)
+    assert account["status"] == "unreadable" and account["snapshot"].endswith(f"{MME_CASE}.json")
+
+    result, report = suite.run("--snapshot-update")
+    result.assert_outcomes(passed=1)
+    assert suite.file().read_text(encoding="utf-8") == recorded
+    assert _account(report)["status"] == "updated"
+
+
+def test_a_damaged_snapshot_of_a_removed_benchmark_is_named_too(suite, tiny_run):
+    suite.file().write_text("", encoding="utf-8")
+    without_mme = dataclasses.replace(tiny_run, results={"MME": {"base": None, "lavender": None}},
+                                      missing={"MME": "not in this run"}, predictions={})
+    result, report = suite.run(results=without_mme)
+    result.assert_outcomes(failed=1)
+    out = _output(result)
+    assert "Traceback" not in out and "RunResults(" not in out
+    assert f"{MME_CASE}.json: the file is empty" in out and "--snapshot-update" in out
+    assert _account(report)["status"] == "unreadable" and _account(report)["case"] == MME_CASE

@@ -295,3 +295,17 @@ def test_stop_early_every_rank_stops_in_the_round_one_process_does(tmp_path, tin
     assert early["stopped"] and early["rows_used"] == single.early_stop.rows_used < early["rows_total"]
     assert early["decided_by"]["row"] == single.early_stop.deciding.row_id
     assert _report(reports)["metadata"]["torchrun"]["store_sharing"] == "gather"
+def test_bad_input_on_every_rank_gives_a_short_launcher_summary(tmp_path):
+    """Both ranks of one host meet the same bad input: each prints its line and fails, but
+    torchrun's summary names one rank, with that line (not a pointer to torch's docs)."""
+    missing = tmp_path / "no-lmudata"
+    launch = Launch(tmp_path, "summary", 1, 2,
+                    ["-m", "lavender_checks.cli", "run", "--quiet", "--store", str(tmp_path / "store"),
+                     "--reports", str(tmp_path / "reports"), "--lmu-data", str(missing)])
+    assert launch.wait(timeout=120) == [1], launch.output()
+    line = f"lavender-checks run: error: --lmu-data LMUData folder {missing} does not exist"
+    for local in (0, 1):
+        assert line in launch.rank_output(0, local), launch.rank_output(0, local)
+    summary = (tmp_path / "torchrun-summary-node0.log").read_text()
+    assert f"traceback : {line}" in summary, summary
+    assert "<NO_OTHER_FAILURES>" in summary and "To enable traceback" not in summary, summary

@@ -168,3 +168,31 @@ def test_run_under_torchrun_refuses_a_gpu_index_once_cuda_started(monkeypatch, c
     err = capsys.readouterr().err
     assert err.startswith("lavender-checks run: error: --device cuda:0: under torchrun"), err
     assert len(err.strip().splitlines()) == 1 and chosen == []  # refused before pinning or joining
+def _launcher_summary(error_file, exitcode: int) -> str:
+    """What torchrun prints for a launch whose rank failed with ``error_file`` (torch's own code)."""
+    errors = pytest.importorskip("torch.distributed.elastic.multiprocessing.errors")
+    failure = errors.ProcessFailure(local_rank=0, pid=4242, exitcode=exitcode, error_file=str(error_file))
+    return str(errors.ChildFailedError("lavender_checks.cli", {0: failure}))
+
+
+def test_a_failed_rank_puts_its_line_in_the_launchers_summary(tmp_path):
+    line = "lavender-checks run: error: --lmu-data LMUData folder /data/x does not exist"
+    error_file = tmp_path / "error.json"
+    slept = []
+    env = dict(ENV, LOCAL_RANK="0", TORCHELASTIC_ERROR_FILE=str(error_file))
+    distributed.leave_failure_to_launcher(line, environ=env, sleep=slept.append)
+    summary = _launcher_summary(error_file, 2)
+    assert f"traceback : {line}" in summary and "To enable traceback" not in summary, summary
+    assert slept == []  # local rank 0 exits at once
+
+
+def test_the_other_local_ranks_leave_it_to_the_launcher_to_end_them(tmp_path, monkeypatch):
+    handlers, slept = {}, []
+    monkeypatch.setattr(distributed.signal, "signal", lambda signum, handler: handlers.setdefault(signum, handler))
+    env = dict(ENV, TORCHELASTIC_ERROR_FILE=str(tmp_path / "error.json"))  # LOCAL_RANK 1
+    distributed.leave_failure_to_launcher("lavender-checks run: error: x", environ=env, sleep=slept.append)
+    assert slept == [distributed.LAUNCHER_GRACE_S] and distributed.signal.SIGTERM in handlers
+    # Outside torchrun: nothing written, no wait.
+    distributed.leave_failure_to_launcher("x", environ={"TORCHELASTIC_ERROR_FILE": str(tmp_path / "no.json")},
+                                          sleep=slept.append)
+    assert len(slept) == 1 and not (tmp_path / "no.json").exists()

@@ -178,6 +178,8 @@ def test_unreadable_files(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[gate\n", encoding="utf-8")
     assert f"{bad}: not valid TOML" in load_error(bad)
+    assert load_error(tmp_path) == f"{tmp_path}: a folder, not a reference file (give a .toml file)"
+    assert "a file, not a folder" in load_error(bad / "x.toml")
 
 
 def test_the_seed_file_is_plain_toml():

@@ -99,6 +99,24 @@ def test_parse_names_the_file_when_it_is_not_a_snapshot():
                           "row_scores": [[0, 1, 1, "a", "b"], [1, 0]]}), "x.json")
 
 
+def test_parse_refuses_an_empty_file_unknown_keys_and_other_shapes_naming_the_file():
+    with pytest.raises(snapshots.SnapshotFormatError, match=r"x\.json: the file is empty"):
+        parse(" \n", "x.json")
+    with pytest.raises(snapshots.SnapshotFormatError, match=r"x\.json: key\(s\) this format does not have: comment"):
+        parse(json.dumps({"benchmark": "B", "metrics": {}, "comment": "hand-edited"}), "x.json")
+    with pytest.raises(snapshots.SnapshotFormatError, match=r"x\.json: metrics 'OCR' is 3"):
+        parse(json.dumps({"benchmark": "B", "metrics": {"OCR": 3}}), "x.json")
+    with pytest.raises(snapshots.SnapshotFormatError, match=r"x\.json: canaries"):
+        parse(json.dumps({"benchmark": "B", "metrics": {}, "canaries": ["yes"]}), "x.json")
+
+
+def test_an_unreadable_file_reads_as_what_to_do():
+    account = snapshots.unreadable("x.json: the file is empty", benchmark="MME", case="c", location="x.json")
+    text = snapshots.markdown([account])
+    assert "MME: the accepted snapshot cannot be read" in text
+    assert "x.json: the file is empty" in text and "--snapshot-update" in text
+
+
 def test_settings_are_checked(tmp_path):
     path = tmp_path / "s.toml"
     path.write_text("canary_rows = 0\n")
