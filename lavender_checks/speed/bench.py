@@ -85,9 +85,11 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> list[argparse.Act
                              "the smallest at which every benchmark's steady phase is longer than one batch "
                              "of 125 slots; a smaller run projects its decode more coarsely, and says so)")
     add("--slots", type=int, default=None, help="decode batch of the fast path (default: FastGenConfig)")
+    add("--memory-share", type=float, default=None,
+        help="share of the card's free GPU memory (after the model) the fast path sizes its caches "
+             "and workspace for (default: FastGenConfig's 0.85: ~70 GiB on an 80 GB card)")
     add("--memory-budget-gib", type=float, default=None,
-        help="peak GPU memory the fast path sizes its caches for (default: FastGenConfig's, made for "
-             "an 80 GB card; float32 on a larger card needs more for the invariant mode's decode rows)")
+        help="at most this peak GPU memory for the fast path's sizing (default: no cap beyond the share)")
     add("--chunk-rows", type=int, default=None,
                         help="rows per fast-runner call, grouped by image as the runner hands them "
                              "(default: the fast engine's, a whole benchmark)")
@@ -108,6 +110,9 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> list[argparse.Act
                         help="a real adapter_config.json whose r, lora_alpha and target_modules the random adapter takes")
     add("--attn", default="sdpa", help="attention implementation of the model (default sdpa)")
     add("--seed", type=int, default=0, help="seed of the random weights")
+    add("--decode-key-block", type=int, default=None,
+        help="invariant mode: decode attention over blocks of this many keys, reading key-length buckets "
+             "of whole blocks instead of the whole cache (FastGenConfig.decode_key_block; default off)")
     add("--throughput-mode", action="store_true",
         help="the fast path without batch invariance (FastGenConfig.invariant=False)")
     return added
@@ -209,6 +214,16 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if (args.shard is not None or torchrun) and paths != ["fast"]:
         print("lavender-checks bench: --shard and --torchrun run the fast path only (add --paths fast)", file=sys.stderr)
+        return 2
+    if args.memory_share is not None and not 0 < args.memory_share <= 1:
+        print(f"lavender-checks bench: --memory-share must be in (0, 1], got {args.memory_share}", file=sys.stderr)
+        return 2
+    from lavender_checks.engines.fast.config import FastGenConfig
+
+    cache_len = FastGenConfig.min_cache_len
+    if args.decode_key_block is not None and (args.decode_key_block < 1 or cache_len % args.decode_key_block):
+        print(f"lavender-checks bench: --decode-key-block must divide the decode cache's {cache_len} positions "
+              f"(min_cache_len), got {args.decode_key_block}", file=sys.stderr)
         return 2
     if args.chunk_rows is not None and args.chunk_rows < 1:
         print(f"lavender-checks bench: --chunk-rows must be at least 1, got {args.chunk_rows}", file=sys.stderr)
@@ -338,6 +353,8 @@ def run_bench(workload: Workload, args, paths: list[str], launched: float | None
         overrides["vision_batch"] = args.vision_batch
     if getattr(args, "memory_budget_gib", None):
         overrides["memory_budget_gib"] = args.memory_budget_gib
+    if getattr(args, "memory_share", None):
+        overrides["memory_share"] = args.memory_share
     if args.no_graphs:
         overrides["cuda_graphs"] = False
     if args.vision_attention:
@@ -348,6 +365,8 @@ def run_bench(workload: Workload, args, paths: list[str], launched: float | None
         overrides["admit_fraction"] = args.admit_fraction
     if getattr(args, "throughput_mode", False):
         overrides["invariant"] = False
+    if getattr(args, "decode_key_block", None):
+        overrides["decode_key_block"] = args.decode_key_block
     cfg = FastGenConfig(**{**asdict(cfg), **overrides, "phase_timing": True})
     engine = FastGenerator(subject.model, subject.processor, variant_context=subject.variant_context,
                            generation_config=subject.generation_config, config=cfg)

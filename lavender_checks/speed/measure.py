@@ -314,6 +314,8 @@ def measure_fast(engine: Any, workload: Workload, scaled: dict, totals: dict, sh
     clock["met"] = time.time()
     fast_section["split"] = time_split(clock)
     fast_section["peak_gib"] = peak_gib(engine.device)
+    sizing = getattr(getattr(engine, "runner", None), "memory_plan", None)
+    fast_section["memory"] = sizing.as_dict() if sizing is not None else None  # the caches' sizing (CUDA)
     fast_section["stats"] = total.as_dict()
     if tokens_path:
         fast_section["tokens_file"] = str(write_tokens(Path(tokens_path), token_ids))

@@ -248,6 +248,11 @@ def test_bad_options_are_refused(capsys):
     assert bench.main(parse(["--tiny-cpu", "--paths", "a,warp"])) == 2
     assert "warp" in capsys.readouterr().err
     assert bench.main(parse(["--tiny-cpu", "--scale", "0"])) == 2
+    capsys.readouterr()
+    assert bench.main(parse(["--tiny-cpu", "--memory-share", "1.5"])) == 2
+    assert "--memory-share must be in (0, 1], got 1.5" in capsys.readouterr().err
+    assert bench.main(parse(["--tiny-cpu", "--decode-key-block", "100"])) == 2
+    assert "--decode-key-block must divide the decode cache's 1024 positions" in capsys.readouterr().err
 
 
 @pytest.mark.slow

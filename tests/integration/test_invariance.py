@@ -200,3 +200,28 @@ def test_a_long_row_changes_the_shapes_of_no_other_row(pair, forced, requests):
     assert shapes == {r.key: {unit} for r in requests}, "a short row was decoded with the long row's caches"
     assert len(together.pop("long")) == unit
     assert {**together, **after} == alone
+def test_decode_over_key_blocks_reads_buckets_and_keeps_every_row_as_if_alone(pair, forced, requests, alone,
+                                                                               monkeypatch):
+    """``decode_key_block``: decode reads key-length buckets of whole blocks (not the whole
+    cache), a row's tokens are still those of the row alone (whose buckets are shorter), and in
+    float32 they are the tokens of the whole-cache attention."""
+    from lavender_checks.engines.fast import mllama
+
+    variant, whole_cache = alone
+    read: set[int] = set()
+    blocked = mllama.attend_keys_blocked
+
+    def spy(q, k, v, mask, scale, block):
+        read.add(k.shape[2])
+        return blocked(q, k, v, mask, scale, block)
+
+    monkeypatch.setattr(mllama, "attend_keys_blocked", spy)
+    single = engine(pair, forced, decode_key_block=16)
+    reference = {k: v for r in requests for k, v in single.generate_ids([r], variant).items()}
+    got = run_chunks(engine(pair, forced, decode_key_block=16, max_slots=3), shards(requests[::-1], 2), variant)
+    assert read and all(n % 16 == 0 for n in read) and max(read) < single.config.min_cache_len
+    assert len(read) > 1  # rows of different lengths: buckets of different sizes
+    differing = sorted(k for k in reference if got[k] != reference[k])
+    assert not differing, f"rows {differing} differ from the row run alone"
+    if pair.dtype == torch.float32:
+        assert reference == whole_cache

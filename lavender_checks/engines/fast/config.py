@@ -17,12 +17,17 @@ class FastGenConfig:
     """Knobs of the fast engine. The defaults are the configuration measured on one H100
     (docs/speed.md, where the options without a measurement say so)."""
 
-    max_slots: int = 128  # rows decoded together (the decode batch); cut to fit memory_budget_gib
+    max_slots: int = 128  # rows decoded together (the decode batch); cut to fit the memory budget
     admit_fraction: float = 0.125  # prefill waiting rows once this fraction of slots is free
     max_prefill_tokens: int = 4096  # padded prompt tokens per prefill call
     vision_batch: int = 4  # distinct images per vision-tower call
     cuda_graphs: bool = True  # capture the decode step (CUDA only)
-    memory_budget_gib: float | None = 70.0  # slots are cut so that the caches fit this peak
+    # The peak the caches are sized for (memory.py): what the process holds when they are sized
+    # (the model) plus memory_share of the card's free memory then, at most memory_budget_gib
+    # (None: no cap). 0.85 gives an 80 GB H100 with the bf16 pair ~70 GiB (the budget its runs
+    # were measured with), an H200 ~121 GiB.
+    memory_share: float = 0.85
+    memory_budget_gib: float | None = None
     # kept free for vision and prefill activations (the vision of four distinct 4-tile
     # images at once needs more than 8 GiB; docs/speed.md)
     workspace_gib: float = 10.0
@@ -47,6 +52,11 @@ class FastGenConfig:
     # prefill_rows=1: one unpadded row per call
     prefill_rows: int = 8
     prefill_bucket: int = 64
+    # invariant mode: decode attention over blocks of this many keys (mllama.attend_keys_blocked),
+    # whose result for a row does not depend on the keys after its own, so decode reads key-length
+    # buckets of whole blocks instead of the whole cache; None: the whole cache each step
+    # (attend_keys). Off until measured on a GPU (docs/speed.md). Must divide min_cache_len.
+    decode_key_block: int | None = None
     invariant_blas: bool = True  # invariant mode on CUDA: cuBLASLt with split-K reductions off
     # invariant mode: one image per vision call needs about a quarter of the vision activations
     # that workspace_gib is sized for (four 4-tile images at once)

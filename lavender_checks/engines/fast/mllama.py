@@ -3,8 +3,8 @@
 The text decoder's layers are written out here over the model's norms, projections (with
 their LoRA wrappers: the adapter applies exactly as peft applies it), rotary embedding and
 MLPs; the vision tower is transformers' own. Every matrix product goes through ``linear``
-(the projections), ``feed_forward`` (the MLPs) or ``attend_keys`` (attention over keys), so
-they are easy to find and to swap. Mllama's quirks are kept deliberately: tokens before
+(the projections), ``feed_forward`` (the MLPs) or ``attend_keys`` / ``attend_keys_blocked``
+(attention over keys), so they are easy to find and to swap. Mllama's quirks are kept deliberately: tokens before
 ``<|image|>`` attend uniformly to every vision token, padded tiles included, and their
 cross-attention MLP output is zeroed (``_prepare_cross_attention_mask``); the vision tower
 always runs all four tile slots.
@@ -102,6 +102,48 @@ def attend_keys(q, k, v, mask, scale):
     return out.reshape(b, heads, s, d)  # fp32 kernels may return it non-contiguous
 
 
+def attend_keys_blocked(q, k, v, mask, scale, block: int):
+    """``attend_keys`` computed over fixed-size blocks of keys, so that a row's result does not
+    depend on how many keys follow its own (the cache length, the bucket).
+
+    Each block of ``block`` keys gives, with matrix products of one shape whatever the key
+    length: its highest score, the sum of its exponentials and their weighted values; the
+    blocks are then combined one after the other, in key order, in float32. A block whose keys
+    are all masked has a highest score of -inf and adds exact zeros, so trailing masked blocks
+    leave a row's result bit for bit as it is. Shapes as ``attend_keys``; the key length must
+    be a multiple of ``block``, and every row must attend to at least one key.
+    """
+    import torch
+
+    b, heads, s, d = q.shape
+    kv_heads, length = k.shape[1], k.shape[2]
+    if block < 1 or length % block:
+        raise ValueError(f"the key length {length} is not a multiple of the key block {block}")
+    group = heads // kv_heads
+    qf = q.reshape(b, kv_heads, group * s, d)
+    if mask.shape[-2] != 1 and group > 1:
+        mask = mask.repeat(1, 1, group, 1)
+    tops, totals, outs = [], [], []
+    for start in range(0, length, block):
+        keys, vals = k[:, :, start:start + block], v[:, :, start:start + block]
+        logits = torch.matmul(qf, keys.transpose(-1, -2)).float() * scale
+        logits = logits.masked_fill(~mask[..., start:start + block], float("-inf"))
+        top = logits.amax(-1, keepdim=True)
+        weights = torch.exp(logits - top.masked_fill(top == float("-inf"), 0.0))  # all masked: zeros
+        totals.append(weights.sum(-1, keepdim=True))
+        outs.append(torch.matmul(weights.to(v.dtype), vals).float())
+        tops.append(top)
+    highest = tops[0]
+    for top in tops[1:]:
+        highest = torch.maximum(highest, top)
+    out = total = None
+    for top, block_total, block_out in zip(tops, totals, outs):
+        factor = torch.exp(top - highest)  # 0 for an all-masked block
+        out = factor * block_out if out is None else out + factor * block_out
+        total = factor * block_total if total is None else total + factor * block_total
+    return (out / total).to(q.dtype).reshape(b, heads, s, d)
+
+
 def scores(lm_head: Any, hidden):
     """Next-token scores in float32, as ``generate`` computes them."""
     return linear(lm_head, hidden).float()
@@ -115,8 +157,9 @@ def _split_heads(x, b: int, s: int, heads: int, head_dim: int):
     return x.view(b, s, heads, head_dim).transpose(1, 2)
 
 
-def self_layer(parts: MllamaParts, layer, h, cos, sin, attend):
-    """One self-attention decoder layer; ``attend(k, v)`` -> (keys, values, mask)."""
+def self_layer(parts: MllamaParts, layer, h, cos, sin, attend, attention=None):
+    """One self-attention decoder layer; ``attend(k, v)`` -> (keys, values, mask); ``attention``
+    (default ``attend_keys``) computes the attention over them."""
     from transformers.models.mllama.modeling_mllama import apply_rotary_pos_emb
 
     b, s, _ = h.shape
@@ -127,7 +170,7 @@ def self_layer(parts: MllamaParts, layer, h, cos, sin, attend):
     v = _split_heads(linear(attn.v_proj, x), b, s, parts.kv_heads, parts.head_dim)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     keys, vals, mask = attend(k, v)
-    o = attend_keys(q, keys, vals, mask, attn.scaling)
+    o = (attention or attend_keys)(q, keys, vals, mask, attn.scaling)
     o = o.transpose(1, 2).reshape(b, s, -1)
     h = h + linear(attn.o_proj, o)
     return h + feed_forward(layer.mlp, layer.post_attention_layernorm(h))

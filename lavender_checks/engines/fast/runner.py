@@ -11,11 +11,12 @@ rows of one padded length. Without CUDA the same code runs eagerly.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
 
-from lavender_checks.engines.fast import invariant, mllama
+from lavender_checks.engines.fast import invariant, memory, mllama
 from lavender_checks.engines.fast.config import GIB, FastGenConfig
 from lavender_checks.engines.fast.rules import GreedyRules
 from lavender_checks.engines.fast.scheduler import Row
@@ -47,6 +48,7 @@ class ModelRunner:
         self.rows = 0  # rows of the decode buffers (invariant mode: decode_rows, else slots)
         self.cache_len = 0
         self._invariant_buffers: bool | None = None
+        self.memory_plan: memory.MemoryPlan | None = None  # the last sizing of the caches (CUDA)
 
     # -- buffers -----------------------------------------------------------------------
 
@@ -66,6 +68,10 @@ class ModelRunner:
         if cfg.invariant:
             if cfg.decode_rows < 1:
                 raise ValueError(f"decode_rows must be at least 1, got {cfg.decode_rows}")
+            block = cfg.decode_key_block
+            if block is not None and (block < 1 or cfg.min_cache_len % block):
+                raise ValueError(f"decode_key_block must be a positive divisor of min_cache_len "
+                                 f"({cfg.min_cache_len}), got {block}")
             cache_len = invariant.cache_length(need, cfg.min_cache_len)
         else:
             cache_len = max(cfg.min_bucket, cfg.min_cache_len, _round_up(need, 64))
@@ -125,39 +131,43 @@ class ModelRunner:
             self._torch.cuda.empty_cache()
 
     def _slots_that_fit(self, cache_len: int, at_least: int = 1) -> int:
-        """Slots whose caches fit the memory budget (``max_slots`` at most); an error when
-        fewer than ``at_least`` fit (the invariant mode needs ``decode_rows``)."""
-        torch = self._torch
-        slots = self.config.max_slots
-        if self.device.type != "cuda" or self.config.memory_budget_gib is None:
+        """Slots whose caches fit the memory budget (``max_slots`` at most; ``memory.plan``);
+        an error when fewer than ``at_least`` fit (the invariant mode needs ``decode_rows``)."""
+        torch, cfg = self._torch, self.config
+        slots = cfg.max_slots
+        if self.device.type != "cuda":
             return slots
         torch.cuda.empty_cache()
-        in_use = torch.cuda.memory_allocated(self.device)
-        free, _ = torch.cuda.mem_get_info(self.device)
-        # The budget, or what this card can still give (a smaller card, another process),
-        # less half a GiB for the CUDA context's own allocations.
-        budget = min(self.config.memory_budget_gib * GIB, in_use + free - GIB // 2)
-        workspace = self.config.invariant_workspace_gib if self.config.invariant else self.config.workspace_gib
-        room = budget - in_use - workspace * GIB
-        fit = int(room // self.slot_bytes(cache_len))
-        if fit < at_least:
+        free, total = torch.cuda.mem_get_info(self.device)
+        workspace = cfg.invariant_workspace_gib if cfg.invariant else cfg.workspace_gib
+        cap = None if cfg.memory_budget_gib is None else int(cfg.memory_budget_gib * GIB)
+        sizing = memory.plan(card_total=total, free=free, in_use=torch.cuda.memory_allocated(self.device),
+                             share=cfg.memory_share, cap=cap, workspace=int(workspace * GIB),
+                             slot_bytes=self.slot_bytes(cache_len))
+        self.memory_plan = sizing
+        if sizing.fit < at_least:
+            room = (sizing.budget - sizing.in_use - sizing.workspace) / GIB
             raise RuntimeError(
-                f"the fast path needs {self.slot_bytes(cache_len) / GIB:.2f} GiB per slot, "
+                f"the fast path needs {sizing.slot_bytes / GIB:.2f} GiB per slot, "
                 + (f"{at_least} slots (decode_rows, invariant mode) " if at_least > 1 else "")
-                + f"and {workspace} GiB of workspace; only {room / GIB:.2f} GiB are "
-                f"left under a {budget / GIB:.1f} GiB budget ({self.config.memory_budget_gib} GiB "
-                f"asked, {(in_use + free) / GIB:.1f} GiB on the card for this process)"
-                + ("; lower decode_rows or raise memory_budget_gib" if at_least > 1 else ""))
-        if fit < slots:
-            log.info("fast path: %d slots fit the %.1f GiB budget (asked for %d)", fit, budget / GIB, slots)
-            slots = fit
+                + f"and {workspace} GiB of workspace; only {room:.2f} GiB are left under a "
+                f"{sizing.budget / GIB:.1f} GiB budget (memory_share {cfg.memory_share} of "
+                f"{free / GIB:.1f} GiB free beside {sizing.in_use / GIB:.1f} GiB in use"
+                + (f", at most {cfg.memory_budget_gib} GiB" if cap is not None else "") + ")"
+                + ("; lower decode_rows or raise memory_share" if at_least > 1 else ""))
+        if sizing.fit < slots:
+            log.info("fast path: %d slots fit the %.1f GiB budget (asked for %d)", sizing.fit,
+                     sizing.budget / GIB, slots)
+            slots = sizing.fit
         return slots
 
     def bucket(self, length: int) -> int:
         """Keys the decode step reads: a bucket at least ``length`` long (one graph per bucket);
-        in invariant mode the whole cache, whatever the other rows' lengths."""
+        in invariant mode the whole cache, whatever the other rows' lengths, or with
+        ``decode_key_block`` whole blocks (whose attention ignores trailing masked blocks)."""
         if self.config.invariant:
-            return self.cache_len
+            block = self.config.decode_key_block
+            return self.cache_len if block is None else min(_round_up(length, block), self.cache_len)
         step = self.config.min_bucket
         if self.config.bucket_growth == "linear":
             return min(_round_up(length, step), self.cache_len)
@@ -336,6 +346,8 @@ class ModelRunner:
         key_ok = (self._key_arange[:length][None, :] <= positions[:, None])[:, None, None, :]
         cross_ok = self._tile_ok[:, None, None, :]
         slot_index = self._slot_arange
+        block = self.config.decode_key_block if self.config.invariant else None
+        attention = None if block is None else functools.partial(mllama.attend_keys_blocked, block=block)
         for index, layer in enumerate(tm.layers):
             if index in p.cross_index:
                 j = p.cross_index[index]
@@ -350,7 +362,7 @@ class ModelRunner:
                 cache_v[slot_index, :, positions] = v[:, :, 0]
                 return cache_k[:, :, :length], cache_v[:, :, :length], key_ok
 
-            h = mllama.self_layer(p, layer, h, cos, sin, attend)
+            h = mllama.self_layer(p, layer, h, cos, sin, attend, attention)
         h = tm.norm(h)
         self._next.copy_(self._greedy_choice(h[:, -1], self._suppress, self._decay))
 
