@@ -1,9 +1,10 @@
 """``reports/<run-id>/``: what one gated run leaves for a reviewer.
 
-- ``report.md``: the seed report's shape (scope, overall comparison, ChartQA splits, MMBench
-  categories, MME increases and decreases), with measured and reported numbers, bands and
-  verdicts on every row; missing rows say "missing" and why. Data that is not what the
-  reference was measured on is said above everything else.
+- ``report.md``: the seed report's tables first (overall comparison, ChartQA splits, MMBench
+  categories, MME increases and decreases) with measured and reported numbers, bands and
+  verdicts on every row (missing rows say "missing" and why), then every verdict and metric,
+  and the scope and configuration last. Data that is not what
+  the reference was measured on is said above everything else.
 - ``report.json``: all of it, machine-readable, plus every metric of every benchmark measured.
 - ``gains.png``: measured vs reported gain per reference row, with bands, one panel per unit.
 - ``flips.jsonl``: one line per resampling unit whose score changed between base and Lavender.
@@ -348,11 +349,8 @@ def _markdown(run_id: str, created: str, reference: Reference, verdicts: list[Ve
         f"on a subset, `n of N` and the band also covers the rows not run.",
         "",
     ]
-    # Scope first (reports/README.md): what was run, and what the reference ran.
-    out += ["## Scope", "", "### This run", ""]
-    out += _bullets(metadata) or ["- (no run metadata given)"]
-    out += ["", "### The reference run (as its report states)", ""]
-    out += _bullets(reference.run) or ["- (not stated)"]
+    # Results first (reports/README.md): the tables with their verdicts, then every verdict;
+    # what was run (scope and configuration, hundreds of lines) after them.
     tables = list(dict.fromkeys(r.table for r in reference.rows))
     for table in tables:
         rows = [r for r in reference.rows if r.table == table]
@@ -368,10 +366,10 @@ def _markdown(run_id: str, created: str, reference: Reference, verdicts: list[Ve
             out += [""] + [f"Note: {n}." for n in notes]
 
     out += ["", "## Verdicts", ""]
-    problems = [v for v in verdicts if v.status != "pass"]
-    if problems:
+    failed = [v for v in verdicts if v.status != "pass"]
+    if failed:
         out += ["Every verdict that did not pass:", "", "```text"]
-        out += [v.message() for v in problems]
+        out += [v.message() for v in failed]
         out += ["```", ""]
     out += ["All verdicts:", "", "```text", summary_table(verdicts), "```"]
 
@@ -391,7 +389,12 @@ def _markdown(run_id: str, created: str, reference: Reference, verdicts: list[Ve
                        f"{_fmt(m['delta'], signed=True)} | {m['reference_row'] or '-'} |")
         out.append("")
 
-    out += ["## Files", "",
+    out += ["## Scope", "", "### This run", ""]
+    out += _bullets(metadata) or ["- (no run metadata given)"]
+    out += ["", "### The reference run (as its report states)", ""]
+    out += _bullets(reference.run) or ["- (not stated)"]
+
+    out += ["", "## Files", "",
             "- `report.json`: everything above, machine-readable.",
             "- `gains.png`: measured vs reported gain per row, with the gain bands.",
             "- `flips.jsonl`: one line per unit whose score changed between base and Lavender."]
