@@ -355,14 +355,16 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
                 absent.append(str(exc).replace(":\n  ", ": ").replace("\n  ", ", "))
         if absent:
             missing[benchmark] = "; ".join(absent)
+        if not paths:
             results[benchmark] = {v: None for v in VARIANTS}
             continue
-        frames = {v: read_prediction_file(paths[v]) for v in VARIANTS}
-        for v in VARIANTS:  # a file of another benchmark is refused, naming what it looks like
+        # The variant whose file is there is scored and judged on its own; the other is missing.
+        frames = {v: read_prediction_file(path) for v, path in paths.items()}
+        for v in frames:  # a file of another benchmark is refused, naming what it looks like
             check_signature(frames[v], benchmark, str(paths[v]))
         meta = _optional_meta(bench, meta_root)
         if meta is not None:
-            for v in VARIANTS:  # as score --meta: a file of an edited TSV is refused
+            for v in frames:  # as score --meta: a file of an edited TSV is refused
                 check_questions(frames[v], meta.frame, str(paths[v]), str(meta_root / bench.spec.tsv))
         if meta is not None and config.strict_data:
             _refuse_noncomparable(config, benchmark, meta.provenance)
@@ -370,20 +372,21 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
         if config.limit is not None or config.fraction is not None:
             frames = {v: subset(f, bench, limit=config.limit, fraction=config.fraction)
                       for v, f in frames.items()}
-        _check_paired(benchmark, {v: list(frames[v]["index"]) for v in VARIANTS},
-                      {v: str(paths[v]) for v in VARIANTS})
+        if len(frames) == len(VARIANTS):
+            _check_paired(benchmark, {v: list(frames[v]["index"]) for v in VARIANTS},
+                          {v: str(paths[v]) for v in VARIANTS})
         results[benchmark] = {v: bench.score(frames[v], meta=meta.frame if meta is not None else None)
-                              for v in VARIANTS}
+                              if v in frames else None for v in VARIANTS}
         if meta is None and whole is not frames:  # the files are the whole: a subset's bands widen
-            for v in VARIANTS:
-                results[benchmark][v].population = bench.population(whole["base"])
+            for v in frames:
+                results[benchmark][v].population = bench.population(next(iter(whole.values())))
         predictions[benchmark] = {v: dict(zip(frames[v]["index"].tolist(),
                                               frames[v]["prediction"].map(str).tolist()))
-                                  for v in VARIANTS}
-        files[benchmark] = {v: str(paths[v]) for v in VARIANTS}
+                                  for v in frames}
+        files[benchmark] = {v: str(paths[v]) for v in frames}
         data_info[benchmark] = {"meta": meta.provenance.describe() if meta is not None else None,
-                                "scored_rows": len(frames["base"])}
-    if len(missing) == len(config.benchmarks):
+                                "scored_rows": len(next(iter(frames.values())))}
+    if not files:
         raise RunInputError(f"--from-vlmeval {work_dir}: no prediction files of "
                             f"{config.base_name} and {config.lavender_name}; "
                             + "; ".join(f"{b}: {r}" for b, r in missing.items()))

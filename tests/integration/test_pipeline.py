@@ -495,6 +495,18 @@ def test_a_missing_model_is_reported_before_a_missing_lmudata(tmp_path, capsys, 
     one_error_line(capsys.readouterr().err, f"LMUData folder {tmp_path / 'home' / 'LMUData'} does not exist")
 
 
+def test_a_file_given_as_a_folder_is_named_as_a_file(tmp_path, capsys, no_model_load):
+    """--lmu-data, --from-vlmeval and --base-model naming a file say so, not "does not exist"."""
+    afile = tmp_path / "LMUData.tsv"
+    afile.write_text("index\tquestion\n")
+    assert cli.main(["run", "--lmu-data", str(afile), "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, f"--lmu-data LMUData folder {afile}: is a file, not a folder")
+    assert cli.main(["run", "--from-vlmeval", str(afile), "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, f"--from-vlmeval {afile}: is a file, not a folder")
+    assert cli.main(["run", "--profile", str(tmp_path), "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, f"profile {tmp_path} is a folder, not a profile file")
+
+
 # ------------------------------------------------------------ the model pair, loaded lazily
 
 

@@ -224,3 +224,17 @@ def test_no_accepted_file_and_no_result_read_as_what_to_do():
     text = snapshots.markdown([removed])
     assert text.startswith("### B: removed from the run") and "/x/B.tsv does not exist" in text
     assert "| Overall | 50.00 → — |" in re.sub(" +", " ", text)
+
+
+def test_counts_read_as_whole_numbers():
+    """Row, unit and n counts are integers: "12 → 10", never "12.00 → 10.00" or "1.2e+06"."""
+    base, lavender, preds = _pair()
+    current = _snap(base, lavender, preds)
+    accepted = json.loads(dumps(current.snapshot))
+    accepted["rows"], accepted["units"] = 10, 1_234_567
+    accepted["metrics"]["Overall"]["n"] = 1_234_567
+    accepted["metrics"]["Overall"]["base"] = 40.0
+    text = snapshots.markdown([compare(accepted, current)])
+    assert "- rows: 10 → 12" in text and "- units: 1234567 → 12" in text
+    row = next(line for line in text.splitlines() if line.startswith("| Overall"))
+    assert "1234567 → —" in row and "e+06" not in row
