@@ -123,6 +123,9 @@ class RunConfig:
         if not self.batch_invariant and self.engine != FAST_ENGINE:
             raise RunInputError("--no-batch-invariance switches the fast engine to its throughput mode: "
                                 "it needs --engine fast")
+        if self.strict_data and self.allow_noncomparable:
+            raise RunInputError("--strict-data refuses data that is not the reference's and "
+                                "--allow-noncomparable gates it anyway: give one of them")
         for name in ("base_name", "lavender_name"):
             if not getattr(self, name):
                 raise RunInputError(f"--{name.replace('_', '-')} must not be empty")

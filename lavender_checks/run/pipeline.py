@@ -59,6 +59,7 @@ def main(args) -> int:
 
 def _run(args) -> int:
     config = config_from_options(lambda dest: getattr(args, dest))
+    distributed.check_options(args.store_sharing, args.dist_timeout)
     if args.force and args.write_reference is None:
         raise RunInputError("--force only applies to --write-reference")
     if args.write_reference is not None and args.write_reference.exists() and not args.force:

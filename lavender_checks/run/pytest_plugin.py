@@ -131,6 +131,7 @@ def pytest_configure(config):
         # gate's first fixture. Under torchrun all of it waits for that fixture: the ranks
         # join their group first, so that an input missing on one host stops all of them.
         run = run_config(config)
+        distributed.check_options(config.getoption("store_sharing"), config.getoption("dist_timeout"))
         if not distributed.launched():
             check_inputs(run)
             if run.from_vlmeval is None and run.device is not None and run.device_kind == "cuda":

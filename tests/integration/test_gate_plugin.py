@@ -11,6 +11,7 @@ this process. The built-in tiny pair generates into the default store, so after 
 from __future__ import annotations
 
 import json
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -32,6 +33,10 @@ def gate(pytester, tmp_path, monkeypatch):
     # workers (it keeps the test-run id: the outer session's runs share the store's locks).
     for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):
         monkeypatch.delenv(name, raising=False)
+    # A subprocess session runs in pytester's folder: it imports this checkout's package, not
+    # one installed elsewhere.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                                   os.environ.get("PYTHONPATH")])))
 
     def run(*options: str, subprocess: bool = False):
         runner = pytester.runpytest_subprocess if subprocess else pytester.runpytest
@@ -110,6 +115,14 @@ def test_without_lmu_data_a_missing_model_is_reported_before_a_missing_lmudata(g
     assert result.ret == 2
     output = "\n".join(result.outlines + result.errlines)
     assert f"{ERROR_LINE}--base-model {tmp_path / 'no-model'}: no such folder" in output, output
+
+
+def test_torchrun_options_outside_torchrun_stop_the_session(gate):
+    result = gate("--store-sharing", "shared", "--dist-timeout", "30", subprocess=True)
+    assert result.ret == 2
+    output = "\n".join(result.outlines + result.errlines)
+    assert output.count(f"{ERROR_LINE}--store-sharing shared decides how torchrun") == 1, output
+    assert not re.search(r"\d+ (passed|failed|errors?)\b", output), output
 
 
 def test_an_unwritable_store_is_one_error_before_any_model(gate, tmp_path):

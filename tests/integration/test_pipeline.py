@@ -507,6 +507,19 @@ def test_a_file_given_as_a_folder_is_named_as_a_file(tmp_path, capsys, no_model_
     one_error_line(capsys.readouterr().err, f"profile {tmp_path} is a folder, not a profile file")
 
 
+@pytest.mark.parametrize("options, words", [
+    (["--strict-data", "--allow-noncomparable"], ["--strict-data", "--allow-noncomparable", "one of them"]),
+    (["--dist-timeout", "-5"], ["--dist-timeout must be a positive number of seconds, got -5"]),
+    (["--dist-timeout", "nan"], ["--dist-timeout must be a positive number"]),
+    (["--store-sharing", "gather"], ["--store-sharing gather", "not started by torchrun"]),
+])
+def test_options_that_cannot_work_together_or_here_are_refused(options, words, capsys, no_model_load,
+                                                               monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)  # not under torchrun
+    assert cli.main(["run", *options, "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, *words)
+
+
 # ------------------------------------------------------------ the model pair, loaded lazily
 
 
