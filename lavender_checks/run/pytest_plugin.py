@@ -31,8 +31,10 @@ given that is no writable folder; the default folders when the gate's first fixt
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -297,6 +299,8 @@ def pytest_sessionfinish(session):
         return
     for folder in config.stash.get(_BARRIERS, ()):
         shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):  # store/.shards/ too, unless another run uses it
+            Path(folder).parent.rmdir()
     summary, accounts = config.stash.get(_GATE_SUMMARY, None), config.stash.get(_SNAPSHOT_ACCOUNTS, None)
     if not accounts or summary is None or not summary.get("report"):
         return

@@ -281,3 +281,18 @@ def test_a_subsets_rows_read_n_of_N(run_inputs, tmp_path, no_plot):
     assert "| 200 of 1250 |" in human
     ocr = next(line for line in md.splitlines() if line.startswith("| ocr |"))
     assert " of " not in ocr.split(" | ")[6]  # not measured: no n at all
+
+
+def test_a_report_being_written_survives_another_runs_pruning(run_inputs, tmp_path, monkeypatch):
+    """Another run's report (which prunes killed runs' .partial folders) arriving while this
+    one is written leaves this one alone; its lock file goes with it."""
+    from lavender_checks.run.judge import prune_reports
+
+    reference, verdicts, results, metadata, _ = run_inputs
+    pruned = []
+    monkeypatch.setattr(report_module, "_plot_gains",
+                        lambda path, *args: pruned.extend(prune_reports(tmp_path)) or path.write_bytes(b"png"))
+    written = write_report(tmp_path, None, reference, verdicts, results, metadata)
+    assert pruned == []
+    assert (written / "report.md").is_file() and (written / "gains.png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [written.name, "latest"]
