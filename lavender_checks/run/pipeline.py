@@ -46,9 +46,13 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    """The exit status of one run; bad input and a failed rank end it with one line."""
+    """The exit status of one run; bad input and a failed rank end it with one line, and
+    warnings show as one-line notices (``notices``)."""
+    from lavender_checks.notices import one_line_notices
+
     try:
-        return _run(args)
+        with one_line_notices("run", quiet=args.quiet, libraries=args.from_vlmeval is None):
+            return _run(args)
     except input_errors() as exc:
         print(error_line("run", exc), file=sys.stderr)
         return EXIT_INPUT

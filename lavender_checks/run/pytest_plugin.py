@@ -127,6 +127,11 @@ def _stop(error: BaseException | str, returncode: int = EXIT_INPUT) -> None:
 
 def pytest_configure(config):
     config.stash[_BARRIERS] = set()
+    from lavender_checks.notices import python_filters
+
+    # The libraries' warnings known to be harmless (known_warnings.toml) stay out of the summary.
+    for message, category in python_filters():
+        config.addinivalue_line("filterwarnings", f"ignore:{message}:{category}")
     try:
         # Bad options and missing inputs stop the session before collection, in the xdist
         # controller before any worker starts; what needs torch or writes is checked by the
