@@ -18,6 +18,7 @@ from lavender_checks.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated
 # subcommand -> (module, one-line help). Each module defines add_arguments(parser) and main(args) -> int.
 SUBCOMMANDS = {
     "run": ("lavender_checks.run.pipeline", "generate (or reuse) predictions for base and Lavender, score, gate and write a report"),
+    "export": ("lavender_checks.run.export", "write a run's stored predictions as VLMEvalKit's prediction files (xlsx)"),
     "score": ("lavender_checks.rescore", "score a VLMEvalKit prediction file exactly as VLMEvalKit does"),
     "bench": ("lavender_checks.speed.bench", "speed benchmark on the full-size architecture with random weights (CUDA)"),
     "bench-gpus": ("lavender_checks.speed.gpus", "how the fast path scales over several GPUs, one process per GPU (CUDA)"),
