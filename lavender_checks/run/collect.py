@@ -55,7 +55,7 @@ class RunResults:
 def collect_results(config: RunConfig, *, pair: Any = None, load_pair: Callable[[], Any] | None = None,
                     shard: tuple[int, int] | None = None,
                     wait_for_shards: Barrier | TorchrunShards | None = None,
-                    writer: str = "main", progress: bool = True) -> RunResults | None:
+                    writer: str = "main", progress: Any = True) -> RunResults | None:
     """Predictions (generated or read from VLMEvalKit files) and scores of both variants.
 
     pair / load_pair: the ModelPair (a loaded one, or a ``LazyPair``), or a function that
@@ -69,6 +69,7 @@ def collect_results(config: RunConfig, *, pair: Any = None, load_pair: Callable[
         torchrun, a ``TorchrunShards``: each rank generates its own shard, rank 0 alone scores
         the union, and the other ranks get None.
     writer: this process's file name in the prediction store (one per process).
+    progress: True, False or a ``run.progress.Bars`` (bars or lines per benchmark and variant).
     """
     if config.from_vlmeval is not None:
         return _collect_from_vlmeval(config)
@@ -129,7 +130,7 @@ def _refuse_noncomparable(config: RunConfig, benchmark: str, record: Any) -> Non
 
 def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | None,
                        barrier: Barrier | TorchrunShards | None, writer: str,
-                       progress: bool) -> RunResults | None:
+                       progress: Any) -> RunResults | None:
     from lavender_checks.data import subset
     from lavender_checks.engines import make_engine
     from lavender_checks.profiles import load_profile

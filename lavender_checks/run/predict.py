@@ -51,7 +51,7 @@ class PredictionRun:
 
 def predict_run(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: Any,
                 profile: Profile, variant: str, store: PredictionStore, *, lmu_root: str | Path,
-                writer: str = "main", progress: bool = True) -> PredictionRun:
+                writer: str = "main", progress: Any = True) -> PredictionRun:
     """Predictions for every row of ``frame``, reusing the store (module docstring).
 
     pair: the loaded model (its processor builds the prompts, its fingerprints key the
@@ -106,7 +106,7 @@ def predict_run(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: An
     log.info("%s/%s: %d of %d predictions stored, %d to generate (store %s)", bench.name, variant,
              len(predictions), len(indices), missing, prediction_log.directory)
 
-    bar = _progress_bar(missing, f"{bench.name} {variant}", progress)
+    bar = _progress_bar(f"{bench.name} {variant}", missing, len(indices), progress)
     try:
         for batch in todo:
             # The engine opens each image when it needs it, from a loader bound to its row
@@ -216,9 +216,9 @@ def _tsv_md5(record: Any, bench: Benchmark, lmu_root: Path) -> str:
     return file_md5(lmu_root / bench.spec.tsv)
 
 
-def _progress_bar(total: int, label: str, enabled: bool):
-    if not enabled or total == 0:
-        return None
-    from tqdm.auto import tqdm
+def _progress_bar(label: str, total: int, rows: int, progress: Any):
+    """``progress``: True, False or a ``run.progress.Bars`` (that module's docstring)."""
+    from lavender_checks.run.progress import resolve
 
-    return tqdm(total=total, desc=label, unit="row")
+    bars = resolve(progress)
+    return bars(label, total, rows) if bars is not None else None

@@ -21,6 +21,11 @@ pytest-xdist (``-n auto`` = one worker per GPU):
 * xdist's default ``--dist load`` is the mode to use: the work is split by the fixture, not by
   how cases are spread (see tests/benchmarks/test_snapshots.py on ``--dist loadgroup``).
 
+Generation progress (``run.progress``) shows on the terminal while the session fixture runs,
+written around pytest's capture: a bar per benchmark and variant on a terminal, one line each
+in a CI log, nothing under ``-q -q``; xdist workers write their own lines, ``[gwN] ...``, to
+their stderr, which xdist leaves on the terminal (``_progress`` says why).
+
 Bad input stops the session at once, before any model loads: ``pytest.exit`` with the line
 and exit status ``lavender-checks run`` gives (``lavender_checks.errors``), instead of one setup
 error per case. Options, model folders, LMUData, reference and profile are checked while pytest
@@ -34,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -224,7 +230,7 @@ def run_results(gate_config, worker_barrier, request) -> RunResults:
         return collect_results(
             gate_config, load_pair=lambda: request.getfixturevalue("model_pair"), shard=shard,
             wait_for_shards=worker_barrier,
-            writer=worker[0] if worker else "main", progress=False,
+            writer=worker[0] if worker else "main", progress=_progress(request.config),
         )
     except input_errors() as exc:
         _stop(exc)
@@ -236,7 +242,7 @@ def _torchrun_results(gate_config, request) -> RunResults:
         run = collect_results(
             gate_config, load_pair=lambda: request.getfixturevalue("model_pair"),
             shard=(shards.own, shards.count), wait_for_shards=shards, writer=shards.writer,
-            progress=False)
+            progress=_progress(request.config))
     except input_errors() as exc:
         _stop(exc)
     except distributed.RankFailure as exc:  # every rank ends at once, with the rank to blame
@@ -245,6 +251,61 @@ def _torchrun_results(gate_config, request) -> RunResults:
         request.config.stash[_GATE_SUMMARY] = {"rank": shards.skip_reason()}
         pytest.skip(shards.skip_reason())
     return run
+
+
+def _progress(config: pytest.Config):
+    """Generation progress on the terminal, as ``lavender-checks run`` shows it (``run.progress``),
+    written around pytest's output capture (as live logging is): per benchmark and variant, a
+    bar on a terminal, one line in a CI log (no TTY, or ``CI`` set); nothing under ``-q -q``.
+
+    Under pytest-xdist the workers generate, and xdist hands a worker's output to the
+    controller only when its tests report, i.e. after the generation. So each worker writes
+    its own lines, prefixed ``[gwN]``, to its stderr: xdist leaves a worker's stderr on the
+    controller's terminal (its stdout goes to /dev/null). Lines, not bars: several processes
+    redraw one terminal line badly."""
+    if config.getoption("verbose") <= -2:
+        return False
+    from lavender_checks.run.progress import line_bars, tqdm_bars
+
+    capture = config.pluginmanager.getplugin("capturemanager")
+    reporter = config.pluginmanager.getplugin("terminalreporter")
+
+    def uncaptured(write):
+        def write_around_capture(text):
+            with (capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext()):
+                write(text)
+        return write_around_capture
+
+    worker = _worker()
+    if worker is not None or reporter is None:
+        prefix = f"[{worker[0]}] " if worker is not None else ""
+
+        def to_stderr(text):
+            sys.stderr.write(prefix + text + "\n")
+            sys.stderr.flush()
+
+        return line_bars(uncaptured(to_stderr))
+    if os.environ.get("CI") or not reporter.isatty:
+        def to_reporter(text):
+            reporter.ensure_newline()
+            reporter.write_line(text)
+
+        return line_bars(uncaptured(to_reporter))
+
+    class _Terminal:  # tqdm's stream: the terminal, whatever pytest captures meanwhile
+        write = staticmethod(uncaptured(lambda text: (sys.stderr.write(text), sys.stderr.flush())))
+
+        def flush(self):
+            pass
+
+    bars = tqdm_bars(_Terminal())
+
+    def bar_on_its_own_line(label, total, rows):
+        if total:
+            uncaptured(lambda _: reporter.ensure_newline())("")
+        return bars(label, total, rows)
+
+    return bar_on_its_own_line
 
 
 @pytest.fixture(scope="session")

@@ -117,6 +117,22 @@ def test_without_lmu_data_a_missing_model_is_reported_before_a_missing_lmudata(g
     assert f"{ERROR_LINE}--base-model {tmp_path / 'no-model'}: no such folder" in output, output
 
 
+@pytest.mark.parametrize("quiet", [(), ("-q", "-q")])
+def test_generation_progress_shows_during_the_session_unless_quiet(gate, tmp_path, quiet):
+    """Without a TTY (a CI log): one line per benchmark and variant generated, written while
+    the session fixture runs (before the cases' outcomes), not captured; none under -q -q."""
+    result = gate("--benchmark", "ChartQA_TEST", "--limit", "1", "--store", str(tmp_path / "store"),
+                  *quiet, subprocess=True)
+    lines = [line for line in result.outlines if re.match(r"ChartQA_TEST (base|lavender): generated \d+ of \d+ rows in ", line)]
+    if quiet:
+        assert not lines, result.outlines
+        return
+    assert [line.split(":")[0] for line in lines] == ["ChartQA_TEST base", "ChartQA_TEST lavender"], result.outlines
+    assert all("(0 of " in line and "were stored)" in line for line in lines)
+    assert result.outlines.index(lines[-1]) < next(i for i, line in enumerate(result.outlines)
+                                                   if "lavender-checks gate" in line)
+
+
 def test_torchrun_options_outside_torchrun_stop_the_session(gate):
     result = gate("--store-sharing", "shared", "--dist-timeout", "30", subprocess=True)
     assert result.ret == 2
@@ -166,6 +182,10 @@ def test_a_sharded_session_leaves_no_barrier_folder(gate, tmp_path):
     base, lavender = by_key.values()
     assert len(base) == len(set(base)) and sorted(base) == sorted(lavender) and base
     assert not (store / ".shards").exists()  # its barrier folder, then the empty .shards/
+    # The workers' progress reached the terminal while they generated (their stderr), one
+    # line per benchmark and variant each generated, naming the worker.
+    progress = [line for line in result.errlines if re.match(r"\[gw[01]\] ChartQA_TEST (base|lavender): generated ", line)]
+    assert {line.split()[2] for line in progress} == {"base:", "lavender:"}, result.errlines
 
 
 def test_cuda_without_cuda_is_one_error_before_any_case_even_under_xdist(gate, capsys):
