@@ -10,7 +10,6 @@ import builtins
 import contextlib
 import logging
 import re
-import sys
 import tomllib
 import warnings
 from collections.abc import Iterator
@@ -73,13 +72,15 @@ def one_line_notices(command: str, *, quiet: bool = False, libraries: bool = Tru
     too (importing transformers' logging), and under ``quiet`` all their logged warnings."""
     known = known_warnings()
 
-    def show(message, category, filename, lineno, file=None, line=None):
-        print(notice_line(command, message), file=file or sys.stderr)
+    def one_line(message, category, filename, lineno, line=None):
+        return notice_line(command, message) + "\n"
 
     attached: list[tuple[logging.Handler, logging.Filter]] = []
     levels: list[tuple[logging.Logger, int]] = []
+    formatwarning = warnings.formatwarning
+    # The format, not the display: whoever records warnings (pytest, catch_warnings) still does.
+    warnings.formatwarning = one_line
     with warnings.catch_warnings():
-        warnings.showwarning = show
         for message, category in python_filters(known):
             warnings.filterwarnings("ignore", message=message, category=getattr(builtins, category, Warning))
         if libraries:
@@ -103,6 +104,7 @@ def one_line_notices(command: str, *, quiet: bool = False, libraries: bool = Tru
         try:
             yield
         finally:
+            warnings.formatwarning = formatwarning
             for handler, drop in attached:
                 handler.removeFilter(drop)
             for logger, level in levels:

@@ -105,6 +105,13 @@ def prune_reports(reports_root: Path, *, keep: int | None = None,
             if abandoned:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
+        elif (name.startswith(".") and name.endswith(".partial.lock")
+                and RUN_ID_PATTERN.match(name[1:-len(".partial.lock")])
+                and not path.with_name(name.removesuffix(".lock")).exists()):
+            # A run killed between taking its lock and making its folder: the lock file goes
+            # (by partial_left_by_a_killed_run) once no process holds it.
+            if partial_left_by_a_killed_run(path.with_name(name.removesuffix(".lock"))):
+                removed.append(path)
     if keep is not None:
         runs = sorted((p for p in root.iterdir()
                        if RUN_ID_PATTERN.match(p.name) and p.is_dir() and not p.is_symlink()),

@@ -39,13 +39,15 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from lavender_checks import REPORTS
-from lavender_checks.errors import EXIT_INPUT, EXIT_RANK_FAILED, error_line
+from lavender_checks.errors import EXIT_INPUT, EXIT_RANK_FAILED, EXIT_TERMINATED, Terminated, error_line
 from lavender_checks.run import distributed, pipeline
 from lavender_checks.run.collect import RunResults, collect_results
 from lavender_checks.run.config import (
@@ -133,6 +135,7 @@ def _stop(error: BaseException | str, returncode: int = EXIT_INPUT) -> None:
 
 def pytest_configure(config):
     config.stash[_BARRIERS] = set()
+    _sigterm_as_interrupt(config)
     from lavender_checks.notices import python_filters
 
     # The libraries' warnings known to be harmless (known_warnings.toml) stay out of the summary.
@@ -160,6 +163,30 @@ def pytest_configure(config):
     if distributed.launched() and (config.getoption("numprocesses", None) or _worker()):
         _stop("under torchrun every rank is one pytest session on one GPU: drop -n "
               "(pytest-xdist is the one-host alternative to torchrun)")
+
+
+def _sigterm_as_interrupt(config: pytest.Config) -> None:
+    """SIGTERM (a scheduler's stop) ends the session as Ctrl-C does, so the session fixtures
+    unwind (store locks released, finished predictions kept), then with status 143 and the
+    line ``lavender-checks run`` prints (``pytest_keyboard_interrupt``, ``pytest_sessionfinish``)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    config.add_cleanup(lambda: signal.signal(signal.SIGTERM, previous))
+
+
+_TERMINATED: list[bool] = []  # set when SIGTERM ended this process's session
+
+
+def pytest_keyboard_interrupt(excinfo):
+    if isinstance(excinfo.value, Terminated):
+        _TERMINATED.append(True)
+        print("terminated (SIGTERM); finished predictions are kept and a rerun resumes from them",
+              file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -359,8 +386,11 @@ def pytest_testnodedown(node, error):
 
 def pytest_sessionfinish(session):
     """Controller (or a session without xdist): the snapshot accounts of the whole session go
-    into the run's report folder; every worker is done, so the barrier folders can go."""
+    into the run's report folder; every worker is done, so the barrier folders can go. A
+    session ended by SIGTERM ends with its status, 143."""
     config = session.config
+    if session.exitstatus == pytest.ExitCode.INTERRUPTED and _TERMINATED:
+        session.exitstatus = EXIT_TERMINATED
     if hasattr(config, "workeroutput"):
         return
     for folder in config.stash.get(_BARRIERS, ()):

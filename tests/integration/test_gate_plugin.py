@@ -133,6 +133,21 @@ def test_generation_progress_shows_during_the_session_unless_quiet(gate, tmp_pat
                                                    if "lavender-checks gate" in line)
 
 
+def test_sigterm_ends_the_session_as_ctrl_c_does_with_143(pytester, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    pytester.makepyfile(test_stop="""
+        import os, signal, time
+
+        def test_stopped_by_the_scheduler():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+        """)
+    result = pytester.runpytest_subprocess("-p", "lavender_checks.run.pytest_plugin", "-p", "no:cacheprovider",
+                                           timeout=120)
+    assert result.ret == 143
+    assert "terminated (SIGTERM); finished predictions are kept and a rerun resumes" in result.stderr.str()
+
+
 def test_torchrun_options_outside_torchrun_stop_the_session(gate):
     result = gate("--store-sharing", "shared", "--dist-timeout", "30", subprocess=True)
     assert result.ret == 2

@@ -679,6 +679,8 @@ def test_partial_reports_of_killed_runs_go_at_the_next_report_and_keep_reports_p
     being_written = reports / f".{report.new_run_id()}.partial"
     stale.mkdir()
     fresh.mkdir()
+    orphan_lock = reports / f".{report.new_run_id()}.partial.lock"  # killed before its mkdir
+    orphan_lock.write_bytes(b"")
     old = time.time() - 3600
     os.utime(stale, (old, old))
     (reports / "store").mkdir()
@@ -688,7 +690,7 @@ def test_partial_reports_of_killed_runs_go_at_the_next_report_and_keep_reports_p
         removed = prune_reports(reports, keep=2)
     finally:
         writer.close()
-    assert set(removed) == {stale, fresh, runs[0], runs[1]}
+    assert set(removed) == {stale, fresh, orphan_lock, runs[0], runs[1]}
     assert sorted(p.name for p in reports.iterdir()) == sorted(
         [being_written.name, being_written.name + ".lock", "store", runs[2].name, runs[3].name])
     # Its writer gone (the lock is free), it goes at the next report, lock file and all.
