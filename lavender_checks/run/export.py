@@ -43,9 +43,12 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     defaults = {kwargs.get("dest", flag[2:].replace("-", "_")): kwargs.get("default")
                 for flag, kwargs in RUN_OPTIONS}
+    from lavender_checks.notices import one_line_notices
+
     try:
-        config = config_from_options(lambda dest: getattr(args, dest, defaults[dest]))
-        written, missing = export_run(config, args.out, suffix=args.format)
+        with one_line_notices("export"):
+            config = config_from_options(lambda dest: getattr(args, dest, defaults[dest]))
+            written, missing = export_run(config, args.out, suffix=args.format)
     except input_errors() as exc:
         print(error_line("export", exc), file=sys.stderr)
         return EXIT_INPUT
