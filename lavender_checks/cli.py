@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
-from lavender_checks.errors import EXIT_INTERRUPTED
+from lavender_checks.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated
 
 # subcommand -> (module, one-line help). Each module defines add_arguments(parser) and main(args) -> int.
 SUBCOMMANDS = {
     "run": ("lavender_checks.run.pipeline", "generate (or reuse) predictions for base and Lavender, score, gate and write a report"),
+    "export": ("lavender_checks.run.export", "write a run's stored predictions as VLMEvalKit's prediction files (xlsx)"),
     "score": ("lavender_checks.rescore", "score a VLMEvalKit prediction file exactly as VLMEvalKit does"),
     "bench": ("lavender_checks.speed.bench", "speed benchmark on the full-size architecture with random weights (CUDA)"),
     "bench-gpus": ("lavender_checks.speed.gpus", "how the fast path scales over several GPUs, one process per GPU (CUDA)"),
@@ -41,10 +44,30 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module = importlib.import_module(args._module)
     try:
-        return int(module.main(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted; finished predictions are kept and a rerun resumes from them", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        with _sigterm_as_interrupt():
+            return int(module.main(args) or 0)
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"{what}; finished predictions are kept and a rerun resumes from them", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+
+
+class _sigterm_as_interrupt:
+    """SIGTERM unwinds the command as Ctrl-C does (``Terminated``); the previous handler is
+    restored after it. Signal handlers belong to the main thread: elsewhere nothing changes."""
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, _raise_terminated)
+
+    def __exit__(self, *exc_info):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 if __name__ == "__main__":

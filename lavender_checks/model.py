@@ -653,10 +653,6 @@ def _peft_from_pretrained(model, folder: Path, mapping: dict[str, str], safetens
         text = str(warning.message)
         if "missing adapter keys" in text or "unexpected" in text.lower():
             raise ModelLoadError(f"{folder}: peft reported a partial load: {text[:800]}")
-        if issubclass(warning.category, FutureWarning) and "is_gradient_checkpointing" in text:
-            # peft's PeftModel.__init__ reads transformers 5's deprecated alias: a notice on
-            # every run that nobody running the suite can act on.
-            continue
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     return peft_model
 

@@ -110,6 +110,8 @@ def _resolve(name_or_path: str | Path) -> Path:
     looks_like_path = isinstance(name_or_path, Path) or text.endswith(".toml") or "/" in text
     if looks_like_path:
         path = Path(name_or_path)
+        if path.is_dir():
+            raise ProfileError(f"profile {path} is a folder, not a profile file (NAME.toml)")
         if not path.is_file():
             raise ProfileError(f"profile file {path} does not exist")
         return path

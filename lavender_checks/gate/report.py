@@ -1,15 +1,21 @@
 """``reports/<run-id>/``: what one gated run leaves for a reviewer.
 
-- ``report.md``: the seed report's shape (scope, overall comparison, ChartQA splits, MMBench
-  categories, MME increases and decreases), with measured and reported numbers, bands and
-  verdicts on every row; missing rows say "missing" and why. Data that is not what the
-  reference was measured on is said above everything else.
+- ``report.md``: the seed report's tables first (overall comparison, ChartQA splits, MMBench
+  categories, MME increases and decreases) with measured and reported numbers, bands and
+  verdicts on every row (missing rows say "missing" and why), then every verdict and metric,
+  and the scope and configuration last. Data that is not what
+  the reference was measured on is said above everything else.
 - ``report.json``: all of it, machine-readable, plus every metric of every benchmark measured.
 - ``gains.png``: measured vs reported gain per reference row, with bands, one panel per unit.
 - ``flips.jsonl``: one line per resampling unit whose score changed between base and Lavender.
 
 ``reports/latest`` points at the newest run (a symlink, or ``latest.txt`` where symlinks fail).
 Run ids are ``YYYYMMDD-HHMMSS-<hash>`` (UTC), so they sort by time and never collide.
+
+A report is written into ``.<run-id>.partial`` and renamed when complete. While it is written,
+its process holds a lock on ``.<run-id>.partial.lock`` (``flock``, released by the kernel when
+the process dies), so the next report can tell the leftovers of a killed run (lock free: they
+go) from a report another run is writing at that moment (lock held: it stays).
 """
 
 from __future__ import annotations
@@ -28,6 +34,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+try:  # POSIX: the lock that tells a report being written from a killed run's leftovers
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: leftovers go by age (run.judge)
+    fcntl = None
 
 from lavender_checks import benchmarks as registry
 from lavender_checks.benchmarks.base import ScoreResult
@@ -48,7 +59,11 @@ from lavender_checks.gate.verdicts import (
 )
 from lavender_checks.model import VARIANTS
 
-__all__ = ["RUN_ID_PATTERN", "new_run_id", "write_report", "latest_run"]
+__all__ = ["RUN_ID_PATTERN", "new_run_id", "write_report", "latest_run", "partial_left_by_a_killed_run",
+           "PARTIAL_LOCKS"]
+
+# Whether a .partial folder's writer is known through a lock (else: by its age).
+PARTIAL_LOCKS = fcntl is not None
 
 RUN_ID_PATTERN = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{8}$")
 # Columns of ScoreResult.samples worth showing next to a flipped unit, when present.
@@ -359,11 +374,8 @@ def _markdown(run_id: str, created: str, reference: Reference, verdicts: list[Ve
         f"on a subset, `n of N` and the band also covers the rows not run.",
         "",
     ]
-    # Scope first (reports/README.md): what was run, and what the reference ran.
-    out += ["## Scope", "", "### This run", ""]
-    out += _bullets(metadata) or ["- (no run metadata given)"]
-    out += ["", "### The reference run (as its report states)", ""]
-    out += _bullets(reference.run) or ["- (not stated)"]
+    # Results first (reports/README.md): the tables with their verdicts, then every verdict;
+    # what was run (scope and configuration, hundreds of lines) after them.
     tables = list(dict.fromkeys(r.table for r in reference.rows))
     for table in tables:
         rows = [r for r in reference.rows if r.table == table]
@@ -379,10 +391,10 @@ def _markdown(run_id: str, created: str, reference: Reference, verdicts: list[Ve
             out += [""] + [f"Note: {n}." for n in notes]
 
     out += ["", "## Verdicts", ""]
-    problems = [v for v in verdicts if v.status != "pass"]
-    if problems:
+    failed = [v for v in verdicts if v.status != "pass"]
+    if failed:
         out += ["Every verdict that did not pass:", "", "```text"]
-        out += [v.message() for v in problems]
+        out += [v.message() for v in failed]
         out += ["```", ""]
     out += ["All verdicts:", "", "```text", summary_table(verdicts), "```"]
 
@@ -402,7 +414,12 @@ def _markdown(run_id: str, created: str, reference: Reference, verdicts: list[Ve
                        f"{_fmt(m['delta'], signed=True)} | {m['reference_row'] or '-'} |")
         out.append("")
 
-    out += ["## Files", "",
+    out += ["## Scope", "", "### This run", ""]
+    out += _bullets(metadata) or ["- (no run metadata given)"]
+    out += ["", "### The reference run (as its report states)", ""]
+    out += _bullets(reference.run) or ["- (not stated)"]
+
+    out += ["", "## Files", "",
             "- `report.json`: everything above, machine-readable.",
             "- `gains.png`: measured vs reported gain per row, with the gain bands.",
             "- `flips.jsonl`: one line per unit whose score changed between base and Lavender."]
@@ -496,6 +513,44 @@ def _point_latest(root: Path) -> None:
         text.unlink(missing_ok=True)  # a fallback file left from elsewhere would be stale
 
 
+# ---------------------------------------------------------------------------- .partial folders
+
+
+def _partial_lock_path(partial: Path) -> Path:
+    return partial.with_name(partial.name + ".lock")
+
+
+def _lock_partial(partial: Path):
+    """Open and lock ``partial``'s lock file: held until the returned file is closed or this
+    process ends (None where there are no flock locks)."""
+    if fcntl is None:
+        return None
+    handle = _partial_lock_path(partial).open("a+b")
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    return handle
+
+
+def partial_left_by_a_killed_run(partial: Path) -> bool | None:
+    """True when no process is writing the ``.partial`` folder (its lock is free; a folder of
+    an older version has no lock file, and no writer either); False while one is. None
+    where this system has no flock locks (the caller goes by age). The lock file of a folder
+    found abandoned is removed with this call's lock held, so no writer can take it meanwhile."""
+    if fcntl is None:
+        return None
+    lock = _partial_lock_path(partial)
+    try:
+        handle = lock.open("rb")
+    except FileNotFoundError:
+        return True
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        lock.unlink(missing_ok=True)
+        return True
+
+
 # ---------------------------------------------------------------------------- entry point
 
 
@@ -524,6 +579,20 @@ def write_report(
         raise FileExistsError(f"{run_dir} already exists: run ids must be unique")
     root.mkdir(parents=True, exist_ok=True)
     partial = root / f".{run_id}.partial"
+    # The lock first, then the folder: a .partial folder without a held lock is a leftover.
+    lock = _lock_partial(partial)
+    try:
+        return _write_run_dir(root, run_id, partial, reference, verdicts, results, metadata)
+    finally:
+        if lock is not None:
+            _partial_lock_path(partial).unlink(missing_ok=True)
+            lock.close()
+
+
+def _write_run_dir(root: Path, run_id: str, partial: Path, reference: Reference,
+                   verdicts: list[Verdict], results: Mapping[str, Mapping[str, ScoreResult | None]],
+                   metadata: Mapping[str, Any]) -> Path:
+    run_dir = root / run_id
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir()

@@ -564,6 +564,13 @@ def _num(value: Any, signed: bool = False) -> str:
     return str(value)
 
 
+def _count(value: Any) -> str:
+    """Row and unit counts as whole numbers ("5349", never "5349.00" or "5.349e+03")."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
+        return str(int(value))
+    return _num(value)
+
+
 def _score(value: Any) -> str:
     if value is None:
         return "—"
@@ -636,7 +643,7 @@ def _account_lines(account: Mapping[str, Any], rows_per_group: int | None, setti
     if account["notes"]:
         lines.append("")
     if account["header"]:
-        lines += [f"- {h['key']}: {_num(h['accepted'])} → {_num(h['now'])}" for h in account["header"]] + [""]
+        lines += [f"- {h['key']}: {_count(h['accepted'])} → {_count(h['now'])}" for h in account["header"]] + [""]
     if account["metrics"]:
         table = []
         for m in account["metrics"]:
@@ -644,7 +651,7 @@ def _account_lines(account: Mapping[str, Any], rows_per_group: int | None, setti
             table.append([m["key"], _moved(a.get("base"), n.get("base")),
                           _moved(a.get("lavender"), n.get("lavender")),
                           _moved(a.get("delta"), n.get("delta"), lambda v: _num(v, True)),
-                          _moved(a.get("n"), n.get("n"), fmt=_score), _band_cell(m["gate"])])
+                          _moved(a.get("n"), n.get("n"), fmt=_count), _band_cell(m["gate"])])
         lines += ["Metrics (accepted → now; the gate's band for the value now):", ""]
         lines += _table(["metric", "base", "Lavender", "Δ", "n", "gate band"], table) + [""]
     if any(counts.values()):

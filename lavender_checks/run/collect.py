@@ -63,7 +63,7 @@ class RunResults:
 def collect_results(config: RunConfig, *, pair: Any = None, load_pair: Callable[[], Any] | None = None,
                     shard: tuple[int, int] | None = None,
                     wait_for_shards: Barrier | TorchrunShards | None = None,
-                    writer: str = "main", progress: bool = True) -> RunResults | None:
+                    writer: str = "main", progress: Any = True) -> RunResults | None:
     """Predictions (generated or read from VLMEvalKit files) and scores of both variants.
 
     pair / load_pair: the ModelPair (a loaded one, or a ``LazyPair``), or a function that
@@ -77,6 +77,7 @@ def collect_results(config: RunConfig, *, pair: Any = None, load_pair: Callable[
         torchrun, a ``TorchrunShards``: each rank generates its own shard, rank 0 alone scores
         the union, and the other ranks get None.
     writer: this process's file name in the prediction store (one per process).
+    progress: True, False or a ``run.progress.Bars`` (bars or lines per benchmark and variant).
     """
     if config.from_vlmeval is not None:
         return _collect_from_vlmeval(config)
@@ -160,7 +161,7 @@ def _refuse_noncomparable(config: RunConfig, benchmark: str, record: Any) -> Non
 
 def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | None,
                        barrier: Barrier | TorchrunShards | None, writer: str,
-                       progress: bool) -> RunResults | None:
+                       progress: Any) -> RunResults | None:
     from lavender_checks.data import subset
     from lavender_checks.engines import make_engine
     from lavender_checks.profiles import load_profile
@@ -502,14 +503,16 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
                 absent.append(str(exc).replace(":\n  ", ": ").replace("\n  ", ", "))
         if absent:
             missing[benchmark] = "; ".join(absent)
+        if not paths:
             results[benchmark] = {v: None for v in VARIANTS}
             continue
-        frames = {v: read_prediction_file(paths[v]) for v in VARIANTS}
-        for v in VARIANTS:  # a file of another benchmark is refused, naming what it looks like
+        # The variant whose file is there is scored and judged on its own; the other is missing.
+        frames = {v: read_prediction_file(path) for v, path in paths.items()}
+        for v in frames:  # a file of another benchmark is refused, naming what it looks like
             check_signature(frames[v], benchmark, str(paths[v]))
         meta = _optional_meta(bench, meta_root)
         if meta is not None:
-            for v in VARIANTS:  # as score --meta: a file of an edited TSV is refused
+            for v in frames:  # as score --meta: a file of an edited TSV is refused
                 check_questions(frames[v], meta.frame, str(paths[v]), str(meta_root / bench.spec.tsv))
         if meta is not None and config.strict_data:
             _refuse_noncomparable(config, benchmark, meta.provenance)
@@ -518,30 +521,31 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
         if config.limit is not None or config.fraction is not None:
             frames = {v: subset(f, bench, limit=config.limit, fraction=config.fraction)
                       for v, f in frames.items()}
-        _check_paired(benchmark, {v: list(frames[v]["index"]) for v in VARIANTS},
-                      {v: str(paths[v]) for v in VARIANTS})
-        if config.stop_early:
+        if len(frames) == len(VARIANTS):
+            _check_paired(benchmark, {v: list(frames[v]["index"]) for v in VARIANTS},
+                          {v: str(paths[v]) for v in VARIANTS})
+        if config.stop_early and len(frames) == len(VARIANTS):
             # Scored once the rounds are done (and only if the run did not stop).
             read[benchmark] = (bench, frames, meta)
             results[benchmark] = {v: None for v in VARIANTS}
         else:
             results[benchmark] = {v: bench.score(frames[v], meta=meta.frame if meta is not None else None)
-                                  for v in VARIANTS}
+                                  if v in frames else None for v in VARIANTS}
         if meta is None and whole is not frames:  # the files are the whole: a subset's bands widen
-            for v in VARIANTS:
-                results[benchmark][v].population = bench.population(whole["base"])
+            for v in frames:
+                results[benchmark][v].population = bench.population(next(iter(whole.values())))
         predictions[benchmark] = {v: dict(zip(frames[v]["index"].tolist(),
                                               frames[v]["prediction"].map(str).tolist()))
-                                  for v in VARIANTS}
-        files[benchmark] = {v: str(paths[v]) for v in VARIANTS}
+                                  for v in frames}
+        files[benchmark] = {v: str(paths[v]) for v in frames}
         data_info[benchmark] = {"meta": meta.provenance.describe() if meta is not None else None,
-                                "scored_rows": len(frames["base"])}
+                                "scored_rows": len(next(iter(frames.values())))}
         if file_problems:
             data_info[benchmark]["noncomparable"] = file_problems
         if unchecked:
             data_info[benchmark]["unchecked"] = unchecked
         data_info[benchmark] = _with_score_caveats(data_info[benchmark], results[benchmark])
-    if len(missing) == len(config.benchmarks):
+    if not files:
         raise RunInputError(f"--from-vlmeval {work_dir}: no prediction files of "
                             f"{config.base_name} and {config.lavender_name}; "
                             + "; ".join(f"{b}: {r}" for b, r in missing.items()))
@@ -550,6 +554,7 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
         for benchmark, (bench, frames, meta) in read.items():
             results[benchmark] = {v: bench.score(frames[v], meta=meta.frame if meta is not None else None)
                                   for v in VARIANTS}
+            data_info[benchmark] = _with_score_caveats(data_info[benchmark], results[benchmark])
     metadata = {
         "mode": "from-vlmeval",
         **_common_metadata(config, started),

@@ -129,6 +129,9 @@ class RunConfig:
         if not self.batch_invariant and self.engine != FAST_ENGINE:
             raise RunInputError("--no-batch-invariance switches the fast engine to its throughput mode: "
                                 "it needs --engine fast")
+        if self.strict_data and self.allow_noncomparable:
+            raise RunInputError("--strict-data refuses data that is not the reference's and "
+                                "--allow-noncomparable gates it anyway: give one of them")
         for name in ("base_name", "lavender_name"):
             if not getattr(self, name):
                 raise RunInputError(f"--{name.replace('_', '-')} must not be empty")
@@ -325,14 +328,17 @@ def check_inputs(config: RunConfig) -> None:
     if config.base_model is not None:
         for flag, path in (("--base-model", config.base_model), ("--lora", config.lora)):
             if not path.is_dir():
-                raise RunInputError(f"{flag} {path}: no such folder")
+                raise RunInputError(f"{flag} {path}: {not_a_folder(path)}")
     if config.from_vlmeval is not None:
         if not config.from_vlmeval.is_dir():
-            raise RunInputError(f"--from-vlmeval {config.from_vlmeval}: no such folder")
+            raise RunInputError(f"--from-vlmeval {config.from_vlmeval}: {not_a_folder(config.from_vlmeval)}")
         if config.lmu_data is not None and not config.lmu_data.is_dir():
-            raise RunInputError(f"--lmu-data {config.lmu_data}: no such folder")
+            raise RunInputError(f"--lmu-data {config.lmu_data}: {not_a_folder(config.lmu_data)}")
     else:
         root = config.lmu_root()
+        if root.exists() and not root.is_dir():
+            flag = "--lmu-data " if config.lmu_data is not None else ""
+            raise RunInputError(f"{flag}LMUData folder {root}: {not_a_folder(root)}")
         if not root.is_dir():
             flag = "--lmu-data " if config.lmu_data is not None else ""
             raise RunInputError(f"{flag}LMUData folder {root} does not exist"
@@ -345,6 +351,11 @@ def check_inputs(config: RunConfig) -> None:
         profile = load_profile(config.profile)
         for name in config.benchmarks:
             profile.for_benchmark(name)  # a benchmark the profile lacks
+
+
+def not_a_folder(path: Path) -> str:
+    """Why ``path``, which is no folder, cannot be used as one."""
+    return "no such folder" if not Path(path).exists() else "is a file, not a folder"
 
 
 def check_before_work(config: RunConfig, *, reports: Path | None = None,

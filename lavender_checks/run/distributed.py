@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import re
 import signal
@@ -86,6 +87,16 @@ class RankFailure(RuntimeError):
 
 class DistributedUsageError(ValueError):
     """Options that cannot work under torchrun; the message says which and why."""
+
+
+def check_options(store_sharing: str, timeout_s: float, environ: Mapping[str, str] | None = None) -> None:
+    """The torchrun options, before any work: a timeout that is a positive number of seconds,
+    and ``--store-sharing`` other than auto only where torchrun started this process."""
+    if not float(timeout_s) > 0 or not math.isfinite(float(timeout_s)):
+        raise DistributedUsageError(f"--dist-timeout must be a positive number of seconds, got {timeout_s:g}")
+    if store_sharing != "auto" and not launched(environ):
+        raise DistributedUsageError(f"--store-sharing {store_sharing} decides how torchrun's ranks share "
+                                    "the store: this process was not started by torchrun; drop it")
 
 
 # ----------------------------------------------------------------------------- this process

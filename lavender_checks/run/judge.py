@@ -17,8 +17,8 @@ from lavender_checks import REPORTS
 from lavender_checks.run.collect import RunResults
 from lavender_checks.run.config import RunConfig
 
-# A hidden ".<run id>.partial" report folder older than this was left by a killed run (a
-# report is written in seconds).
+# Where a system has no flock locks (gate.report.PARTIAL_LOCKS), a hidden ".<run id>.partial"
+# report folder older than this was left by a killed run (a report is written in seconds).
 STALE_PARTIAL_SECONDS = 600.0
 
 
@@ -91,10 +91,12 @@ def write_run_report(run: RunResults, outcome: GateOutcome, *, reports_root: Pat
 
 def prune_reports(reports_root: Path, *, keep: int | None = None,
                   partial_age: float = STALE_PARTIAL_SECONDS) -> list[Path]:
-    """Delete ``.<run id>.partial`` folders of killed runs and, with ``keep``, every run folder
-    but the ``keep`` newest (run ids sort by time). Nothing else under ``reports_root`` (the
-    store, bench results, ``latest``) is touched. Returns what went."""
-    from lavender_checks.gate.report import RUN_ID_PATTERN
+    """Delete ``.<run id>.partial`` folders of killed runs (those no process is writing:
+    ``gate.report.partial_left_by_a_killed_run``; by ``partial_age`` where there are no locks)
+    and, with ``keep``, every run folder but the ``keep`` newest (run ids sort by time).
+    Nothing else under ``reports_root`` (the store, bench results, ``latest``) is touched.
+    Returns what went."""
+    from lavender_checks.gate.report import RUN_ID_PATTERN, partial_left_by_a_killed_run
 
     root = Path(reports_root)
     if not root.is_dir():
@@ -105,12 +107,21 @@ def prune_reports(reports_root: Path, *, keep: int | None = None,
         name = path.name
         if (name.startswith(".") and name.endswith(".partial") and path.is_dir()
                 and RUN_ID_PATTERN.match(name[1:-len(".partial")])):
-            try:
-                old = now - path.stat().st_mtime > partial_age
-            except OSError:
-                continue
-            if old:
+            abandoned = partial_left_by_a_killed_run(path)
+            if abandoned is None:
+                try:
+                    abandoned = now - path.stat().st_mtime > partial_age
+                except OSError:
+                    continue
+            if abandoned:
                 shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        elif (name.startswith(".") and name.endswith(".partial.lock")
+                and RUN_ID_PATTERN.match(name[1:-len(".partial.lock")])
+                and not path.with_name(name.removesuffix(".lock")).exists()):
+            # A run killed between taking its lock and making its folder: the lock file goes
+            # (by partial_left_by_a_killed_run) once no process holds it.
+            if partial_left_by_a_killed_run(path.with_name(name.removesuffix(".lock"))):
                 removed.append(path)
     if keep is not None:
         runs = sorted((p for p in root.iterdir()

@@ -46,9 +46,13 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    """The exit status of one run; bad input and a failed rank end it with one line."""
+    """The exit status of one run; bad input and a failed rank end it with one line, and
+    warnings show as one-line notices (``notices``)."""
+    from lavender_checks.notices import one_line_notices
+
     try:
-        return _run(args)
+        with one_line_notices("run", quiet=args.quiet, libraries=args.from_vlmeval is None):
+            return _run(args)
     except input_errors() as exc:
         return _failed(error_line("run", exc), EXIT_INPUT)
     except distributed.RankFailure as exc:
@@ -63,6 +67,7 @@ def _failed(line: str, status: int) -> int:
 
 def _run(args) -> int:
     config = config_from_options(lambda dest: getattr(args, dest))
+    distributed.check_options(args.store_sharing, args.dist_timeout)
     if args.force and args.write_reference is None:
         raise RunInputError("--force only applies to --write-reference")
     if args.write_reference is not None:

@@ -51,7 +51,7 @@ class PredictionRun:
 
 def predict_run(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: Any,
                 profile: Profile, variant: str, store: PredictionStore, *, lmu_root: str | Path,
-                writer: str = "main", progress: bool = True) -> PredictionRun:
+                writer: str = "main", progress: Any = True) -> PredictionRun:
     """Predictions for every row of ``frame``, reusing the store (module docstring).
 
     pair: the loaded model (its processor builds the prompts, its fingerprints key the
@@ -66,7 +66,7 @@ def predict_run(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: An
 
 def predict_together(pair: Any, engine: Engine, items: Sequence[tuple[Benchmark | str, Any]],
                      profile: Profile, variant: str, store: PredictionStore, *, lmu_root: str | Path,
-                     writer: str = "main", progress: bool = True) -> dict[str, PredictionRun]:
+                     writer: str = "main", progress: Any = True) -> dict[str, PredictionRun]:
     """``predict_run`` for several benchmarks' rows in one engine call per plan (the rows of
     ``items`` in their order: a round of ``--stop-early`` hands the benchmarks with the
     longest answers first, so that the short ones fill the batch while the long ones end).
@@ -155,7 +155,7 @@ def _prepare(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: Any, 
     )
 
 
-def _generate(engine: Engine, works: list[_Work], variant: str, progress: bool,
+def _generate(engine: Engine, works: list[_Work], variant: str, progress: Any,
               keyed: Callable[[_Work, Index], Any]) -> None:
     """Generate every row of ``works`` the store does not hold, storing each as it finishes."""
     owner: dict[Any, tuple[_Work, Index]] = {keyed(work, index): (work, index)
@@ -177,7 +177,7 @@ def _generate(engine: Engine, works: list[_Work], variant: str, progress: bool,
                  len(work.predictions), len(work.indices), work.generated, work.log.directory)
 
     label = works[0].bench.name if len(works) == 1 else "+".join(w.bench.name for w in works)
-    bar = _progress_bar(missing, f"{label} {variant}", progress)
+    bar = _progress_bar(f"{label} {variant}", missing, sum(len(w.indices) for w in works), progress)
     try:
         for batch in todo:
             requests = [
@@ -277,9 +277,9 @@ def _tsv_md5(record: Any, bench: Benchmark, lmu_root: Path) -> str:
     return file_md5(lmu_root / bench.spec.tsv)
 
 
-def _progress_bar(total: int, label: str, enabled: bool):
-    if not enabled or total == 0:
-        return None
-    from tqdm.auto import tqdm
+def _progress_bar(label: str, total: int, rows: int, progress: Any):
+    """``progress``: True, False or a ``run.progress.Bars`` (that module's docstring)."""
+    from lavender_checks.run.progress import resolve
 
-    return tqdm(total=total, desc=label, unit="row")
+    bars = resolve(progress)
+    return bars(label, total, rows) if bars is not None else None

@@ -23,6 +23,10 @@ pytest-xdist (``-n auto`` = one worker per GPU):
 
 A selection (``-k``, ``-m``, node ids) runs only the benchmarks of its selected cases: the
 others are neither generated nor reported (``pytest_collection_finish``).
+Generation progress (``run.progress``) shows on the terminal while the session fixture runs,
+written around pytest's capture: a bar per benchmark and variant on a terminal, one line each
+in a CI log, nothing under ``-q -q``; xdist workers write their own lines, ``[gwN] ...``, to
+their stderr, which xdist leaves on the terminal (``_progress`` says why).
 
 Bad input stops the session at once, before any model loads: ``pytest.exit`` with the line
 and exit status ``lavender-checks run`` gives (``lavender_checks.errors``), instead of one setup
@@ -36,14 +40,19 @@ to the controller, which stops the whole session with it (``_Stopped``, ``pytest
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
+import signal
+import sys
+import threading
+from pathlib import Path
 
 import pytest
 
 from lavender_checks import REPORTS
-from lavender_checks.errors import EXIT_INPUT, EXIT_RANK_FAILED, error_line
+from lavender_checks.errors import EXIT_INPUT, EXIT_RANK_FAILED, EXIT_TERMINATED, Terminated, error_line
 from lavender_checks.run import distributed, pipeline
 from lavender_checks.run.collect import RunResults, collect_results
 from lavender_checks.run.config import (
@@ -167,12 +176,19 @@ class _Stopped:
 def pytest_configure(config):
     config.stash[_BARRIERS] = set()
     config.pluginmanager.register(_Stopped(config), "lavender-stopped")
+    _sigterm_as_interrupt(config)
+    from lavender_checks.notices import python_filters
+
+    # The libraries' warnings known to be harmless (known_warnings.toml) stay out of the summary.
+    for message, category in python_filters():
+        config.addinivalue_line("filterwarnings", f"ignore:{message}:{category}")
     try:
         # Bad options and missing inputs stop the session before collection, in the xdist
         # controller before any worker starts; what needs torch or writes is checked by the
         # gate's first fixture. Under torchrun all of it waits for that fixture: the ranks
         # join their group first, so that an input missing on one host stops all of them.
         run = run_config(config)
+        distributed.check_options(config.getoption("store_sharing"), config.getoption("dist_timeout"))
         if not distributed.launched():
             check_inputs(run)
             if run.from_vlmeval is None and run.device is not None and run.device_kind == "cuda":
@@ -234,6 +250,28 @@ def _selection_note(config: pytest.Config, outcome: GateOutcome) -> str:
     return (f"pytest selected {selection['gate_cases']} of the {len(outcome.verdicts)} verdicts of "
             f"{', '.join(outcome.reference.benchmarks) or 'the benchmarks run'}: the exit status covers "
             "only the selected cases; the report shows every verdict")
+def _sigterm_as_interrupt(config: pytest.Config) -> None:
+    """SIGTERM (a scheduler's stop) ends the session as Ctrl-C does, so the session fixtures
+    unwind (store locks released, finished predictions kept), then with status 143 and the
+    line ``lavender-checks run`` prints (``pytest_keyboard_interrupt``, ``pytest_sessionfinish``)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    config.add_cleanup(lambda: signal.signal(signal.SIGTERM, previous))
+
+
+_TERMINATED: list[bool] = []  # set when SIGTERM ended this process's session
+
+
+def pytest_keyboard_interrupt(excinfo):
+    if isinstance(excinfo.value, Terminated):
+        _TERMINATED.append(True)
+        print("terminated (SIGTERM); finished predictions are kept and a rerun resumes from them",
+              file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -305,7 +343,7 @@ def run_results(gate_config, worker_barrier, request) -> RunResults:
         return collect_results(
             gate_config, load_pair=lambda: request.getfixturevalue("model_pair"), shard=shard,
             wait_for_shards=worker_barrier,
-            writer=worker[0] if worker else "main", progress=False,
+            writer=worker[0] if worker else "main", progress=_progress(request.config),
         )
     except input_errors() as exc:
         _stop(exc)
@@ -317,7 +355,7 @@ def _torchrun_results(gate_config, request) -> RunResults:
         run = collect_results(
             gate_config, load_pair=lambda: request.getfixturevalue("model_pair"),
             shard=(shards.own, shards.count), wait_for_shards=shards, writer=shards.writer,
-            progress=False)
+            progress=_progress(request.config))
     except input_errors() as exc:
         _stop(exc)
     except distributed.RankFailure as exc:  # every rank ends at once, with the rank to blame
@@ -326,6 +364,61 @@ def _torchrun_results(gate_config, request) -> RunResults:
         request.config.stash[_GATE_SUMMARY] = {"rank": shards.skip_reason()}
         pytest.skip(shards.skip_reason())
     return run
+
+
+def _progress(config: pytest.Config):
+    """Generation progress on the terminal, as ``lavender-checks run`` shows it (``run.progress``),
+    written around pytest's output capture (as live logging is): per benchmark and variant, a
+    bar on a terminal, one line in a CI log (no TTY, or ``CI`` set); nothing under ``-q -q``.
+
+    Under pytest-xdist the workers generate, and xdist hands a worker's output to the
+    controller only when its tests report, i.e. after the generation. So each worker writes
+    its own lines, prefixed ``[gwN]``, to its stderr: xdist leaves a worker's stderr on the
+    controller's terminal (its stdout goes to /dev/null). Lines, not bars: several processes
+    redraw one terminal line badly."""
+    if config.getoption("verbose") <= -2:
+        return False
+    from lavender_checks.run.progress import line_bars, tqdm_bars
+
+    capture = config.pluginmanager.getplugin("capturemanager")
+    reporter = config.pluginmanager.getplugin("terminalreporter")
+
+    def uncaptured(write):
+        def write_around_capture(text):
+            with (capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext()):
+                write(text)
+        return write_around_capture
+
+    worker = _worker()
+    if worker is not None or reporter is None:
+        prefix = f"[{worker[0]}] " if worker is not None else ""
+
+        def to_stderr(text):
+            sys.stderr.write(prefix + text + "\n")
+            sys.stderr.flush()
+
+        return line_bars(uncaptured(to_stderr))
+    if os.environ.get("CI") or not reporter.isatty:
+        def to_reporter(text):
+            reporter.ensure_newline()
+            reporter.write_line(text)
+
+        return line_bars(uncaptured(to_reporter))
+
+    class _Terminal:  # tqdm's stream: the terminal, whatever pytest captures meanwhile
+        write = staticmethod(uncaptured(lambda text: (sys.stderr.write(text), sys.stderr.flush())))
+
+        def flush(self):
+            pass
+
+    bars = tqdm_bars(_Terminal())
+
+    def bar_on_its_own_line(label, total, rows):
+        if total:
+            uncaptured(lambda _: reporter.ensure_newline())("")
+        return bars(label, total, rows)
+
+    return bar_on_its_own_line
 
 
 @pytest.fixture(scope="session")
@@ -412,12 +505,17 @@ def pytest_testnodedown(node, error):
 def pytest_sessionfinish(session):
     """Controller (or a session without xdist): the snapshot accounts of the whole session go
     into the run's report folder; every worker is done, so the barrier folders can go. Under
-    GitHub Actions the verdicts and the snapshot diff go to the job's summary page."""
+    GitHub Actions the verdicts and the snapshot diff go to the job's summary page. A session
+    ended by SIGTERM ends with its status, 143."""
     config = session.config
+    if session.exitstatus == pytest.ExitCode.INTERRUPTED and _TERMINATED:
+        session.exitstatus = EXIT_TERMINATED
     if hasattr(config, "workeroutput"):
         return
     for folder in config.stash.get(_BARRIERS, ()):
         shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):  # store/.shards/ too, unless another run uses it
+            Path(folder).parent.rmdir()
     summary, accounts = config.stash.get(_GATE_SUMMARY, None), config.stash.get(_SNAPSHOT_ACCOUNTS, None)
     if (summary is not None and summary.get("noncomparable") and not summary.get("allow_noncomparable")
             and session.exitstatus == pytest.ExitCode.OK):

@@ -37,3 +37,15 @@ def test_quiet_run_prints_no_progress_no_library_notices_and_only_problems(tmp_p
     lines = done.stdout.splitlines()
     assert lines[0] == "9 pass, 0 fail, 0 missing (reproduce)"  # no table of passing rows
     assert lines[1].startswith("report: ") and len(lines) == 2
+
+
+def test_a_warning_is_one_notice_line_without_its_source(tmp_path):
+    """--limit 1 on ChartQA (two splits) raises the limit, with a warning: one line, never
+    Python's "file:line: UserWarning" with the source line under it; --quiet included."""
+    done = _cli("run", "--quiet", "--benchmark", "ChartQA_TEST", "--limit", "1",
+                "--store", str(tmp_path / "store"), "--reports", str(tmp_path / "reports"), tmp_path=tmp_path)
+    assert done.returncode in (0, 1), done.stdout + done.stderr
+    notices = [line for line in done.stderr.splitlines() if line.strip()]
+    assert "lavender-checks run: warning: ChartQA_TEST: limit 1 raised to 2 units so that every split " \
+           "is represented" in notices, done.stderr
+    assert all(line.startswith("lavender-checks run: warning: ") for line in notices), done.stderr

@@ -181,10 +181,17 @@ def test_missing_files_are_named_with_where_it_looked(tmp_path, seed_frames):
     assert f"{LAVENDER}_MME" in run.missing["MME"] and f"{BASE}_MME" not in run.missing["MME"]
     assert str(work / LAVENDER) in run.missing["MME"]  # where it looked
     assert f"{BASE}_DocVQA_VAL" in run.missing["DocVQA_VAL"]
-    assert run.results["MME"] == {"base": None, "lavender": None}
+    assert run.results["DocVQA_VAL"] == {"base": None, "lavender": None}
     assert run.results["ChartQA_TEST"]["lavender"] is not None
+    # The base file of MME is there: it is scored and judged; only Lavender and the gain are
+    # missing, each naming the Lavender file (never "no base result").
+    assert run.results["MME"]["base"] is not None and run.results["MME"]["lavender"] is None
     mme = [v for v in outcome.verdicts if v.benchmark == "MME"]
-    assert mme and all(v.status == "missing" for v in mme)
+    assert mme and all(v.status == "pass" for v in mme if v.quantity == "base")
+    assert all(v.status == "missing" for v in mme if v.quantity != "base")
+    for verdict in (v for v in mme if v.quantity != "base"):
+        assert f"{LAVENDER}_MME" in verdict.reason and "no base result" not in verdict.reason
+    assert not outcome.passed
 
 
 def test_a_folder_without_any_prediction_file_is_refused(tmp_path):
@@ -255,7 +262,8 @@ def test_pytest_gate_over_a_folder_fails_what_is_missing(tmp_path, seed_frames):
     out = done.stdout
     mme_rows = sum(r.benchmark == "MME" for r in SEED.rows)
     assert done.returncode == 1, out + done.stderr
-    assert f"{3 * mme_rows} failed, {3 * (len(SEED.rows) - mme_rows)} passed, 4 skipped" in out
+    # MME's base file is there: its base cases pass; Lavender's and the gain's fail.
+    assert f"{2 * mme_rows} failed, {3 * len(SEED.rows) - 2 * mme_rows} passed, 4 skipped" in out
     assert "FAILED tests/benchmarks/test_gate.py::test_gain[MME-total]" in out
     assert "lavender-checks gate" in out and f"missing MME: no prediction file {LAVENDER}_MME" in out
     runs = [p.name for p in reports.iterdir() if RUN_ID_PATTERN.match(p.name)]

@@ -38,6 +38,10 @@ def gate(pytester, tmp_path, monkeypatch):
     # A subprocess session (and its xdist workers) imports this checkout's package, not the
     # one installed in the environment, which may be another checkout's.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    # A subprocess session runs in pytester's folder: it imports this checkout's package, not
+    # one installed elsewhere.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                                   os.environ.get("PYTHONPATH")])))
 
     def run(*options: str, subprocess: bool = False):
         runner = pytester.runpytest_subprocess if subprocess else pytester.runpytest
@@ -145,6 +149,45 @@ def test_without_lmu_data_a_missing_model_is_reported_before_a_missing_lmudata(g
     assert f"{ERROR_LINE}--base-model {tmp_path / 'no-model'}: no such folder" in output, output
 
 
+@pytest.mark.parametrize("quiet", [(), ("-q", "-q")])
+def test_generation_progress_shows_during_the_session_unless_quiet(gate, tmp_path, quiet):
+    """Without a TTY (a CI log): one line per benchmark and variant generated, written while
+    the session fixture runs (before the cases' outcomes), not captured; none under -q -q."""
+    result = gate("--benchmark", "ChartQA_TEST", "--limit", "1", "--store", str(tmp_path / "store"),
+                  *quiet, subprocess=True)
+    lines = [line for line in result.outlines if re.match(r"ChartQA_TEST (base|lavender): generated \d+ of \d+ rows in ", line)]
+    if quiet:
+        assert not lines, result.outlines
+        return
+    assert [line.split(":")[0] for line in lines] == ["ChartQA_TEST base", "ChartQA_TEST lavender"], result.outlines
+    assert all("(0 of " in line and "were stored)" in line for line in lines)
+    assert result.outlines.index(lines[-1]) < next(i for i, line in enumerate(result.outlines)
+                                                   if "lavender-checks gate" in line)
+
+
+def test_sigterm_ends_the_session_as_ctrl_c_does_with_143(pytester, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    pytester.makepyfile(test_stop="""
+        import os, signal, time
+
+        def test_stopped_by_the_scheduler():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+        """)
+    result = pytester.runpytest_subprocess("-p", "lavender_checks.run.pytest_plugin", "-p", "no:cacheprovider",
+                                           timeout=120)
+    assert result.ret == 143
+    assert "terminated (SIGTERM); finished predictions are kept and a rerun resumes" in result.stderr.str()
+
+
+def test_torchrun_options_outside_torchrun_stop_the_session(gate):
+    result = gate("--store-sharing", "shared", "--dist-timeout", "30", subprocess=True)
+    assert result.ret == 2
+    output = "\n".join(result.outlines + result.errlines)
+    assert output.count(f"{ERROR_LINE}--store-sharing shared decides how torchrun") == 1, output
+    assert not re.search(r"\d+ (passed|failed|errors?)\b", output), output
+
+
 def test_an_unwritable_store_is_one_error_before_any_model(gate, tmp_path):
     afile = tmp_path / "a-file"
     afile.write_text("x")
@@ -190,7 +233,11 @@ def test_a_sharded_session_leaves_no_barrier_folder(gate, tmp_path, monkeypatch)
     assert len(by_key) == 2, sorted(by_key)  # base and Lavender
     base, lavender = by_key.values()
     assert len(base) == len(set(base)) and sorted(base) == sorted(lavender) and base
-    assert (store / ".shards").is_dir() and not list((store / ".shards").iterdir())
+    assert not (store / ".shards").exists()  # its barrier folder, then the empty .shards/
+    # The workers' progress reached the terminal while they generated (their stderr), one
+    # line per benchmark and variant each generated, naming the worker.
+    progress = [line for line in result.errlines if re.match(r"\[gw[01]\] ChartQA_TEST (base|lavender): generated ", line)]
+    assert {line.split()[2] for line in progress} == {"base:", "lavender:"}, result.errlines
 
 
 def test_cuda_without_cuda_is_one_error_before_any_case_even_under_xdist(gate, capsys):

@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -502,6 +503,60 @@ def test_a_missing_model_is_reported_before_a_missing_lmudata(tmp_path, capsys, 
     one_error_line(capsys.readouterr().err, f"LMUData folder {tmp_path / 'home' / 'LMUData'} does not exist")
 
 
+def test_a_file_given_as_a_folder_is_named_as_a_file(tmp_path, capsys, no_model_load):
+    """--lmu-data, --from-vlmeval and --base-model naming a file say so, not "does not exist"."""
+    afile = tmp_path / "LMUData.tsv"
+    afile.write_text("index\tquestion\n")
+    assert cli.main(["run", "--lmu-data", str(afile), "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, f"--lmu-data LMUData folder {afile}: is a file, not a folder")
+    assert cli.main(["run", "--from-vlmeval", str(afile), "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, f"--from-vlmeval {afile}: is a file, not a folder")
+    assert cli.main(["run", "--profile", str(tmp_path), "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, f"profile {tmp_path} is a folder, not a profile file")
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--strict-data", "--allow-noncomparable"], ["--strict-data", "--allow-noncomparable", "one of them"]),
+    (["--dist-timeout", "-5"], ["--dist-timeout must be a positive number of seconds, got -5"]),
+    (["--dist-timeout", "nan"], ["--dist-timeout must be a positive number"]),
+    (["--store-sharing", "gather"], ["--store-sharing gather", "not started by torchrun"]),
+])
+def test_options_that_cannot_work_together_or_here_are_refused(options, words, capsys, no_model_load,
+                                                               monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)  # not under torchrun
+    assert cli.main(["run", *options, "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, *words)
+
+
+@pytest.mark.parametrize("sig, status, words", [
+    (signal.SIGTERM, 143, "terminated (SIGTERM); finished predictions are kept and a rerun resumes"),
+    (signal.SIGINT, 130, "interrupted; finished predictions are kept and a rerun resumes"),
+])
+def test_sigterm_ends_as_ctrl_c_does_with_its_own_status(sig, status, words, capsys, monkeypatch):
+    """A scheduler's stop (SIGTERM) unwinds the run as Ctrl-C does (what it holds is released)
+    and says what Ctrl-C says; the handler is put back afterwards."""
+    unwound = []
+
+    def run_until_signalled(args):
+        try:
+            os.kill(os.getpid(), sig)
+            time.sleep(5)
+        finally:
+            unwound.append(True)
+        return 0
+
+    monkeypatch.setattr(pipeline, "_run", run_until_signalled)
+    ignored = lambda signum, frame: None  # noqa: E731 - a SIGTERM cli.main does not take ends nothing
+    before = signal.signal(signal.SIGTERM, ignored)
+    try:
+        assert cli.main(["run", "--quiet"]) == status
+        assert signal.getsignal(signal.SIGTERM) is ignored  # put back
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert unwound == [True]
+    assert words in capsys.readouterr().err
+
+
 # ------------------------------------------------------------ the model pair, loaded lazily
 
 
@@ -657,25 +712,38 @@ def test_the_processes_of_one_sharded_run_share_the_locks(tmp_path):
 # ------------------------------------------------------------ leftovers
 
 
-def test_stale_partial_reports_go_and_keep_reports_prunes_old_runs(tmp_path):
-    from lavender_checks.gate.report import new_run_id
+def test_partial_reports_of_killed_runs_go_at_the_next_report_and_keep_reports_prunes_old_runs(tmp_path):
+    """A killed run's .partial folder goes at the next report however young it is (as the
+    README says); one that another run is writing at that moment stays."""
+    from lavender_checks.gate import report
 
     reports = tmp_path / "reports"
     runs = [reports / f"2026010{i}-000000-0000000{i}" for i in range(1, 5)]
     for run in runs:
         (run / "report.json").parent.mkdir(parents=True)
         (run / "report.json").write_text("{}")
-    stale = reports / f".{new_run_id()}.partial"
-    fresh = reports / f".{new_run_id()}.partial"
+    stale = reports / f".{report.new_run_id()}.partial"
+    fresh = reports / f".{report.new_run_id()}.partial"  # killed a second ago
+    being_written = reports / f".{report.new_run_id()}.partial"
     stale.mkdir()
     fresh.mkdir()
+    orphan_lock = reports / f".{report.new_run_id()}.partial.lock"  # killed before its mkdir
+    orphan_lock.write_bytes(b"")
     old = time.time() - 3600
     os.utime(stale, (old, old))
     (reports / "store").mkdir()
-    removed = prune_reports(reports, keep=2)
-    assert set(removed) == {stale, runs[0], runs[1]}
+    writer = report._lock_partial(being_written)  # as write_report holds it, before its mkdir
+    being_written.mkdir()
+    try:
+        removed = prune_reports(reports, keep=2)
+    finally:
+        writer.close()
+    assert set(removed) == {stale, fresh, orphan_lock, runs[0], runs[1]}
     assert sorted(p.name for p in reports.iterdir()) == sorted(
-        [fresh.name, "store", runs[2].name, runs[3].name])
+        [being_written.name, being_written.name + ".lock", "store", runs[2].name, runs[3].name])
+    # Its writer gone (the lock is free), it goes at the next report, lock file and all.
+    assert prune_reports(reports) == [being_written]
+    assert sorted(p.name for p in reports.iterdir()) == sorted(["store", runs[2].name, runs[3].name])
 
 
 def test_keep_reports_through_the_command(tmp_path, capsys, no_model_load):

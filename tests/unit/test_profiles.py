@@ -143,6 +143,12 @@ def test_missing_file_is_named(tmp_path):
         load_profile(tmp_path / "absent.toml")
 
 
+def test_a_folder_given_as_profile_is_named_as_a_folder(tmp_path):
+    with pytest.raises(ProfileError, match="is a folder, not a profile file") as err:
+        load_profile(tmp_path)
+    assert "does not exist" not in str(err.value)
+
+
 def test_describe_is_plain_data():
     profile = load_profile("vlmevalkit")
     described = json.loads(json.dumps(profile.describe()))

@@ -102,10 +102,10 @@ def test_files_are_written(written):
 def test_markdown_has_the_seed_reports_sections(written, run_inputs):
     md = (written / "report.md").read_text(encoding="utf-8")
     headings = [line for line in md.splitlines() if line.startswith("## ")]
-    # Scope first (as reports/README.md lays it out), then the results.
-    assert headings == ["## Scope", "## Overall comparison", "## ChartQA breakdown",
+    # Results first (as reports/README.md lays it out), scope and configuration after them.
+    assert headings == ["## Overall comparison", "## ChartQA breakdown",
                         "## MMBench (selected sub-scores, %)", "## MME", "## Verdicts",
-                        "## Every metric measured", "## Files"]
+                        "## Every metric measured", "## Scope", "## Files"]
     assert "NOT COMPARABLE" not in md  # no data was described
     assert "`abc123`" in md and "`def456`" in md and "`f00d`" in md  # fingerprints and profile
     assert "lxasqjc/lavender-llama-3.2-11b-lora" in md  # the reference run's settings
@@ -117,6 +117,17 @@ def test_markdown_has_the_seed_reports_sections(written, run_inputs):
     human = next(line for line in md.splitlines() if line.startswith("| test_human |"))
     assert f"{np.mean(base_c[:200]) * 100:.2f} (11.52)" in human
     assert f"{(np.mean(lav_c[:200]) - np.mean(base_c[:200])) * 100:+.2f} | +19.92 |" in human
+
+
+def test_results_come_before_the_scope(written):
+    """The summary line and the first results table open report.md, within a screen; the
+    run's configuration (hundreds of lines on a real run) follows every result."""
+    lines = (written / "report.md").read_text(encoding="utf-8").splitlines()
+    assert lines[2].startswith("Written ") and "Verdicts: **" in lines[2]
+    assert lines.index("## Overall comparison") < 10
+    scope = lines.index("## Scope")
+    for heading in ("## MME", "## Verdicts", "## Every metric measured"):
+        assert lines.index(heading) < scope
 
 
 def test_mme_rows_are_ranked_by_measured_gain(written, run_inputs):
@@ -270,3 +281,18 @@ def test_a_subsets_rows_read_n_of_N(run_inputs, tmp_path, no_plot):
     assert "| 200 of 1250 |" in human
     ocr = next(line for line in md.splitlines() if line.startswith("| ocr |"))
     assert " of " not in ocr.split(" | ")[6]  # not measured: no n at all
+
+
+def test_a_report_being_written_survives_another_runs_pruning(run_inputs, tmp_path, monkeypatch):
+    """Another run's report (which prunes killed runs' .partial folders) arriving while this
+    one is written leaves this one alone; its lock file goes with it."""
+    from lavender_checks.run.judge import prune_reports
+
+    reference, verdicts, results, metadata, _ = run_inputs
+    pruned = []
+    monkeypatch.setattr(report_module, "_plot_gains",
+                        lambda path, *args: pruned.extend(prune_reports(tmp_path)) or path.write_bytes(b"png"))
+    written = write_report(tmp_path, None, reference, verdicts, results, metadata)
+    assert pruned == []
+    assert (written / "report.md").is_file() and (written / "gains.png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [written.name, "latest"]

@@ -293,3 +293,15 @@ def test_versions_alone_are_no_change_and_a_file_without_them_stays_valid():
     older["row_scores"][0][1] = 0
     notes = compare(older, now)["notes"]
     assert any(n.startswith("the accepted snapshot records no versions") and "torch 2.13.0+cpu" in n for n in notes)
+def test_counts_read_as_whole_numbers():
+    """Row, unit and n counts are integers: "12 → 10", never "12.00 → 10.00" or "1.2e+06"."""
+    base, lavender, preds = _pair()
+    current = _snap(base, lavender, preds)
+    accepted = json.loads(dumps(current.snapshot))
+    accepted["rows"], accepted["units"] = 10, 1_234_567
+    accepted["metrics"]["Overall"]["n"] = 1_234_567
+    accepted["metrics"]["Overall"]["base"] = 40.0
+    text = snapshots.markdown([compare(accepted, current)])
+    assert "- rows: 10 → 12" in text and "- units: 1234567 → 12" in text
+    row = next(line for line in text.splitlines() if line.startswith("| Overall"))
+    assert "1234567 → —" in row and "e+06" not in row
