@@ -106,6 +106,8 @@ def predict_run(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: An
     log.info("%s/%s: %d of %d predictions stored, %d to generate (store %s)", bench.name, variant,
              len(predictions), len(indices), missing, prediction_log.directory)
 
+    if missing and hasattr(pair, "check_variant"):
+        pair.check_variant(variant)  # a series' refused checkpoint: model.AdapterRefused
     bar = _progress_bar(missing, f"{bench.name} {variant}", progress)
     try:
         for batch in todo:
@@ -175,7 +177,7 @@ def store_key(pair: Any, bench: Benchmark, data: Any, profile: Profile, variant:
         compute += "-batch-dependent"
     return StoreKey(
         base_fingerprint=pair.base_fingerprint,
-        adapter_fingerprint=None if variant == BASE_VARIANT else pair.adapter_fingerprint,
+        adapter_fingerprint=None if variant == BASE_VARIANT else _adapter_fingerprint(pair, variant),
         benchmark=bench.name,
         tsv_md5=_tsv_md5(data.provenance if isinstance(data, BenchmarkData) else None, bench,
                          Path(lmu_root)),
@@ -183,6 +185,15 @@ def store_key(pair: Any, bench: Benchmark, data: Any, profile: Profile, variant:
         profile_fingerprint=profile.fingerprint,
         compute=compute,
     )
+
+
+def _adapter_fingerprint(pair: Any, variant: str) -> str | None:
+    """The fingerprint of the adapter that computes ``variant``: a series' pair has one per
+    checkpoint (``adapter_fingerprints``), any other pair one."""
+    per_variant = getattr(pair, "adapter_fingerprints", None)
+    if per_variant:
+        return per_variant[variant]
+    return pair.adapter_fingerprint
 
 
 def _compute_of(pair: Any) -> str:

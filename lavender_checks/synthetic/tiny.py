@@ -1083,6 +1083,33 @@ def write_inert_adapter(source: Path, dest: Path) -> Path:
     return _rewrite_adapter(source, dest, lambda key: key, lambda key, t: torch.zeros_like(t) if ".lora_B." in key else t)
 
 
+def write_scaled_adapter(source: Path, dest: Path, factor: float) -> Path:
+    """Copy an adapter with every ``lora_B`` times ``factor``: the adapter's change scaled, as
+    a checkpoint earlier or later in training might have it."""
+    return _rewrite_adapter(source, dest, lambda key: key,
+                            lambda key, t: t * factor if ".lora_B." in key else t)
+
+
+# A checkpoint series of the tiny adapter, as a Trainer's output_dir holds it: step -> how it
+# is made from the tiny adapter ("inert": every lora_B zero, as at step 0; a number: lora_B
+# scaled by it; 1.0: the tiny adapter itself, whose numbers tiny-mini.toml records).
+TINY_SERIES = {100: "inert", 200: 0.5, 300: 1.0}
+
+
+def write_checkpoint_series(adapter: Path, output_dir: Path, steps: dict[int, Any] | None = None) -> list[Path]:
+    """``output_dir/checkpoint-<step>/`` for each of ``steps`` (default ``TINY_SERIES``), made
+    from ``adapter``; returns the folders in step order."""
+    folders = []
+    for step, how in sorted((steps or TINY_SERIES).items()):
+        dest = Path(output_dir) / f"checkpoint-{step}"
+        if how == "inert":
+            write_inert_adapter(adapter, dest)
+        else:
+            write_scaled_adapter(adapter, dest, float(how))
+        folders.append(dest)
+    return folders
+
+
 def _rewrite_adapter(source: Path, dest: Path, rename, transform=None) -> Path:
     from safetensors.torch import load_file, save_file
 
