@@ -287,8 +287,9 @@ class SeriesOutcome:
             role = "gated" if c.gated else "not gated (--gate-series all gates it)"
             lines.append(f"--- {c.name} ({role})")
             if c.refused:  # every verdict missing for one reason: said once
-                lines.append(f"{c.name}: adapter refused, its {len(c.outcome.verdicts)} verdicts are "
-                             f"missing: {c.refused}")
+                missing = sum(v.status == "missing" for v in c.outcome.verdicts)
+                lines.append(f"{c.name}: adapter refused, its {missing} Lavender and gain verdicts "
+                             f"are missing: {c.refused}")
             else:
                 lines.append(c.outcome.table(only_problems=only_problems or not c.gated))
         lines += self.summary_lines()
