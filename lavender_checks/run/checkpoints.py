@@ -56,9 +56,11 @@ def is_adapter_folder(path: Path) -> bool:
 def adapter_series(lora: Path | tuple[Path, ...] | None) -> tuple[Checkpoint, ...] | None:
     """The checkpoints of a series, in order; None when ``lora`` is one adapter (or none).
 
-    Raises SeriesInputError, naming the option and folder, for a folder with no adapter in it,
-    a ``checkpoint-*`` folder without ``adapter_config.json`` beside good ones, an adapter
-    folder given twice or two of one name, or a name the base model's variant holds.
+    A folder with no adapter in it (nor a ``checkpoint-*`` folder) is no series: the usual
+    run refuses it as it refuses any folder that is not an adapter. Raises SeriesInputError,
+    naming the option and folder, for a ``checkpoint-*`` folder without ``adapter_config.json``
+    beside good ones, an adapter folder given twice or two of one name, or a name the base
+    model's variant holds.
     """
     if lora is None:
         return None
@@ -69,6 +71,8 @@ def adapter_series(lora: Path | tuple[Path, ...] | None) -> tuple[Checkpoint, ..
         if not folder.is_dir() or is_adapter_folder(folder):
             return None  # one adapter: the usual run, whose own checks name what is wrong
         found = _adapters_in(folder)
+        if not found:
+            return None  # no adapter anywhere: the usual run's checks say so, as for any folder
     _check_names(found)
     return tuple(found)
 
@@ -105,10 +109,6 @@ def _adapters_in(folder: Path) -> list[Checkpoint]:
             f"--lora {folder}: {', '.join(p.name for p in broken)} has no {ADAPTER_CONFIG} "
             "(a checkpoint saved halfway, or not a LoRA run's); remove it or give the good "
             "checkpoints with --lora each")
-    if not checkpoints and not others:
-        raise SeriesInputError(
-            f"--lora {folder}: no {ADAPTER_CONFIG} there and no subfolder with one: neither an "
-            "adapter folder nor a folder of adapters (checkpoint-N/)")
     checkpoints.sort(key=lambda c: c.step)
     return checkpoints + others
 

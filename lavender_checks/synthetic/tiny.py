@@ -990,6 +990,29 @@ def wrap_with_random_lora(model, lora: dict, seed: int, b_std: float, adjust_b=N
     return peft_model
 
 
+def add_random_lora(model, lora: dict, seed: int, b_std: float, adapter_name: str):
+    """A random LoRA (as ``wrap_with_random_lora`` draws it) added under ``adapter_name``: to
+    ``model`` when peft already wraps it (beside its other adapters), else wrapping it. The
+    same seed gives the same weights either way, whatever adapters are there already."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        if isinstance(model, PeftModel):
+            model.add_adapter(adapter_name, LoraConfig(**lora))
+        else:
+            model = get_peft_model(model, LoraConfig(**lora), adapter_name=adapter_name)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if f".lora_B.{adapter_name}." in name:
+                    param.normal_(std=b_std)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.eval()
+
+
 @contextlib.contextmanager
 def random_lora(model, seed: int):
     """``model`` wrapped with the random LoRA of ``seed`` (the same weights for the same seed

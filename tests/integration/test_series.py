@@ -174,7 +174,7 @@ def no_model_loads(monkeypatch):
 @pytest.mark.parametrize("case, expected", [
     ("two of one name", "--lora: two adapters are named 'checkpoint-300'"),
     ("another base model", "adapter_other_base: made for another base model"),
-    ("no adapters", "no subfolder with one"),
+    ("no adapters", "empty has no adapter_config.json: not a peft adapter folder"),
     ("a checkpoint without adapter_config.json", "checkpoint-250 has no adapter_config.json"),
 ])
 def test_bad_series_stop_before_any_model_loads(case, expected, tiny_checkpoints, tmp_path, capsys, no_model_loads):
@@ -240,3 +240,36 @@ def test_the_pytest_gate_has_cases_per_checkpoint(series, tiny_checkpoints, pyte
     every.stdout.fnmatch_lines(["*test_gain?checkpoint-300-ChartQA_TEST-Overall? PASSED*",
                                 "*_ test_gain?checkpoint-100-ChartQA_TEST-Overall? _*",
                                 "checkpoint-100: adapter refused, no predictions: *does not change the logits*"])
+
+
+# ----------------------------------------------------------------------------- --from-vlmeval
+
+
+def test_a_vlmeval_work_dir_with_several_lavender_models(tmp_path, capsys):
+    """Several Lavender model folders of one VLMEvalKit work dir, ``--lavender-name`` repeated:
+    each gated on its own, the last one judged by default, every one with --gate-series all."""
+    from lavender_checks.vlmeval_io import write_prediction_file
+    from tests.integration.test_from_vlmeval import chartqa_frames
+
+    frames = chartqa_frames()
+    work = tmp_path / "outputs"
+    models = {"llama_vision_base": frames["base"], "lavender_checkpoint-100": frames["base"],  # no gain yet
+              "lavender_checkpoint-200": frames["lavender"]}
+    for model, frame in models.items():
+        write_prediction_file(frame, work / model / "T20260820-101500" / f"{model}_ChartQA_TEST.tsv")
+    args = ["run", "--from-vlmeval", str(work), "--benchmark", "ChartQA_TEST", "--reports", str(tmp_path / "r"),
+            "--lavender-name", "lavender_checkpoint-100", "--lavender-name", "lavender_checkpoint-200", "--quiet"]
+    assert cli.main(args) == 0, capsys.readouterr().out
+    report = latest_report(tmp_path / "r")
+    first, last = report["checkpoints"]
+    assert (first["name"], first["step"], last["name"]) == ("lavender_checkpoint-100", 100, "lavender_checkpoint-200")
+    assert first["summary"]["fail"] > 0 and last["summary"]["fail"] == last["summary"]["missing"] == 0
+    assert report["series"]["first_passing"] == "lavender_checkpoint-200"
+    rows = len(frames["base"])
+    assert report["predictions"]["ChartQA_TEST"] == {
+        variant: {"generated": 0, "reused": 0} for variant in ("base", "lavender_checkpoint-100", "lavender_checkpoint-200")}
+    assert report["metadata"]["series"]["checkpoints"][0]["path"] is None and rows == 2500
+    assert cli.main([*args, "--gate-series", "all"]) == 1
+    assert "gated checkpoints that did not pass: lavender_checkpoint-100" in capsys.readouterr().out
+    assert cli.main([*args, "--lavender-name", "lavender_checkpoint-100"]) == 2
+    assert "two adapters are named 'lavender_checkpoint-100'" in capsys.readouterr().err
