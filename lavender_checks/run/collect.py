@@ -412,6 +412,9 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
         "work_dir": str(work_dir),
         "models": names,
         "files": files,
+        # read from the files: nothing generated, nothing from the store
+        "predictions": {b: {v: {"generated": 0, "reused": 0, "read": len(rows)} for v, rows in per.items()}
+                        for b, per in predictions.items()},
         "data": data_info,
         "missing": dict(missing),
         "timing": {"total_s": round(time.time() - started, 3)},

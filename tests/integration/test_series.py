@@ -90,17 +90,25 @@ def test_a_series_gates_each_checkpoint_and_generates_the_base_once(series):
 
 
 @pytest.mark.slow
-def test_each_checkpoint_is_judged_as_a_one_adapter_run_of_it(series, tiny_checkpoints):
+def test_each_checkpoint_is_judged_as_a_one_adapter_run_of_it(series, tiny_checkpoints, tmp_path):
     """A one-adapter run of a checkpoint on the same store generates nothing (the series
-    stored it under the keys that run uses) and gives the series' verdicts, bands included."""
+    stored it under the keys that run uses) and gives the series' verdicts, bands included;
+    its report counts its predictions too."""
+    from lavender_checks.run.judge import write_run_report
+
     for entry in series["report"]["checkpoints"][1:]:
         config = RunConfig(base_model=tiny_checkpoints.base, lora=Path(entry["path"]), lmu_data=MINI,
                            reference=TINY_REFERENCE, store=series["store"], benchmarks=BENCHMARKS)
         run = collect_results(config, progress=False)
         assert all(c["generated"] == 0 for per in run.metadata["predictions"].values() for c in per.values())
         assert run.metadata["fingerprints"]["adapter"] == entry["adapter_fingerprint"]
-        single = [json.loads(json.dumps(v.to_dict())) for v in judge_run(run).verdicts]
+        outcome = judge_run(run)
+        single = [json.loads(json.dumps(v.to_dict())) for v in outcome.verdicts]
         assert single == entry["verdicts"], entry["name"]
+    report = json.loads((write_run_report(run, outcome, reports_root=tmp_path) / "report.json").read_text())
+    assert report["predictions"] == {b: {"base": {"generated": 0, "reused": rows},
+                                         "lavender": {"generated": 0, "reused": rows}} for b, rows in ROWS.items()}
+    assert "checkpoints" not in report
 
 
 @pytest.mark.slow
@@ -273,3 +281,48 @@ def test_a_vlmeval_work_dir_with_several_lavender_models(tmp_path, capsys):
     assert "gated checkpoints that did not pass: lavender_checkpoint-100" in capsys.readouterr().out
     assert cli.main([*args, "--lavender-name", "lavender_checkpoint-100"]) == 2
     assert "two adapters are named 'lavender_checkpoint-100'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- several processes
+
+
+def _verdicts(report: dict) -> dict[str, list]:
+    return {c["name"]: [(v["row_id"], v["quantity"], v["status"], v["measured"], v["band"]) for v in c["verdicts"]]
+            for c in report["checkpoints"]}
+
+
+@pytest.mark.slow
+def test_pytest_xdist_workers_share_a_series(series, tiny_checkpoints, tmp_path):
+    """``pytest -n 2``: each worker generates its shard of every variant (base and each
+    checkpoint) into a fresh store; both score the union; one report, the one-process verdicts."""
+    reports = tmp_path / "reports"
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PYTEST_")}
+    env.update(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", str(GATE_TESTS), "-q", "-p", "no:cacheprovider", "-n", "2",
+         *run_args(tiny_checkpoints.base, series["out"], store=tmp_path / "store", reports=reports)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = [p for p in reports.iterdir() if p.is_dir() and not p.is_symlink() and (p / "report.json").is_file()]
+    assert len(runs) == 1  # written once
+    report = json.loads((runs[0] / "report.json").read_text())
+    assert _verdicts(report) == _verdicts(series["report"])
+    assert "first checkpoint from which every verdict passes: checkpoint-300" in done.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_a_series(series, tiny_checkpoints, tmp_path):
+    """torchrun, two ranks: each generates its shard of every variant, rank 0 gates each
+    checkpoint on the union as one process does; the base's rows are generated once."""
+    from tests.integration.test_torchrun import Launch
+
+    reports = tmp_path / "reports"
+    launch = Launch(tmp_path, "series", 1, 2, ["-m", "lavender_checks.cli", "run", "--quiet",
+                                                *run_args(tiny_checkpoints.base, series["out"],
+                                                          store=tmp_path / "store", reports=reports)])
+    codes = launch.wait(timeout=900)
+    assert codes == [0], launch.output() + launch.rank_output(0, 0)
+    report = latest_report(reports)
+    assert _verdicts(report) == _verdicts(series["report"])
+    # every row of the base and of the two good checkpoints, once, over the two ranks
+    assert sum(report["metadata"]["torchrun"]["generated_by_rank"]) == 3 * sum(ROWS.values())
