@@ -106,8 +106,8 @@ def predict_run(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: An
     log.info("%s/%s: %d of %d predictions stored, %d to generate (store %s)", bench.name, variant,
              len(predictions), len(indices), missing, prediction_log.directory)
 
-    if missing and hasattr(pair, "check_variant"):
-        pair.check_variant(variant)  # a series' refused checkpoint: model.AdapterRefused
+    if missing and getattr(pair, "adapter_fingerprints", None):  # a series' pair (no load to ask)
+        pair.check_variant(variant)  # a refused checkpoint: model.AdapterRefused
     bar = _progress_bar(missing, f"{bench.name} {variant}", progress)
     try:
         for batch in todo:
