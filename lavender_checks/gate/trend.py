@@ -142,7 +142,7 @@ def plot(folder: Path, reference: Reference, series: Mapping[str, Any]) -> list[
     for benchmark, rows in rows_by_benchmark.items():
         cols = min(3, len(rows))
         nrows = math.ceil(len(rows) / cols)
-        fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 2.8 * nrows + 0.6), squeeze=False)
+        fig, axes = plt.subplots(nrows, cols, figsize=(max(4.2 * cols, 7.0), 2.8 * nrows + 0.9), squeeze=False)
         for ax, row in zip(axes.flat, rows):
             lavender = [p.get((row.id, "lavender")) for p in per]
             base = [p.get((row.id, "base")) for p in per]
@@ -171,8 +171,8 @@ def plot(folder: Path, reference: Reference, series: Mapping[str, Any]) -> list[
         for ax in list(axes.flat)[len(rows):]:
             ax.axis("off")
         axes[0, 0].legend(fontsize=6, loc="best")
-        fig.suptitle(f"{benchmark}: Lavender value per checkpoint ({'step' if by_step else 'checkpoint'}; "
-                     "green pass, red fail, grey x missing; bars: each checkpoint's band)", fontsize=9)
+        fig.suptitle(f"{benchmark}: Lavender value per {'step' if by_step else 'checkpoint'}\n"
+                     "green pass, red fail, grey x missing; bars: each checkpoint's band", fontsize=9)
         fig.tight_layout()
         path = Path(folder) / f"trend-{_safe(benchmark)}.png"
         fig.savefig(path, dpi=100)
