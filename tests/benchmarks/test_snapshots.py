@@ -30,6 +30,7 @@ import pytest
 from lavender_checks.gate import snapshots
 from lavender_checks.gate.snapshot_extension import BenchmarkSnapshotExtension, review
 from lavender_checks.profiles import load_profile
+from lavender_checks.run.checkpoints import SeriesInputError
 from lavender_checks.run.config import config_from_options
 from lavender_checks.run.series import SeriesResults, candidate_config
 
@@ -38,7 +39,11 @@ def pytest_generate_tests(metafunc):
     if "snapshot_benchmark" not in metafunc.fixturenames:
         return
     # A checkpoint series is snapshotted at its last checkpoint, whose name the id carries.
-    config = candidate_config(config_from_options(metafunc.config.getoption))
+    config = config_from_options(metafunc.config.getoption)
+    try:
+        config = candidate_config(config)
+    except SeriesInputError:  # under torchrun the gate's first fixture stops the session with it
+        pass
     profile = load_profile(config.profile).name
     metafunc.parametrize("snapshot_benchmark", config.benchmarks,
                          ids=[f"{profile}-{config.label()}-{b}" for b in config.benchmarks])
