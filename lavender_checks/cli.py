@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "score": ("lavender_checks.rescore", "score a VLMEvalKit prediction file exactly as VLMEvalKit does"),
     "bench": ("lavender_checks.speed.bench", "speed benchmark on the full-size architecture with random weights (CUDA)"),
     "bench-gpus": ("lavender_checks.speed.gpus", "how the fast path scales over several GPUs, one process per GPU (CUDA)"),
+    "bench-series": ("lavender_checks.speed.series", "a checkpoint series in one process against separate runs (CUDA)"),
     "make-mini-data": ("lavender_checks.synthetic.minidata", "rebuild the synthetic mini benchmarks in fixtures/lmudata-mini"),
     "make-vlmeval-folder": ("lavender_checks.synthetic.fullsize_data",
                             "write a VLMEvalKit work dir of full-size synthetic predictions that hit a reference's numbers"),

@@ -467,33 +467,56 @@ def _load_processor(base: Path):
 
 
 def _attach_adapter(pair: ModelPair, folder: Path, allow_pickle: bool, check_logits: bool) -> None:
-    weights_file = _check_adapter_folder(folder, allow_pickle)
-    _warn_if_adapter_names_another_base(folder, pair)
-    pair.adapter_fingerprint = _fingerprint_adapter(folder, weights_file)
-    tensors = _load_adapter_tensors(weights_file)
-    module_names = {name for name, _ in pair.model.named_modules()}
-    mapping, layout = _key_mapping_for(tensors, module_names, folder)
-
-    peft_model = _peft_from_pretrained(pair.model, folder, mapping, weights_file.suffix == ".safetensors")
-    loaded = _verify_loaded(peft_model, tensors, mapping, folder)
-    pair.model = peft_model
+    loaded = _load_proven_adapter(pair, folder, allow_pickle, ADAPTER_NAME)
+    pair.model = loaded.model
+    pair.adapter_fingerprint = loaded.fingerprint
     pair.adapter_path = folder
-    pair.adapter_key_layout = layout
-    pair.lora_modules_applied = len(loaded)
-    pair.lora_modules_by_tower = count_by_tower(loaded)
+    pair.adapter_key_layout = loaded.key_layout
+    pair.lora_modules_applied = len(loaded.modules)
+    pair.lora_modules_by_tower = count_by_tower(loaded.modules)
     if check_logits:
         change = adapter_logit_change(pair)
-        if not math.isfinite(change):
-            raise ModelLoadError(
-                f"{folder}: with the adapter the logits of a fixed input are not finite "
-                f"(max |difference| = {change}): its weights overflow in {pair.dtype}; "
-                "try --dtype float32, or export the adapter again")
-        if not change > 0.0:
-            raise ModelLoadError(
-                f"{folder}: the adapter loads but does not change the logits on a fixed input "
-                f"(max |difference| = {change}); its lora_B weights may be all zero"
-            )
+        _check_logit_change(folder, change, pair.dtype)
         pair.adapter_logit_change = change
+
+
+@dataclass
+class _LoadedAdapter:
+    model: Any  # the peft model holding the adapter
+    fingerprint: str
+    key_layout: str
+    modules: list[str]  # the LoRA modules that carry it
+
+
+def _load_proven_adapter(pair: ModelPair, folder: Path, allow_pickle: bool, adapter_name: str) -> _LoadedAdapter:
+    """The adapter of ``folder`` loaded under ``adapter_name`` (beside any adapter already on
+    ``pair.model``), every tensor of its file proven to be in the model."""
+    weights_file = _check_adapter_folder(folder, allow_pickle)
+    _warn_if_adapter_names_another_base(folder, pair)
+    fingerprint = _fingerprint_adapter(folder, weights_file)
+    tensors = _load_adapter_tensors(weights_file)
+    plain = pair.model.get_base_model() if hasattr(pair.model, "peft_config") else pair.model
+    module_names = {name for name, _ in plain.named_modules()}
+    mapping, layout = _key_mapping_for(tensors, module_names, folder)
+
+    peft_model = _peft_from_pretrained(pair.model, folder, mapping, weights_file.suffix == ".safetensors",
+                                       adapter_name)
+    loaded = _verify_loaded(peft_model, tensors, mapping, folder, adapter_name)
+    return _LoadedAdapter(peft_model, fingerprint, layout, loaded)
+
+
+def _check_logit_change(folder: Path, change: float, dtype) -> None:
+    """The adapter must change the fixed input's logits, by a finite amount."""
+    if not math.isfinite(change):
+        raise ModelLoadError(
+            f"{folder}: with the adapter the logits of a fixed input are not finite "
+            f"(max |difference| = {change}): its weights overflow in {dtype}; "
+            "try --dtype float32, or export the adapter again")
+    if not change > 0.0:
+        raise ModelLoadError(
+            f"{folder}: the adapter loads but does not change the logits on a fixed input "
+            f"(max |difference| = {change}); its lora_B weights may be all zero"
+        )
 
 
 def _check_adapter_folder(folder: Path, allow_pickle: bool) -> Path:
@@ -620,21 +643,29 @@ def _key_mapping_for(tensors: dict, module_names: set[str], folder: Path) -> tup
     )
 
 
-def _peft_from_pretrained(model, folder: Path, mapping: dict[str, str], safetensors: bool):
+def _peft_from_pretrained(model, folder: Path, mapping: dict[str, str], safetensors: bool,
+                          adapter_name: str = ADAPTER_NAME):
+    """``model`` wrapped by peft with the adapter of ``folder``; a model peft already wraps
+    gets it beside its other adapters (``load_adapter``)."""
     from peft import PeftModel
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             # An explicit mapping ({} included) stops peft from guessing one of its own.
-            peft_model = PeftModel.from_pretrained(
-                model,
-                folder,
-                adapter_name=ADAPTER_NAME,
-                is_trainable=False,
-                key_mapping=mapping,
-                use_safetensors=safetensors,
-            )
+            if isinstance(model, PeftModel):
+                model.load_adapter(folder, adapter_name=adapter_name, is_trainable=False,
+                                   key_mapping=mapping, use_safetensors=safetensors)
+                peft_model = model
+            else:
+                peft_model = PeftModel.from_pretrained(
+                    model,
+                    folder,
+                    adapter_name=adapter_name,
+                    is_trainable=False,
+                    key_mapping=mapping,
+                    use_safetensors=safetensors,
+                )
         except RuntimeError as exc:
             text = str(exc)
             if "size mismatch" in text:
@@ -657,7 +688,8 @@ def _peft_from_pretrained(model, folder: Path, mapping: dict[str, str], safetens
     return peft_model
 
 
-def _verify_loaded(peft_model, tensors: dict, mapping: dict[str, str], folder: Path) -> list[str]:
+def _verify_loaded(peft_model, tensors: dict, mapping: dict[str, str], folder: Path,
+                   adapter_name: str = ADAPTER_NAME) -> list[str]:
     """Every file tensor must be in the model bit for bit, and every LoRA module from the file.
 
     Returns the names of the LoRA modules that carry the adapter.
@@ -668,7 +700,7 @@ def _verify_loaded(peft_model, tensors: dict, mapping: dict[str, str], folder: P
     absent, different = [], []
     for key, tensor in tensors.items():
         path = _apply_mapping(key.removeprefix(PEFT_PREFIX), mapping)
-        model_key = _model_state_key(path, state)
+        model_key = _model_state_key(path, state, adapter_name)
         if model_key is None:
             absent.append(key)
             continue
@@ -682,7 +714,7 @@ def _verify_loaded(peft_model, tensors: dict, mapping: dict[str, str], folder: P
         )
 
     file_modules = {_apply_mapping(_module_of(key), mapping) for key in tensors}
-    lora_modules = lora_module_names(peft_model)
+    lora_modules = lora_module_names(peft_model, adapter_name)
     without_weights = sorted(set(lora_modules) - file_modules)
     if without_weights:
         raise ModelLoadError(
@@ -692,16 +724,16 @@ def _verify_loaded(peft_model, tensors: dict, mapping: dict[str, str], folder: P
     return sorted(lora_modules)
 
 
-def _model_state_key(path: str, state: dict) -> str | None:
+def _model_state_key(path: str, state: dict, adapter_name: str = ADAPTER_NAME) -> str | None:
     """Model state-dict key of an adapter key path (peft inserts the adapter name)."""
     parts = path.split(".")
     candidates = []
     for i, part in enumerate(parts):
         if part.startswith("lora_"):
-            candidates.append(".".join(parts[: i + 1] + [ADAPTER_NAME] + parts[i + 1 :]))
+            candidates.append(".".join(parts[: i + 1] + [adapter_name] + parts[i + 1 :]))
             break
     else:  # modules_to_save: '<module>.<param>' -> '<module>.modules_to_save.<adapter>.<param>'
-        candidates.append(".".join(parts[:-1] + ["modules_to_save", ADAPTER_NAME, parts[-1]]))
+        candidates.append(".".join(parts[:-1] + ["modules_to_save", adapter_name, parts[-1]]))
     for candidate in candidates:
         key = PEFT_PREFIX + candidate
         if key in state:
@@ -709,14 +741,14 @@ def _model_state_key(path: str, state: dict) -> str | None:
     return None
 
 
-def lora_module_names(peft_model) -> list[str]:
-    """Names (without peft's prefix) of the modules that carry the LoRA adapter."""
+def lora_module_names(peft_model, adapter_name: str = ADAPTER_NAME) -> list[str]:
+    """Names (without peft's prefix) of the modules that carry the LoRA adapter ``adapter_name``."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [
         name.removeprefix(PEFT_PREFIX)
         for name, module in peft_model.named_modules()
-        if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in getattr(module, "lora_A", {})
+        if isinstance(module, BaseTunerLayer) and adapter_name in getattr(module, "lora_A", {})
     ]
 
 
@@ -749,14 +781,165 @@ def fixed_probe_inputs(processor, device):
     return inputs.to(device)
 
 
-def adapter_logit_change(pair: ModelPair) -> float:
-    """Max |logit difference| between the adapter and the base on the fixed probe input."""
+def adapter_logit_change(pair: ModelPair, variant: str = LAVENDER_VARIANT) -> float:
+    """Max |logit difference| between the adapter (``variant`` of the pair) and the base on
+    the fixed probe input."""
     import torch
 
     inputs = fixed_probe_inputs(pair.processor, pair.device)
     with torch.inference_mode():
-        with pair.variant("base") as model:
+        with pair.variant(BASE_VARIANT) as model:
             base = model(**inputs).logits.float()
-        with pair.variant("lavender") as model:
+        with pair.variant(variant) as model:
             adapted = model(**inputs).logits.float()
     return float((adapted - base).abs().max())
+
+
+# ---------------------------------------------------------------------------------------
+# A series of adapters (checkpoints of one fine-tuning run) on one weight copy
+
+
+class AdapterRefused(RuntimeError):
+    """A checkpoint of a series whose adapter failed the fixed-input check (it changes
+    nothing, or overflows): it has no predictions, and its verdicts say why."""
+
+
+@dataclass
+class SeriesAdapter:
+    """One adapter of a ``SeriesPair``: its checkpoint name, folder and proof."""
+
+    name: str
+    path: Path
+    fingerprint: str
+    peft_name: str  # its name inside peft (checkpoint names may hold dots, which peft's may not)
+    key_layout: str | None = None
+    lora_modules_applied: int = 0
+    logit_change: float | None = None
+    refused: str | None = None  # why it failed the fixed-input check
+
+    def describe(self) -> dict:
+        return {"name": self.name, "path": str(self.path), "fingerprint": self.fingerprint,
+                "key_layout": self.key_layout, "lora_modules_applied": self.lora_modules_applied,
+                "logit_change": self.logit_change, "refused": self.refused}
+
+
+@dataclass
+class SeriesPair(ModelPair):
+    """One base model with several adapters loaded beside each other (peft's named adapters).
+
+    Its variants are ``base`` (every adapter disabled) and each checkpoint's name (that adapter
+    active, the others idle), so an engine keeps one set of buffers, and keys its captured
+    graphs by variant, for the whole series. ``adapter_fingerprint`` stays None: each variant
+    has its own (``adapter_fingerprints``).
+    """
+
+    adapters: dict[str, SeriesAdapter] = field(default_factory=dict)
+
+    @property
+    def base_model(self):
+        return self.model.get_base_model() if hasattr(self.model, "peft_config") else self.model
+
+    @property
+    def adapter_fingerprints(self) -> dict[str, str]:
+        return {name: adapter.fingerprint for name, adapter in self.adapters.items()}
+
+    def check_variant(self, name: str) -> None:
+        """Raise ``AdapterRefused`` for a checkpoint whose adapter failed its proof."""
+        adapter = self.adapters.get(name)
+        if adapter is not None and adapter.refused:
+            raise AdapterRefused(adapter.refused)
+
+    @contextmanager
+    def variant(self, name: str):
+        if name == BASE_VARIANT:
+            with self.model.disable_adapter() if self.adapters else nullcontext():
+                yield self.model
+            return
+        if name not in self.adapters:
+            raise ValueError(f"unknown variant {name!r}; expected 'base' or one of {', '.join(self.adapters)}")
+        self.check_variant(name)
+        # inference_mode: peft would otherwise make the adapter's weights trainable again
+        self.model.set_adapter(self.adapters[name].peft_name, inference_mode=True)
+        yield self.model
+
+    def describe(self) -> dict:
+        described = super().describe()
+        described["adapters"] = [adapter.describe() for adapter in self.adapters.values()]
+        return described
+
+
+def load_series_pair(
+    base_path: str | Path,
+    adapters: "list[tuple[str, Path]]",
+    *,
+    device: "str | torch.device | None" = None,
+    dtype: "str | torch.dtype | None" = None,
+    allow_pickle: bool = False,
+) -> SeriesPair:
+    """The base model once and every (checkpoint name, adapter folder) beside it, each proven
+    as ``load_pair`` proves one. An adapter that loads but fails the fixed-input check (no
+    change to the logits, or not finite) is kept, marked ``refused``, instead of failing the
+    load: in a series that is a finding about one checkpoint (a step-0 checkpoint has all-zero
+    lora_B), not bad input."""
+    plain = load_pair(base_path, None, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    pair = SeriesPair(**{name: getattr(plain, name) for name in ModelPair.__dataclass_fields__})
+    for position, (name, folder) in enumerate(adapters):
+        folder = Path(folder)
+        loaded = _load_proven_adapter(pair, folder, allow_pickle, f"series_{position}")
+        pair.model = loaded.model
+        adapter = SeriesAdapter(name=name, path=folder, fingerprint=loaded.fingerprint,
+                                peft_name=f"series_{position}", key_layout=loaded.key_layout,
+                                lora_modules_applied=len(loaded.modules))
+        pair.adapters[name] = adapter
+        change = adapter_logit_change(pair, name)
+        try:
+            _check_logit_change(folder, change, pair.dtype)
+        except ModelLoadError as exc:
+            adapter.refused = str(exc)
+        else:
+            adapter.logit_change = change
+    pair.model.eval()
+    for param in pair.model.parameters():
+        param.requires_grad_(False)
+    return pair
+
+
+def adapter_fingerprint(folder: str | Path, allow_pickle: bool = False) -> str:
+    """The fingerprint ``load_pair`` gives the adapter of ``folder``, read without loading it."""
+    folder = Path(folder)
+    return _fingerprint_adapter(folder, _check_adapter_folder(folder, allow_pickle))
+
+
+def check_adapter_fits(base_path: str | Path, adapter_path: str | Path) -> None:
+    """Every LoRA tensor of the adapter must fit a linear weight of the base model: the
+    module exists (after mapping transformers<4.52 paths) and lora_A's input width and
+    lora_B's output width are the weight's. Read from the safetensors headers only, so an
+    adapter made for another model is refused before any weights load; pickle files are left
+    to the load's own checks."""
+    base_path, adapter_path = Path(base_path), Path(adapter_path)
+    adapter_file = _check_adapter_folder(adapter_path, allow_pickle=True)
+    weights = _find_weight_files(base_path, allow_pickle=True)
+    if adapter_file.suffix != ".safetensors" or not weights.safetensors:
+        return
+    shapes: dict[str, list[int]] = {}
+    for path in weights.files:
+        for key, info in json.loads(read_safetensors_header(path)).items():
+            if key != "__metadata__":
+                shapes[_apply_mapping(key, OLD_TO_CURRENT_LAYOUT)] = info["shape"]
+    misfits = []
+    adapter_header = json.loads(read_safetensors_header(adapter_file))
+    lora_keys = [k for k in adapter_header if ".lora_A." in k or ".lora_B." in k]
+    for key in lora_keys:
+        shape = adapter_header[key]["shape"]
+        weight = _apply_mapping(_module_of(key), OLD_TO_CURRENT_LAYOUT) + ".weight"
+        base_shape = shapes.get(weight)
+        if base_shape is None or len(base_shape) != 2 or len(shape) != 2:
+            misfits.append(f"{key} (the base has no 2-D {weight})")
+        elif ".lora_A." in key and shape[1] != base_shape[1]:
+            misfits.append(f"{key}: input width {shape[1]}, the base's {weight} takes {base_shape[1]}")
+        elif ".lora_B." in key and shape[0] != base_shape[0]:
+            misfits.append(f"{key}: output width {shape[0]}, the base's {weight} gives {base_shape[0]}")
+    if misfits:
+        raise ModelLoadError(
+            f"{adapter_path}: made for another base model than {base_path}: {len(misfits)} of "
+            f"{len(lora_keys)} LoRA tensors do not fit it, e.g. {misfits[0]}")

@@ -343,7 +343,7 @@ def _bullets(data: Any, indent: int = 0) -> list[str]:
 
 def _markdown(run_id: str, created: str, reference: Reference, verdicts: list[Verdict],
               metadata: Mapping[str, Any], all_metrics: dict[str, dict[str, Any]],
-              flip_counts: dict[str, dict[str, Any]]) -> str:
+              flip_counts: dict[str, dict[str, Any]], lead: list[str] = ()) -> str:
     by_row = _row_verdicts(verdicts)
     counts = {s: sum(v.status == s for v in verdicts) for s in STATUSES}
     modes = ", ".join(sorted({v.mode for v in verdicts})) or "-"
@@ -374,6 +374,7 @@ def _markdown(run_id: str, created: str, reference: Reference, verdicts: list[Ve
         f"on a subset, `n of N` and the band also covers the rows not run.",
         "",
     ]
+    out += list(lead)  # a checkpoint series' trend (gate/trend.py)
     # Results first (reports/README.md): the tables with their verdicts, then every verdict;
     # what was run (scope and configuration, hundreds of lines) after them.
     tables = list(dict.fromkeys(r.table for r in reference.rows))
@@ -561,6 +562,7 @@ def write_report(
     verdicts: list[Verdict],
     results: Mapping[str, Mapping[str, ScoreResult | None]],
     metadata: Mapping[str, Any],
+    series: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``reports_root/<run_id>/`` and point ``reports_root/latest`` at the newest run.
 
@@ -569,6 +571,7 @@ def write_report(
     (``Profile.describe()``), ``models`` (paths, ids and fingerprints of base and adapter),
     ``decoding``, ``subset``, ``device``, ``versions``, ``command``. The folder is written
     under a temporary name and renamed when complete, so ``latest`` never sees half a run.
+    ``series``: a checkpoint series (gate/trend.py); the rest describes its last checkpoint.
     """
     root = Path(reports_root)
     run_id = run_id or new_run_id()
@@ -582,7 +585,7 @@ def write_report(
     # The lock first, then the folder: a .partial folder without a held lock is a leftover.
     lock = _lock_partial(partial)
     try:
-        return _write_run_dir(root, run_id, partial, reference, verdicts, results, metadata)
+        return _write_run_dir(root, run_id, partial, reference, verdicts, results, metadata, series)
     finally:
         if lock is not None:
             _partial_lock_path(partial).unlink(missing_ok=True)
@@ -591,7 +594,7 @@ def write_report(
 
 def _write_run_dir(root: Path, run_id: str, partial: Path, reference: Reference,
                    verdicts: list[Verdict], results: Mapping[str, Mapping[str, ScoreResult | None]],
-                   metadata: Mapping[str, Any]) -> Path:
+                   metadata: Mapping[str, Any], series: Mapping[str, Any] | None = None) -> Path:
     run_dir = root / run_id
     if partial.exists():
         shutil.rmtree(partial)
@@ -602,6 +605,10 @@ def _write_run_dir(root: Path, run_id: str, partial: Path, reference: Reference,
     flip_lines, flip_counts = _flips(results)
     counts = {s: sum(v.status == s for v in verdicts) for s in STATUSES}
     verdicts_passed = counts["fail"] == 0 and counts["missing"] == 0
+    if series is not None:
+        from lavender_checks.gate import trend
+
+        verdicts_passed = trend.passed(series)  # what --gate-series counts
     # "passed" is what the exit status says: data that cannot test the reference fails the run
     # unless --allow-noncomparable was given.
     problems = noncomparable(reference, metadata)
@@ -609,7 +616,8 @@ def _write_run_dir(root: Path, run_id: str, partial: Path, reference: Reference,
     allowed = bool((metadata.get("config") or {}).get("allow_noncomparable"))
 
     (partial / "report.md").write_text(
-        _markdown(run_id, created, reference, verdicts, metadata, all_metrics, flip_counts),
+        _markdown(run_id, created, reference, verdicts, metadata, all_metrics, flip_counts,
+                  lead=trend.markdown(series) if series is not None else ()),
         encoding="utf-8")
     report = {
         "run_id": run_id,
@@ -635,15 +643,26 @@ def _write_run_dir(root: Path, run_id: str, partial: Path, reference: Reference,
         "verdicts": [v.to_dict() for v in verdicts],
         "benchmarks": all_metrics,
         "flips": flip_counts,
+        # generated and reused per benchmark and variant (a series: base and each checkpoint)
+        "predictions": {benchmark: {variant: {"generated": int((c or {}).get("generated", 0)),
+                                              "reused": int((c or {}).get("reused", 0))}
+                                    for variant, c in per_variant.items()}
+                        for benchmark, per_variant in (metadata.get("predictions") or {}).items()},
     }
     if metadata.get("early_stop"):
         report["early_stop"] = metadata["early_stop"]
+    if series is not None:
+        report["checkpoints"] = trend.entries(series)
+        report["series"] = {"gate_series": series["gate_series"], "candidate": series["candidate"],
+                            "first_passing": series["first_passing"]}
     (partial / "report.json").write_text(
         json.dumps(_plain(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
     with (partial / "flips.jsonl").open("w", encoding="utf-8") as fh:
         for line in flip_lines:
             fh.write(json.dumps(line, ensure_ascii=False, allow_nan=False) + "\n")
     _plot_gains(partial / "gains.png", run_id, reference, verdicts)
+    if series is not None:
+        trend.plot(partial, reference, series)
 
     os.rename(partial, run_dir)
     _point_latest(root)

@@ -20,14 +20,14 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lavender_checks import __version__
 from lavender_checks.benchmarks import Benchmark, ScoreResult
-from lavender_checks.model import VARIANTS
+from lavender_checks.model import VARIANTS, AdapterRefused
 from lavender_checks.run.config import RunConfig, RunInputError
 from lavender_checks.run.distributed import TorchrunShards
 from lavender_checks.run.pair import LazyPair, load_model_pair, pair_identity
@@ -63,7 +63,8 @@ class RunResults:
 def collect_results(config: RunConfig, *, pair: Any = None, load_pair: Callable[[], Any] | None = None,
                     shard: tuple[int, int] | None = None,
                     wait_for_shards: Barrier | TorchrunShards | None = None,
-                    writer: str = "main", progress: Any = True) -> RunResults | None:
+                    writer: str = "main", progress: Any = True,
+                    variants: Sequence[str] = VARIANTS) -> RunResults | None:
     """Predictions (generated or read from VLMEvalKit files) and scores of both variants.
 
     pair / load_pair: the ModelPair (a loaded one, or a ``LazyPair``), or a function that
@@ -78,6 +79,9 @@ def collect_results(config: RunConfig, *, pair: Any = None, load_pair: Callable[
         the union, and the other ranks get None.
     writer: this process's file name in the prediction store (one per process).
     progress: True, False or a ``run.progress.Bars`` (bars or lines per benchmark and variant).
+    variants: what is generated and scored (a series: ``base`` and each checkpoint's name,
+        run.series); a variant whose adapter the pair refuses (``model.AdapterRefused``) has
+        no predictions and no scores, and ``metadata["refused"]`` says why.
     """
     if config.from_vlmeval is not None:
         return _collect_from_vlmeval(config)
@@ -89,7 +93,7 @@ def collect_results(config: RunConfig, *, pair: Any = None, load_pair: Callable[
             raise ValueError(f"the barrier waits for {wait_for_shards.count} shards, not {shard[1]}")
     if pair is None:
         pair = LazyPair(pair_identity(config), load_pair or (lambda: load_model_pair(config)))
-    return _collect_generated(config, pair, shard, wait_for_shards, writer, progress)
+    return _collect_generated(config, pair, shard, wait_for_shards, writer, progress, tuple(variants))
 
 
 @dataclass
@@ -161,7 +165,7 @@ def _refuse_noncomparable(config: RunConfig, benchmark: str, record: Any) -> Non
 
 def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | None,
                        barrier: Barrier | TorchrunShards | None, writer: str,
-                       progress: Any) -> RunResults | None:
+                       progress: Any, variants: tuple[str, ...] = VARIANTS) -> RunResults | None:
     from lavender_checks.data import subset
     from lavender_checks.engines import make_engine
     from lavender_checks.profiles import load_profile
@@ -195,9 +199,17 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
         store.release()
         raise
 
+    refused: dict[str, str] = {}
+
     def predict(item: _LoadedBenchmark, rows, variant: str):
-        return predict_run(pair, engine, item.bench, rows, profile, variant, store,
-                           lmu_root=root, writer=writer, progress=progress)
+        if variant in refused:
+            return None
+        try:
+            return predict_run(pair, engine, item.bench, rows, profile, variant, store,
+                               lmu_root=root, writer=writer, progress=progress)
+        except AdapterRefused as exc:  # a checkpoint of a series: the others go on
+            refused[variant] = str(exc)
+            return None
 
     def shard_frame(item: _LoadedBenchmark, index: int, count: int):
         return subset(item.full, item.bench, limit=config.limit, fraction=config.fraction,
@@ -206,7 +218,7 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
     def generate_shard(index: int, count: int) -> None:
         for item in data.values():
             part = shard_frame(item, index, count)
-            for variant in VARIANTS:
+            for variant in variants:
                 if len(part.frame):
                     predict(item, part, variant)
 
@@ -217,7 +229,7 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
         return [(store_key(pair, item.bench, item.full, profile, variant, root,
                            batch_invariant=engine.batch_invariant),
                  shard_frame(item, index, count).frame["index"].tolist())
-                for item in data.values() for variant in VARIANTS]
+                for item in data.values() for variant in variants]
 
     predictions: dict[str, dict[str, dict[Any, str]]] = {name: {} for name in data}
     counts: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in data}
@@ -242,9 +254,11 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
         for name, item in data.items():
             if early is not None and early.stopped:
                 break
-            for variant in VARIANTS:
+            for variant in variants:
                 t0 = time.time()
                 run = predict(item, item.selected, variant)
+                if run is None:
+                    continue
                 predictions[name][variant] = run.predictions
                 counts[name][variant] = {"rows": len(run.predictions), "reused": run.reused,
                                          "generated": run.generated, "recomputed": run.recomputed,
@@ -254,7 +268,7 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
     if early is not None and early.stopped:
         results, scoring_seconds = _not_scored(config, early), 0.0
     else:
-        results, scoring_seconds = _score_all(config, data, predictions, missing)
+        results, scoring_seconds = _score_all(config, data, predictions, missing, variants)
     metadata = {
         "mode": "generated",
         **_common_metadata(config, started),
@@ -266,6 +280,7 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
         "data": {name: _with_score_caveats(_describe_data(item), results[name]) for name, item in data.items()},
         "missing": dict(missing),
         "predictions": counts,
+        "refused": refused,
         "store": str(store.root),
         "writer": writer,
         "shard": list(shard) if shard is not None else None,
@@ -389,18 +404,22 @@ def _torch_threads(count: int) -> Iterator[None]:
 
 def _score_all(config: RunConfig, data: Mapping[str, _LoadedBenchmark],
                predictions: Mapping[str, Mapping[str, Mapping[Any, str]]],
-               missing: Mapping[str, str]) -> tuple[dict[str, dict[str, ScoreResult | None]], float]:
+               missing: Mapping[str, str], variants: tuple[str, ...] = VARIANTS
+               ) -> tuple[dict[str, dict[str, ScoreResult | None]], float]:
     from lavender_checks.vlmeval_io import prediction_frame, roundtrip
 
     t0 = time.time()
     results: dict[str, dict[str, ScoreResult | None]] = {}
     for name in config.benchmarks:
         if name in missing:
-            results[name] = {variant: None for variant in VARIANTS}
+            results[name] = {variant: None for variant in variants}
             continue
         item = data[name]
         results[name] = {}
-        for variant in VARIANTS:  # paired by construction: both variants predicted item.selected
+        for variant in variants:  # paired by construction: every variant predicted item.selected
+            if variant not in predictions[name]:  # its adapter was refused
+                results[name][variant] = None
+                continue
             frame = roundtrip(prediction_frame(item.selected.frame, predictions[name][variant]))
             results[name][variant] = item.bench.score(frame, meta=item.full.frame)
     return results, time.time() - t0
@@ -561,6 +580,9 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
         "work_dir": str(work_dir),
         "models": names,
         "files": files,
+        # read from the files: nothing generated, nothing from the store
+        "predictions": {b: {v: {"generated": 0, "reused": 0, "read": len(rows)} for v, rows in per.items()}
+                        for b, per in predictions.items()},
         "data": data_info,
         "missing": dict(missing),
         "timing": {"total_s": round(time.time() - started, 3)},

@@ -22,6 +22,8 @@ from lavender_checks.benchmarks import Benchmark, benchmark_names, get_benchmark
 from lavender_checks.engines import DEFAULT_ENGINE, FAST_ENGINE, engine_names
 
 GATE_MODES = ("reproduce", "no-regression")
+# A series of checkpoints (run/checkpoints.py): the exit status judges its last one, or all.
+GATE_SERIES = ("last", "all")
 DEVICE_KINDS = ("cpu", "cuda")  # what the model code supports; "cuda:N" picks a card
 DEFAULT_PROFILE = "seed-report"
 MINI_LMUDATA = FIXTURES / "lmudata-mini"
@@ -44,7 +46,8 @@ class RunConfig:
     """Everything that decides what a run computes. Paths left None take their defaults."""
 
     base_model: Path | None = None  # None: the built-in tiny pair
-    lora: Path | None = None
+    # One adapter folder, or a series (run/checkpoints.py): several folders, or a folder of them
+    lora: Path | tuple[Path, ...] | None = None
     lmu_data: Path | None = None  # None: fixtures/lmudata-mini for the tiny pair, else $LMUData
     benchmarks: tuple[str, ...] = field(default_factory=lambda: tuple(benchmark_names()))
     profile: str = DEFAULT_PROFILE
@@ -58,7 +61,7 @@ class RunConfig:
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA (model.load_pair)
     from_vlmeval: Path | None = None  # a VLMEvalKit work dir: score its files, load no model
     base_name: str = DEFAULT_BASE_NAME  # VLMEvalKit model names inside from_vlmeval
-    lavender_name: str = DEFAULT_LAVENDER_NAME
+    lavender_name: str | tuple[str, ...] = DEFAULT_LAVENDER_NAME  # several: a series
     shard: tuple[int, int] | None = None  # (i, n): generate and score shard i of n only
     # How predictions are generated; not what they are, so not part of label().
     engine: str = DEFAULT_ENGINE
@@ -71,11 +74,18 @@ class RunConfig:
     allow_noncomparable: bool = False  # gate it anyway (the report still says so first)
     # Rounds of a seeded random sample, stopped once a failure is certain (run/rounds.py).
     stop_early: bool = False
+    gate_series: str = "last"  # a series' exit status: its last checkpoint's verdicts, or all
 
     def __post_init__(self) -> None:
+        # Given more than once (a series): a tuple; once: the value itself, as before.
+        for name, kind in (("lora", Path), ("lavender_name", str)):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                values = tuple(kind(v) for v in value)
+                object.__setattr__(self, name, values[0] if len(values) == 1 else values)
         for name in ("base_model", "lora", "lmu_data", "reference", "store", "from_vlmeval"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, Path):
+            if value is not None and not isinstance(value, (Path, tuple)):
                 object.__setattr__(self, name, Path(value))
         object.__setattr__(self, "benchmarks", tuple(self.benchmarks))
         self._check()
@@ -103,6 +113,8 @@ class RunConfig:
             raise RunInputError(f"--limit must be at least 1, got {self.limit}")
         if self.fraction is not None and not (0 < self.fraction <= 1):
             raise RunInputError(f"--fraction must be in (0, 1], got {self.fraction}")
+        if self.stop_early and len(self.lavender_names) > 1:
+            raise RunInputError("--stop-early gates one adapter at a time: give one --lavender-name")
         if self.stop_early and (self.limit is not None or self.fraction is not None):
             raise RunInputError("--stop-early draws its own random sample of every benchmark, round by "
                                 "round, and is judged against the whole benchmark: give it without "
@@ -133,11 +145,23 @@ class RunConfig:
             raise RunInputError("--strict-data refuses data that is not the reference's and "
                                 "--allow-noncomparable gates it anyway: give one of them")
         for name in ("base_name", "lavender_name"):
-            if not getattr(self, name):
+            value = getattr(self, name)
+            if not value or (isinstance(value, tuple) and not all(value)):
                 raise RunInputError(f"--{name.replace('_', '-')} must not be empty")
-        if self.from_vlmeval is not None and self.base_name == self.lavender_name:
+        if self.from_vlmeval is not None and self.base_name in self.lavender_names:
             raise RunInputError(f"--base-name and --lavender-name are both {self.base_name!r}: "
                                 "a model cannot be compared with itself")
+        if self.gate_series not in GATE_SERIES:
+            raise RunInputError(f"unknown --gate-series {self.gate_series!r}; one of {', '.join(GATE_SERIES)}")
+
+    @property
+    def lora_paths(self) -> tuple[Path, ...]:
+        """The folders given with --lora (one, several, or none)."""
+        return () if self.lora is None else self.lora if isinstance(self.lora, tuple) else (self.lora,)
+
+    @property
+    def lavender_names(self) -> tuple[str, ...]:
+        return self.lavender_name if isinstance(self.lavender_name, tuple) else (self.lavender_name,)
 
     @property
     def selected(self) -> tuple[Benchmark, ...]:
@@ -182,11 +206,11 @@ class RunConfig:
         their folders (``<base>+<lora>``); a subset adds ``-limitN`` / ``-fractionF``.
         """
         if self.from_vlmeval is not None:
-            model = f"vlmeval-{self.base_name}+{self.lavender_name}"
+            model = f"vlmeval-{self.base_name}+{'+'.join(self.lavender_names)}"
         elif self.base_model is None:
             model = "tiny"
-        else:
-            model = f"{self.base_model.name}+{self.lora.name}"
+        else:  # a series: every folder's name (each checkpoint's own run has one)
+            model = f"{self.base_model.name}+{'+'.join(p.name for p in self.lora_paths)}"
         mini = _same_path(self.lmu_data, MINI_LMUDATA) if self.lmu_data is not None else self.builtin_model
         parts = [model, "mini" if mini else "lmudata"]
         if self.limit is not None:
@@ -208,7 +232,7 @@ class RunConfig:
             if isinstance(value, Path):
                 data[key] = str(value)
             elif isinstance(value, tuple):
-                data[key] = list(value)
+                data[key] = [str(v) if isinstance(v, Path) else v for v in value]
         data["reference"] = str(self.reference_path())
         data["label"] = self.label()
         return data
@@ -230,8 +254,9 @@ RUN_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--base-model", dict(type=Path, metavar="DIR", default=None,
                           help="Hugging Face folder of Llama-3.2-11B-Vision-Instruct (with --lora); "
                                "default: the built-in tiny pair")),
-    ("--lora", dict(type=Path, metavar="DIR", default=None,
-                    help="the Lavender LoRA adapter folder (with --base-model)")),
+    ("--lora", dict(type=Path, metavar="DIR", action="append", default=None,
+                    help="the Lavender LoRA adapter folder (with --base-model); given again, or a "
+                         "folder of checkpoint-N/ adapters: a series, each checkpoint gated")),
     ("--lmu-data", dict(type=Path, metavar="DIR", default=None,
                         help="the LMUData folder with the benchmark TSVs; default: "
                              "the mini benchmarks (fixtures/lmudata-mini) for the tiny pair, else $LMUData or ~/LMUData")),
@@ -258,8 +283,12 @@ RUN_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
                                  "generating (no model, no GPU)")),
     ("--base-name", dict(metavar="NAME", default=DEFAULT_BASE_NAME,
                          help=f"VLMEvalKit model name of the base model (default {DEFAULT_BASE_NAME})")),
-    ("--lavender-name", dict(metavar="NAME", default=DEFAULT_LAVENDER_NAME,
-                             help=f"VLMEvalKit model name of Lavender (default {DEFAULT_LAVENDER_NAME})")),
+    ("--lavender-name", dict(metavar="NAME", action="append", default=None,
+                             help=f"VLMEvalKit model name of Lavender (default {DEFAULT_LAVENDER_NAME}); "
+                                  "given again: a series of checkpoints")),
+    ("--gate-series", dict(dest="gate_series", choices=GATE_SERIES, default="last",
+                           help="a series of checkpoints: the exit status judges the last one "
+                                "(default) or all of them")),
     ("--store", dict(type=Path, metavar="DIR", default=None,
                      help="the prediction store (default ./reports/store); a rerun reuses it")),
     ("--device", dict(metavar="DEVICE", default=None,
@@ -316,8 +345,9 @@ def add_run_options(add: Callable[..., Any]) -> None:
 def config_from_options(get: Callable[[str], Any]) -> RunConfig:
     """A RunConfig from parsed options; ``get(dest)`` reads one (argparse or pytest)."""
     values = {dest: get(dest) for dest in _OPTION_FIELDS.values()}
-    if values["benchmarks"] is None:
-        values.pop("benchmarks")
+    for dest in ("benchmarks", "lavender_name"):  # repeatable options: None when not given
+        if values[dest] is None:
+            values.pop(dest)
     return RunConfig(**values)
 
 
@@ -326,10 +356,18 @@ def check_inputs(config: RunConfig) -> None:
     fixes them: the model folders, then the data, then the reference and profile. Reads only
     (no torch, nothing written). Raises one of ``input_errors()`` with a one-line message."""
     if config.base_model is not None:
-        for flag, path in (("--base-model", config.base_model), ("--lora", config.lora)):
+        for flag, path in (("--base-model", config.base_model), *(("--lora", p) for p in config.lora_paths)):
             if not path.is_dir():
                 raise RunInputError(f"{flag} {path}: {not_a_folder(path)}")
+        from lavender_checks.run.checkpoints import check_series
+
+        if check_series(config.base_model, config.lora) and config.stop_early:
+            raise RunInputError("--stop-early gates one adapter at a time: give --lora one checkpoint "
+                                "(a series' base predictions are stored and reused by each such run)")
     if config.from_vlmeval is not None:
+        from lavender_checks.run.checkpoints import names_series
+
+        names_series(config.lavender_name)  # two models of one name
         if not config.from_vlmeval.is_dir():
             raise RunInputError(f"--from-vlmeval {config.from_vlmeval}: {not_a_folder(config.from_vlmeval)}")
         if config.lmu_data is not None and not config.lmu_data.is_dir():
@@ -435,10 +473,11 @@ def input_errors() -> tuple[type[BaseException], ...]:
     from lavender_checks.model import ModelLoadError
     from lavender_checks.outputs import OutputFileError
     from lavender_checks.profiles import ProfileError
+    from lavender_checks.run.checkpoints import SeriesInputError
     from lavender_checks.run.distributed import DistributedUsageError
     from lavender_checks.run.store import PredictionStoreError, StoreLockedError
     from lavender_checks.vlmeval_io import PredictionFileError
 
     return (RunInputError, UnknownBenchmark, ScoringInputError, DataError, ReferenceFileError,
             ModelLoadError, PredictionStoreError, StoreLockedError, ProfileError, PredictionFileError,
-            DistributedUsageError, OutputFileError)
+            DistributedUsageError, OutputFileError, SeriesInputError)

@@ -56,6 +56,7 @@ class LazyPair:
     processor = property(lambda self: getattr(self.identity, "processor", None))
     base_fingerprint = property(lambda self: getattr(self.identity, "base_fingerprint", None))
     adapter_fingerprint = property(lambda self: getattr(self.identity, "adapter_fingerprint", None))
+    adapter_fingerprints = property(lambda self: getattr(self.identity, "adapter_fingerprints", None))
     device = property(lambda self: getattr(self.identity, "device", None))
     dtype = property(lambda self: getattr(self.identity, "dtype", None))
 
@@ -67,8 +68,8 @@ class LazyPair:
         """The loaded pair (loaded now if it was not)."""
         if self._pair is None:
             pair = self._load()
-            for name in ("base_fingerprint", "adapter_fingerprint"):
-                if getattr(pair, name) != getattr(self.identity, name):
+            for name in ("base_fingerprint", "adapter_fingerprint", "adapter_fingerprints"):
+                if getattr(pair, name, None) != getattr(self.identity, name, None):
                     raise RuntimeError(f"the loaded pair's {name} differs from the one its "
                                        "folders gave before loading; were they changed meanwhile?")
             self._pair = pair

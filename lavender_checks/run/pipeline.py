@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from lavender_checks.errors import EXIT_GATE_FAILED, EXIT_INPUT, EXIT_OK, EXIT_RANK_FAILED, error_line
-from lavender_checks.run import distributed
-from lavender_checks.run.collect import RunResults, collect_results
+from lavender_checks.run import distributed, series
+from lavender_checks.run.collect import RunResults
 from lavender_checks.run.config import (
     SEED_REFERENCE,
     RunConfig,
@@ -28,7 +28,6 @@ from lavender_checks.run.config import (
     config_from_options,
     input_errors,
 )
-from lavender_checks.run.judge import judge_run, write_run_report
 from lavender_checks.run.reference import TINY_REFERENCE_DESCRIPTION, check_target, refuse_subset, write_reference
 
 __all__ = ["add_arguments", "checked", "main", "torchrun_shards"]
@@ -90,13 +89,14 @@ def _run(args) -> int:
     if args.write_reference is not None:
         if config.stop_early:
             raise RunInputError("--write-reference records a complete run's numbers: drop --stop-early")
+        series.refuse_write_reference(config)
         return _record_reference(config, args, shards)
     run = _collect(config, shards, progress=not args.quiet)
     if run is None:
         print(shards.skip_reason())
         return EXIT_OK
-    outcome = judge_run(run)
-    path = write_run_report(run, outcome, reports_root=args.reports, keep=args.keep_reports)
+    outcome = series.judge_any(run)  # a checkpoint series: each checkpoint on its own
+    path = series.write_any_report(run, outcome, reports_root=args.reports, keep=args.keep_reports)
     from lavender_checks.gate.verdicts import noncomparable_notice, unchecked, unchecked_notice
 
     print(outcome.table(only_problems=args.quiet))
@@ -173,8 +173,8 @@ def checked(shards: distributed.TorchrunShards | None, check) -> None:
 
 
 def _collect(config: RunConfig, shards: distributed.TorchrunShards | None, *,
-             progress: bool) -> RunResults | None:
+             progress: bool) -> RunResults | series.SeriesResults | None:
     if shards is None:
-        return collect_results(config, progress=progress)
-    return collect_results(config, shard=(shards.own, shards.count), wait_for_shards=shards,
-                           writer=shards.writer, progress=progress)
+        return series.collect_run(config, progress=progress)
+    return series.collect_run(config, shard=(shards.own, shards.count), wait_for_shards=shards,
+                              writer=shards.writer, progress=progress)

@@ -60,7 +60,7 @@ def predict_run(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: An
     a bare frame (the md5 of the TSV in ``lmu_root``, every row its own image).
     """
     work = _prepare(pair, engine, benchmark, frame, profile, variant, store, Path(lmu_root), writer)
-    _generate(engine, [work], variant, progress, keyed=lambda work, index: index)
+    _generate(pair, engine, [work], variant, progress, keyed=lambda work, index: index)
     return work.outcome()
 
 
@@ -76,7 +76,7 @@ def predict_together(pair: Any, engine: Engine, items: Sequence[tuple[Benchmark 
     names = [work.bench.name for work in works]
     if len(set(names)) != len(names):
         raise ValueError(f"a benchmark is given twice: {', '.join(names)}")
-    _generate(engine, works, variant, progress, keyed=lambda work, index: (work.bench.name, index))
+    _generate(pair, engine, works, variant, progress, keyed=lambda work, index: (work.bench.name, index))
     return {work.bench.name: work.outcome() for work in works}
 
 
@@ -155,7 +155,7 @@ def _prepare(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: Any, 
     )
 
 
-def _generate(engine: Engine, works: list[_Work], variant: str, progress: Any,
+def _generate(pair: Any, engine: Engine, works: list[_Work], variant: str, progress: Any,
               keyed: Callable[[_Work, Index], Any]) -> None:
     """Generate every row of ``works`` the store does not hold, storing each as it finishes."""
     owner: dict[Any, tuple[_Work, Index]] = {keyed(work, index): (work, index)
@@ -176,6 +176,8 @@ def _generate(engine: Engine, works: list[_Work], variant: str, progress: Any,
         log.info("%s/%s: %d of %d predictions stored, %d to generate (store %s)", work.bench.name, variant,
                  len(work.predictions), len(work.indices), work.generated, work.log.directory)
 
+    if missing and getattr(pair, "adapter_fingerprints", None):  # a series' pair (no load to ask)
+        pair.check_variant(variant)  # a refused checkpoint: model.AdapterRefused
     label = works[0].bench.name if len(works) == 1 else "+".join(w.bench.name for w in works)
     bar = _progress_bar(f"{label} {variant}", missing, sum(len(w.indices) for w in works), progress)
     try:
@@ -236,7 +238,7 @@ def store_key(pair: Any, bench: Benchmark, data: Any, profile: Profile, variant:
         compute += "-batch-dependent"
     return StoreKey(
         base_fingerprint=pair.base_fingerprint,
-        adapter_fingerprint=None if variant == BASE_VARIANT else pair.adapter_fingerprint,
+        adapter_fingerprint=None if variant == BASE_VARIANT else _adapter_fingerprint(pair, variant),
         benchmark=bench.name,
         tsv_md5=_tsv_md5(data.provenance if isinstance(data, BenchmarkData) else None, bench,
                          Path(lmu_root)),
@@ -244,6 +246,15 @@ def store_key(pair: Any, bench: Benchmark, data: Any, profile: Profile, variant:
         profile_fingerprint=profile.fingerprint,
         compute=compute,
     )
+
+
+def _adapter_fingerprint(pair: Any, variant: str) -> str | None:
+    """The fingerprint of the adapter that computes ``variant``: a series' pair has one per
+    checkpoint (``adapter_fingerprints``), any other pair one."""
+    per_variant = getattr(pair, "adapter_fingerprints", None)
+    if per_variant:
+        return per_variant[variant]
+    return pair.adapter_fingerprint
 
 
 def _compute_of(pair: Any) -> str:

@@ -4,7 +4,9 @@ Options: the same as ``lavender-checks run`` (``lavender_checks.run.config.RUN_O
 ``--base-model``, ``--lora``, ``--lmu-data``, ``--benchmark``, ``--profile``, ``--reference``,
 ``--gate``, ``--limit``, ``--fraction``, ``--batch-size``, ``--from-vlmeval``, ``--base-name``,
 ``--lavender-name``, ``--store``, ``--device``, ``--dtype``, ``--engine``, ``--chunk-rows``,
-``--reports`` and ``--keep-reports``. With none, the built-in tiny
+``--reports``, ``--keep-reports`` and ``--gate-series``. ``--lora`` given more than once, or
+naming a folder of ``checkpoint-N/`` adapters, gates a series of checkpoints (``run.series``):
+each case id then carries its checkpoint's name. With none, the built-in tiny
 pair runs on the mini benchmarks and is gated against its own numbers
 (fixtures/reported/tiny-mini.toml).
 
@@ -53,8 +55,8 @@ import pytest
 
 from lavender_checks import REPORTS
 from lavender_checks.errors import EXIT_INPUT, EXIT_RANK_FAILED, EXIT_TERMINATED, Terminated, error_line
-from lavender_checks.run import distributed, pipeline
-from lavender_checks.run.collect import RunResults, collect_results
+from lavender_checks.run import distributed, pipeline, series
+from lavender_checks.run.collect import RunResults
 from lavender_checks.run.config import (
     RunConfig,
     add_run_options,
@@ -65,8 +67,7 @@ from lavender_checks.run.config import (
     config_from_options,
     input_errors,
 )
-from lavender_checks.run.judge import GateOutcome, judge_run, write_run_report
-from lavender_checks.run.pair import load_model_pair
+from lavender_checks.run.judge import GateOutcome
 from lavender_checks.run.shards import ShardBarrier, remove_stale_barriers
 
 _GATE_SUMMARY = pytest.StashKey[dict]()
@@ -304,7 +305,7 @@ def model_pair(gate_config):
     if gate_config.from_vlmeval is not None:
         pytest.skip("--from-vlmeval scores VLMEvalKit's files: no model is loaded")
     try:
-        return load_model_pair(gate_config)
+        return series.load_run_pair(gate_config)  # a checkpoint series: every adapter beside the base
     except input_errors() as exc:
         _stop(exc)
 
@@ -340,7 +341,7 @@ def run_results(gate_config, worker_barrier, request) -> RunResults:
     worker = _worker()
     shard = (worker[1] % worker[2], worker[2]) if worker_barrier is not None else None
     try:
-        return collect_results(
+        return series.collect_run(
             gate_config, load_pair=lambda: request.getfixturevalue("model_pair"), shard=shard,
             wait_for_shards=worker_barrier,
             writer=worker[0] if worker else "main", progress=_progress(request.config),
@@ -352,7 +353,7 @@ def run_results(gate_config, worker_barrier, request) -> RunResults:
 def _torchrun_results(gate_config, request) -> RunResults:
     shards = request.config.stash[_TORCHRUN]
     try:
-        run = collect_results(
+        run = series.collect_run(
             gate_config, load_pair=lambda: request.getfixturevalue("model_pair"),
             shard=(shards.own, shards.count), wait_for_shards=shards, writer=shards.writer,
             progress=_progress(request.config))
@@ -423,15 +424,16 @@ def _progress(config: pytest.Config):
 
 @pytest.fixture(scope="session")
 def gate_outcome(run_results, worker_barrier, pytestconfig) -> GateOutcome:
-    """The verdicts of every reference row; the report is written here, by one process."""
-    outcome = judge_run(run_results)
+    """The verdicts of every reference row (a checkpoint series: a ``run.series.SeriesOutcome``,
+    each checkpoint's own); the report is written here, by one process."""
+    outcome = series.judge_any(run_results)
     note = _selection_note(pytestconfig, outcome)
     if note:  # said in report.md and report.json too
         run_results.metadata["selection"] = note
     # Every worker holds the same results: the first to get here writes the report.
     if worker_barrier is None or worker_barrier.claim("report"):
-        write_run_report(run_results, outcome, reports_root=pytestconfig.getoption("reports"),
-                                  keep=pytestconfig.getoption("keep_reports"))
+        series.write_any_report(run_results, outcome, reports_root=pytestconfig.getoption("reports"),
+                                keep=pytestconfig.getoption("keep_reports"))
         from lavender_checks.gate.step_summary import verdict_table
 
         summary = {"table": outcome.table(), "report": str(outcome.report),
@@ -450,6 +452,11 @@ def _unchecked(metadata) -> dict:
     from lavender_checks.gate.verdicts import unchecked
 
     return unchecked(metadata)
+@pytest.fixture(scope="session")
+def checkpoint() -> str | None:
+    """The checkpoint a gate case judges: None for a one-adapter run; a series' cases are
+    parametrized with their checkpoint's name (tests/benchmarks/test_gate.py)."""
+    return None
 
 
 def _snapshot_accounts(config: pytest.Config) -> list:

@@ -990,6 +990,29 @@ def wrap_with_random_lora(model, lora: dict, seed: int, b_std: float, adjust_b=N
     return peft_model
 
 
+def add_random_lora(model, lora: dict, seed: int, b_std: float, adapter_name: str):
+    """A random LoRA (as ``wrap_with_random_lora`` draws it) added under ``adapter_name``: to
+    ``model`` when peft already wraps it (beside its other adapters), else wrapping it. The
+    same seed gives the same weights either way, whatever adapters are there already."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        if isinstance(model, PeftModel):
+            model.add_adapter(adapter_name, LoraConfig(**lora))
+        else:
+            model = get_peft_model(model, LoraConfig(**lora), adapter_name=adapter_name)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if f".lora_B.{adapter_name}." in name:
+                    param.normal_(std=b_std)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.eval()
+
+
 @contextlib.contextmanager
 def random_lora(model, seed: int):
     """``model`` wrapped with the random LoRA of ``seed`` (the same weights for the same seed
@@ -1081,6 +1104,33 @@ def write_inert_adapter(source: Path, dest: Path) -> Path:
     import torch
 
     return _rewrite_adapter(source, dest, lambda key: key, lambda key, t: torch.zeros_like(t) if ".lora_B." in key else t)
+
+
+def write_scaled_adapter(source: Path, dest: Path, factor: float) -> Path:
+    """Copy an adapter with every ``lora_B`` times ``factor``: the adapter's change scaled, as
+    a checkpoint earlier or later in training might have it."""
+    return _rewrite_adapter(source, dest, lambda key: key,
+                            lambda key, t: t * factor if ".lora_B." in key else t)
+
+
+# A checkpoint series of the tiny adapter, as a Trainer's output_dir holds it: step -> how it
+# is made from the tiny adapter ("inert": every lora_B zero, as at step 0; a number: lora_B
+# scaled by it; 1.0: the tiny adapter itself, whose numbers tiny-mini.toml records).
+TINY_SERIES = {100: "inert", 200: 0.5, 300: 1.0}
+
+
+def write_checkpoint_series(adapter: Path, output_dir: Path, steps: dict[int, Any] | None = None) -> list[Path]:
+    """``output_dir/checkpoint-<step>/`` for each of ``steps`` (default ``TINY_SERIES``), made
+    from ``adapter``; returns the folders in step order."""
+    folders = []
+    for step, how in sorted((steps or TINY_SERIES).items()):
+        dest = Path(output_dir) / f"checkpoint-{step}"
+        if how == "inert":
+            write_inert_adapter(adapter, dest)
+        else:
+            write_scaled_adapter(adapter, dest, float(how))
+        folders.append(dest)
+    return folders
 
 
 def _rewrite_adapter(source: Path, dest: Path, rename, transform=None) -> Path:

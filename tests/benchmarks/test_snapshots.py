@@ -32,13 +32,20 @@ import pytest
 from lavender_checks.gate import snapshots
 from lavender_checks.gate.snapshot_extension import BenchmarkSnapshotExtension, review
 from lavender_checks.profiles import load_profile
+from lavender_checks.run.checkpoints import SeriesInputError
 from lavender_checks.run.config import config_from_options
+from lavender_checks.run.series import SeriesResults, candidate_config
 
 
 def pytest_generate_tests(metafunc):
     if "snapshot_benchmark" not in metafunc.fixturenames:
         return
+    # A checkpoint series is snapshotted at its last checkpoint, whose name the id carries.
     config = config_from_options(metafunc.config.getoption)
+    try:
+        config = candidate_config(config)
+    except SeriesInputError:  # under torchrun the gate's first fixture stops the session with it
+        pass
     profile = load_profile(config.profile).name
     metafunc.parametrize("snapshot_benchmark", config.benchmarks,
                          ids=[f"{profile}-{config.label()}-{b}" for b in config.benchmarks])
@@ -50,6 +57,8 @@ def benchmark_snapshot(snapshot):
 
 
 def test_scores(run_results, gate_outcome, snapshot_benchmark, benchmark_snapshot, snapshot_accounts, request):
+    if isinstance(run_results, SeriesResults):  # the last checkpoint's results and verdicts
+        run_results, gate_outcome = run_results.candidate, gate_outcome.candidate.outcome
     config = run_results.config
     if config.from_vlmeval is not None:
         pytest.skip("runs from --from-vlmeval are not snapshotted")
