@@ -84,8 +84,11 @@ def review(assertion: Any, current: Current | None, *, verdicts: list[dict[str, 
     if path.is_file():
         # The versions a file records are those it was recorded with: a run on other versions
         # whose results are the same matches it and leaves it as it is (compare() says so).
-        on_file = snapshots.parse(path.read_text(encoding="utf-8"), location)
-        if snapshots.same_content(on_file, current.snapshot):
+        try:
+            on_file = snapshots.parse(path.read_text(encoding="utf-8", errors="replace"), location)
+        except snapshots.SnapshotFormatError:
+            on_file = None  # unreadable: the assertion below says so, naming the file
+        if on_file is not None and snapshots.same_content(on_file, current.snapshot):
             current.snapshot.pop("versions", None)
             if "versions" in on_file:
                 current.snapshot["versions"] = on_file["versions"]

@@ -131,7 +131,7 @@ def _load_data(config: RunConfig, root: Path, shard: tuple[int, int] | None
 
 
 def _take_locks(config: RunConfig, pair: Any, root: Path, profile: Any, engine: Any, store: Any,
-                barrier: Barrier | TorchrunShards | None) -> None:
+                barrier: Barrier | TorchrunShards | None, variants: tuple[str, ...] = VARIANTS) -> None:
     """Lock the store key of every benchmark (whose TSV is there) and variant of the run. A
     key needs the pair's fingerprints and the TSV's md5 only: no weights, no TSV parsed."""
     from lavender_checks.run.predict import store_key
@@ -142,7 +142,7 @@ def _take_locks(config: RunConfig, pair: Any, root: Path, profile: Any, engine: 
         if not root.is_dir():
             raise RunInputError(f"LMUData folder {root} does not exist")
         keys.extend(store_key(pair, bench, None, profile, variant, root, batch_invariant=engine.batch_invariant)
-                    for bench in config.selected if (root / bench.spec.tsv).is_file() for variant in VARIANTS)
+                    for bench in config.selected if (root / bench.spec.tsv).is_file() for variant in variants)
 
     if isinstance(barrier, TorchrunShards):
         barrier.check(find_keys, "store keys found")  # a rank that cannot stops every rank
@@ -192,7 +192,7 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
     try:
         # The locks first, before any TSV is read or weights loaded: of two runs started
         # together on one store, the one started first gets them.
-        _take_locks(config, pair, root, profile, engine, store, barrier)
+        _take_locks(config, pair, root, profile, engine, store, barrier, variants)
         # With a barrier every process scores the union of the shards; without one, its own shard.
         data, missing = _load_data(config, root, shard if barrier is None else None)
     except BaseException:
@@ -618,32 +618,27 @@ def _read_in_rounds(config: RunConfig, read: Mapping[str, tuple[Benchmark, dict[
 
 def _check_without_tsv(bench: Benchmark, frames: Mapping[str, Any], paths: Mapping[str, Path]
                        ) -> tuple[list[str], str]:
-    """What can be checked of both models' whole files without the benchmark's TSV: their row
-    count against VLMEvalKit's (benchmarks.toml ``rows``) and that both files ask the same
-    question at each index (files of two different TSVs are refused). Returns why the files
-    are not the whole benchmark (not comparable), and what could not be checked."""
+    """What can be checked of the models' whole files without the benchmark's TSV: their row
+    count against VLMEvalKit's (benchmarks.toml ``rows``) and, with both files there, that they
+    ask the same question at each index (files of two different TSVs are refused, as ``score
+    --meta`` refuses a file of an edited TSV). Returns why the files are not the whole benchmark
+    (not comparable), and what could not be checked."""
+    from lavender_checks.benchmarks.signature import check_questions
+
     benchmark, expected = bench.name, bench.spec.rows
-    base, lavender = frames["base"], frames["lavender"]
-    if "question" in base.columns and "question" in lavender.columns:
-        theirs = dict(zip(lavender["index"].map(str), lavender["question"].map(str)))
-        differ = [(i, q) for i, q in zip(base["index"].map(str), base["question"].map(str))
-                  if i in theirs and theirs[i] != q]
-        if differ:
-            index, question = differ[0]
-            raise RunInputError(
-                f"{benchmark}: {paths['base']} and {paths['lavender']} ask different questions at "
-                f"{len(differ)} index(es), e.g. index {index}: {question!r} vs {theirs[index]!r}; "
-                "the files were made from different TSVs")
+    if len(frames) == len(VARIANTS):
+        check_questions(frames["lavender"], frames["base"], str(paths["lavender"]), str(paths["base"]))
+    variant, first = next(iter(frames.items()))
     problems = []
-    if expected is not None and len(base) != expected:
-        problems.append(f"{paths['base']} has {len(base)} rows, VLMEvalKit's {benchmark} has "
+    if expected is not None and len(first) != expected:
+        problems.append(f"{paths[variant]} has {len(first)} rows, VLMEvalKit's {benchmark} has "
                         f"{expected}: the files are not of the whole benchmark (no TSV was given to "
                         "check them against: --lmu-data)")
     unchecked = (f"no {bench.spec.tsv} in LMUData (--lmu-data): the files' questions, answers and "
                  f"indices were not checked against VLMEvalKit's {benchmark} TSV (md5 {bench.spec.md5}); "
-                 f"checked: row count ({len(base)}"
+                 f"checked: row count ({len(first)}"
                  + (f", VLMEvalKit's {expected}" if expected is not None else "")
-                 + "), the same questions in both files")
+                 + ("), the same questions in both files" if len(frames) == len(VARIANTS) else ")"))
     return problems, unchecked
 
 

@@ -118,6 +118,7 @@ def prune_reports(reports_root: Path, *, keep: int | None = None,
                 removed.append(path)
         elif (name.startswith(".") and name.endswith(".partial.lock")
                 and RUN_ID_PATTERN.match(name[1:-len(".partial.lock")])
+                and path.exists()  # not gone with its folder a moment ago
                 and not path.with_name(name.removesuffix(".lock")).exists()):
             # A run killed between taking its lock and making its folder: the lock file goes
             # (by partial_left_by_a_killed_run) once no process holds it.

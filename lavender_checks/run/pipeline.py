@@ -105,8 +105,9 @@ def _run(args) -> int:
     if unchecked(run.metadata):
         print(unchecked_notice(unchecked(run.metadata)))
     print(f"report: {path}")
-    if run.early_stop is not None:
-        print(run.early_stop.headline())
+    early = getattr(run, "early_stop", None)  # a checkpoint series has none (one adapter at a time)
+    if early is not None:
+        print(early.headline())
     problems = outcome.noncomparable
     if problems:  # last, where a reader looks first
         print(noncomparable_notice(problems, config.allow_noncomparable))

@@ -440,7 +440,8 @@ def gate_outcome(run_results, worker_barrier, pytestconfig) -> GateOutcome:
                    "missing": dict(run_results.missing), "noncomparable": dict(outcome.noncomparable),
                    "unchecked": _unchecked(run_results.metadata), "selection": note,
                    "allow_noncomparable": run_results.config.allow_noncomparable,
-                   "early_stop": outcome.early_stop.headline() if outcome.early_stop is not None else None,
+                   # a checkpoint series has none: --stop-early gates one adapter at a time
+                   "early_stop": early.headline() if (early := getattr(outcome, "early_stop", None)) else None,
                    "passed": outcome.passed, "markdown_table": verdict_table(outcome.verdicts)}
         pytestconfig.stash[_GATE_SUMMARY] = summary
         if hasattr(pytestconfig, "workeroutput"):

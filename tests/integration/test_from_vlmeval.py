@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from lavender_checks import REPO_ROOT, cli
+from lavender_checks.benchmarks.signature import SignatureMismatch
 from lavender_checks.gate.report import RUN_ID_PATTERN
 from lavender_checks.gate.verdicts import load_reference
 from lavender_checks.run.collect import RunResults, collect_results
@@ -324,7 +325,8 @@ def test_base_and_lavender_files_asking_different_questions_are_refused(tmp_path
     lavender.loc[7, "question"] = "an edited question?"
     work = write_run(tmp_path / "outputs", {"ChartQA_TEST": {"base": chartqa_only["ChartQA_TEST"]["base"],
                                                              "lavender": lavender}})
-    with pytest.raises(RunInputError, match=r"ask different questions at 1 index\(es\), e.g. index 7"):
+    with pytest.raises(SignatureMismatch, match=r"1 row\(s\) whose question is not the one of .*llama_vision_base"
+                                                r"_ChartQA_TEST.* at the same index, e.g. index 7"):
         gate(work, benchmarks=("ChartQA_TEST",))
 
 

@@ -314,7 +314,7 @@ def _held(*args, **kwargs):
     raise StoreLockedError("/store/MME: another run is using these predictions: pid 1 on host-a")
 
 
-pytest_plugin.collect_results = _held
+pytest_plugin.series.collect_run = _held
 """
 
 

@@ -636,7 +636,7 @@ def no_work(monkeypatch, no_model_load):
     def refuse(*args, **kwargs):
         raise AssertionError("the run started its work")
 
-    monkeypatch.setattr(pipeline, "collect_results", refuse)
+    monkeypatch.setattr(pipeline.series, "collect_run", refuse)
 
 
 @pytest.mark.parametrize("force", [[], ["--force"]])

@@ -263,10 +263,15 @@ def test_the_pytest_gate_has_cases_per_checkpoint(series, tiny_checkpoints, pyte
 def test_a_vlmeval_work_dir_with_several_lavender_models(tmp_path, capsys):
     """Several Lavender model folders of one VLMEvalKit work dir, ``--lavender-name`` repeated:
     each gated on its own, the last one judged by default, every one with --gate-series all."""
+    from lavender_checks.gate.verdicts import load_reference
+    from lavender_checks.run.config import SEED_REFERENCE
+    from lavender_checks.synthetic import fullsize_data
     from lavender_checks.vlmeval_io import write_prediction_file
-    from tests.integration.test_from_vlmeval import chartqa_frames
 
-    frames = chartqa_frames()
+    chartqa = fullsize_data.benchmark_frames(seed=0, benchmarks=("ChartQA_TEST",))
+    targets = fullsize_data.scenario_targets(load_reference(SEED_REFERENCE), "reproduce")
+    frames = fullsize_data.prediction_frames(chartqa, fullsize_data.predictions_for_targets(chartqa, targets))
+    frames = frames["ChartQA_TEST"]
     work = tmp_path / "outputs"
     models = {"llama_vision_base": frames["base"], "lavender_checkpoint-100": frames["base"],  # no gain yet
               "lavender_checkpoint-200": frames["lavender"]}
