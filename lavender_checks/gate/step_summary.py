@@ -11,7 +11,6 @@ folder, then the snapshot diff (``snapshot-diff.md``) when the session wrote one
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections.abc import Iterable, Mapping
@@ -45,12 +44,7 @@ def verdict_table(verdicts: Iterable[Verdict]) -> str:
     lines += ["| case | measured | reported | band | n | status |", "| --- | ---: | ---: | --- | ---: | --- |"]
     for v in verdicts:
         signed = v.quantity == "gain"
-        if v.band is None:
-            band = "–"
-        elif math.isinf(v.band[1]):
-            band = f"≥ {_num(v.band[0], signed)}"
-        else:
-            band = f"{_num(v.band[0], signed)} .. {_num(v.band[1], signed)}"
+        band = v.band_text(_num, at_least="≥", none="–")
         n = "–" if v.n is None else f"{v.n} of {v.population_n}" if v.subset else str(v.n)
         status = {"pass": "pass", "fail": "**FAIL**"}.get(v.status, f"**MISSING**: {v.reason}")
         lines.append(f"| {_cell(f'{v.row_id} {v.quantity}')} | {_num(v.measured, signed)} | "

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import NormalDist
@@ -437,6 +437,16 @@ class Verdict:
     @property
     def one_sided(self) -> bool:
         return self.band is not None and math.isinf(self.band[1])
+
+    def band_text(self, number: Callable[[float | None, bool], str], at_least: str = ">=", none: str = "-") -> str:
+        """The band as a table shows it: ``lo .. hi``, ``>= lo`` when one-sided, ``none`` when
+        there is none; ``number(value, signed)`` formats each end."""
+        signed = self.quantity == "gain"
+        if self.band is None:
+            return none
+        if math.isinf(self.band[1]):
+            return f"{at_least} {number(self.band[0], signed)}"
+        return f"{number(self.band[0], signed)} .. {number(self.band[1], signed)}"
 
     def message(self) -> str:
         """Everything a reviewer needs, in one or two lines."""
@@ -872,12 +882,7 @@ def summary_table(verdicts: list[Verdict], only_problems: bool = False) -> str:
         if only_problems and (v.status == "pass" or v in not_judged):
             continue
         signed = v.quantity == "gain"
-        if v.band is None:
-            band = "-"
-        elif math.isinf(v.band[1]):
-            band = f">= {num(v.band[0], signed)}"
-        else:
-            band = f"{num(v.band[0], signed)} .. {num(v.band[1], signed)}"
+        band = v.band_text(num)
         status = v.status.upper() if v.status != "pass" else "pass"
         if v.early is not None and v.status == "fail":
             lo, hi = v.early["bounds"]
