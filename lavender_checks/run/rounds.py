@@ -11,8 +11,8 @@ come in a uniformly random order of their own, which is what each case's confide
 (``gate.sequential``) needs. (An order with fixed shares per stratum and round would make the
 sequence of every pooled metric a union over its strata, several times wider.)
 
-**Rounds.** After round r the first ``floor(f_r · G)`` draw units (at least one) of every benchmark (G its
-draw units, ``f_r`` from ``gate/stop_early.toml``) are done in both variants: base, then
+**Rounds.** After round r the first ``floor(f_r · G)`` draw units (at least one) of every
+benchmark (G its draw units, ``f_r`` from ``gate/stop_early.toml``) are done in both variants: base, then
 Lavender, each in one engine call across the benchmarks (``run.predict.predict_together``;
 the benchmarks with the longest answers first, so that short rows fill the batch while long
 ones end). Every row is stored as it finishes, so a later run, complete or not, reuses it.
@@ -21,8 +21,9 @@ ones end). Every row is stored as it finishes, so a later run, complete or not, 
 have a placeholder prediction; their units are left out), which gives each unit's share of
 each case's full-run value exactly as the complete run will compute it: the benchmark's
 columns go through VLMEvalKit's xlsx round trip once, each prediction once, as it arrives
-(a prediction cell comes back the same alone as among all of them; tested). The decision is
-``gate.sequential.decide``.
+(a prediction cell comes back the same alone as among all of them; tested). Under
+``--from-vlmeval`` the files' own cells are scored as they are, as the complete run scores them.
+The decision is ``gate.sequential.decide``.
 """
 
 from __future__ import annotations
