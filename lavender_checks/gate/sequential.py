@@ -89,6 +89,9 @@ def load_settings(path: str | Path = _SETTINGS) -> StopEarlySettings:
     caps = tuple(float(c) for c in raw["caps"])
     if not caps or any(not 0 < c < 1 for c in caps):
         raise ValueError(f"{path}: every cap must lie in (0, 1), got {list(caps)}")
+    if not float(raw["band_margin"]) >= 1.0 or not 0 < float(raw["horizon"]) <= 1:
+        raise ValueError(f"{path}: band_margin must be at least 1 and horizon in (0, 1], got "
+                         f"{raw['band_margin']} and {raw['horizon']}")
     return StopEarlySettings(rounds=rounds, band_margin=float(raw["band_margin"]),
                              horizon=float(raw["horizon"]), caps=caps)
 
@@ -229,8 +232,11 @@ def band_bound(quantity: str, unit_bound: float, scorer_units: int, totals: Sequ
 def failure_direction(lo: Any, hi: Any, reported: float, half: Any, one_sided: bool) -> Any:
     """−1 where the full run's value is certainly below every band it can have, +1 above it
     (two-sided cases only), 0 where its verdict is not certain."""
-    below = np.asarray(hi) < reported - np.asarray(half)
-    above = (np.asarray(lo) > reported + np.asarray(half)) & (not one_sided)
+    # The complete run's verdict forgives binary floating-point noise at the band's edge
+    # (gate.verdicts): so does this.
+    slack = 1e-9 * max(1.0, abs(reported))
+    below = np.asarray(hi) < reported - np.asarray(half) - slack
+    above = (np.asarray(lo) > reported + np.asarray(half) + slack) & (not one_sided)
     return np.where(below, -1, np.where(above, 1, 0))
 
 
@@ -255,7 +261,7 @@ class EarlyFailure:
         return (f"{self.row_id} {self.quantity}: the complete run's value lies in [{lo:.2f}, {hi:.2f}] "
                 f"(confidence 1 - {self.alpha:.2g}), {side}, outside any band it can have "
                 f"({self.reported:.2f} ± at most {self.band_bound:.2f}); "
-                f"{self.drawn} of {self.population} units seen")
+                f"{self.drawn} of {self.population} draw units seen")
 
 
 @dataclass(frozen=True)

@@ -459,8 +459,8 @@ class Verdict:
             band = f"[{fmt(band_lo)}, +inf)" if math.isinf(band_hi) else f"[{fmt(band_lo)}, {fmt(band_hi)}]"
             return (f"{head} (stopped early): the complete run's value lies in [{fmt(lo)}, {fmt(hi)}] "
                     f"(confidence 1 - {self.early['alpha']:.2g}), outside every band it can have: reported "
-                    f"{fmt(self.reported)}, band at most {band}; n={self.early['units_seen']} of "
-                    f"{self.early['units']} {self.unit_kind}s seen\n"
+                    f"{fmt(self.reported)}, band at most {band}; {self.early['units_seen']} of "
+                    f"{self.early['units']} draw units seen (rows sharing an image or a {self.unit_kind.replace('_', ' ')})\n"
                     f"    --stop-early, {self.mode}; the full run's band: max(floor {self.floor:g}, "
                     f"{self.confidence * 100:g}% bootstrap half-width), bounded by {self.half_width:.2f}")
         if self.status == "missing":

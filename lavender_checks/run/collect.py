@@ -266,7 +266,7 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
     generation_seconds = time.time() - generation_started
 
     if early is not None and early.stopped:
-        results, scoring_seconds = _not_scored(config, early), 0.0
+        results, scoring_seconds = _not_scored(config), 0.0
     else:
         results, scoring_seconds = _score_all(config, data, predictions, missing, variants)
     metadata = {
@@ -296,7 +296,7 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
                       metadata=metadata, early_stop=early)
 
 
-def _not_scored(config: RunConfig, early: Any) -> dict[str, dict[str, ScoreResult | None]]:
+def _not_scored(config: RunConfig) -> dict[str, dict[str, ScoreResult | None]]:
     return {name: {variant: None for variant in VARIANTS} for name in config.benchmarks}
 
 
@@ -374,7 +374,16 @@ def _generate_in_rounds(config: RunConfig, data: Mapping[str, _LoadedBenchmark],
             return looker.look(got, done)
 
         if isinstance(barrier, TorchrunShards):  # rank 0 holds every row: it decides for all
-            return barrier.group.broadcast(here() if barrier.scores else None, "stop-early decision")
+            decision, error = None, None
+            if barrier.scores:
+                try:
+                    decision = here()
+                except Exception as exc:  # noqa: BLE001 - reported to every rank, then raised here
+                    error = exc
+            barrier.group.agree("stop-early decision taken", error)  # no rank waits on a failed one
+            if error is not None:
+                raise error
+            return barrier.group.broadcast(decision, "stop-early decision")
         return here()
 
     return run_rounds(plans, settings, looker.alpha, do_round, look)
@@ -543,6 +552,12 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
         if len(frames) == len(VARIANTS):
             _check_paired(benchmark, {v: list(frames[v]["index"]) for v in VARIANTS},
                           {v: str(paths[v]) for v in VARIANTS})
+        if config.stop_early and meta is not None and len(next(iter(frames.values()))) < len(meta.frame):
+            # Files of part of the TSV are a subset, whose complete-run band is wider than the
+            # one the rounds bound.
+            raise RunInputError(f"--stop-early judges whole benchmarks: {paths[next(iter(frames))]} holds "
+                                f"{len(next(iter(frames.values())))} of the {len(meta.frame)} rows of "
+                                f"{bench.spec.tsv}; gate these files without --stop-early")
         if config.stop_early and len(frames) == len(VARIANTS):
             # Scored once the rounds are done (and only if the run did not stop).
             read[benchmark] = (bench, frames, meta)

@@ -442,6 +442,7 @@ def gate_outcome(run_results, worker_barrier, pytestconfig) -> GateOutcome:
                    "allow_noncomparable": run_results.config.allow_noncomparable,
                    # a checkpoint series has none: --stop-early gates one adapter at a time
                    "early_stop": early.headline() if (early := getattr(outcome, "early_stop", None)) else None,
+                   "stopped_early": bool(getattr(outcome, "stopped_early", False)),
                    "passed": outcome.passed, "markdown_table": verdict_table(outcome.verdicts)}
         pytestconfig.stash[_GATE_SUMMARY] = summary
         if hasattr(pytestconfig, "workeroutput"):
@@ -528,6 +529,9 @@ def pytest_sessionfinish(session):
     if (summary is not None and summary.get("noncomparable") and not summary.get("allow_noncomparable")
             and session.exitstatus == pytest.ExitCode.OK):
         # A benchmark not gated at all (no reference rows) has no case to fail: the run does.
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if summary is not None and summary.get("stopped_early") and session.exitstatus == pytest.ExitCode.OK:
+        # A run --stop-early stopped has failed, whichever of its cases were selected (-k).
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if summary is None or not summary.get("report"):
         return

@@ -21,8 +21,10 @@ ones end). Every row is stored as it finishes, so a later run, complete or not, 
 have a placeholder prediction; their units are left out), which gives each unit's share of
 each case's full-run value exactly as the complete run will compute it: the benchmark's
 columns go through VLMEvalKit's xlsx round trip once, each prediction once, as it arrives
-(a prediction cell comes back the same alone as among all of them; tested). Under
-``--from-vlmeval`` the files' own cells are scored as they are, as the complete run scores them.
+(beside one text cell, as in a complete file that holds any text: a column of numbers alone
+comes back as floats, so a benchmark is not decided before one of its predictions in each
+variant is no number; tested). Under ``--from-vlmeval`` the files' own cells are scored in
+their column's own type, as the complete run scores them.
 The decision is ``gate.sequential.decide``.
 """
 
@@ -282,6 +284,9 @@ class Looker:
         self.frames: dict[str, dict[str, pd.DataFrame]] = {}  # benchmark -> variant -> frame to fill
         self.metas: dict[str, pd.DataFrame | None] = {}
         self.cells: dict[str, dict[str, dict[str, Any]]] = {}  # benchmark -> variant -> index -> cell
+        self.originals: dict[str, dict[str, pd.Series]] = {}  # --from-vlmeval: the files' columns
+        # Generated predictions: whether a cell that is no number has come (module docstring).
+        self.text_seen: dict[str, dict[str, bool]] = {}
         for plan in self.plans:
             if files is None:
                 meta = plan.data_frame
@@ -290,7 +295,9 @@ class Looker:
                 self.frames[plan.name] = {variant: frame for variant in VARIANTS}
             else:
                 frames, meta = files[plan.name]
+                self.originals[plan.name] = {variant: frames[variant]["prediction"] for variant in VARIANTS}
                 self.frames[plan.name] = {variant: frames[variant].assign(prediction=np.nan) for variant in VARIANTS}
+            self.text_seen[plan.name] = dict.fromkeys(VARIANTS, files is not None)
             self.metas[plan.name] = meta
             placeholder = plan.bench.score(self.frames[plan.name]["base"], meta=meta)
             rows = [row for row in reference.rows if row.benchmark == plan.name]
@@ -308,8 +315,15 @@ class Looker:
         if not self.read_back:
             known.update(new)
             return
-        back = roundtrip(pd.DataFrame({"prediction": [str(v) for v in new.values()]}))["prediction"].tolist()
-        known.update(zip(new, back))
+        # A cell's type comes from its whole column (pandas reads a column of numbers and
+        # blanks as floats: "12" -> 12.0): one text cell beside them keeps them text, as they
+        # are in the complete file once any of its cells is text.
+        back = roundtrip(pd.DataFrame({"prediction": [*(str(v) for v in new.values()), "text"]}))
+        cells = back["prediction"].tolist()[:-1]
+        known.update(zip(new, cells))
+        if not self.text_seen[benchmark][variant]:
+            numbers = pd.to_numeric(pd.Series(cells, dtype=object), errors="coerce")
+            self.text_seen[benchmark][variant] = bool((pd.Series(cells, dtype=object).notna() & numbers.isna()).any())
 
     def look(self, predictions: Mapping[str, Mapping[str, Mapping[Any, Any]]],
              done_units: Mapping[str, int]) -> Decision:
@@ -323,7 +337,9 @@ class Looker:
         samples: dict[tuple[str, str], CaseSample] = {}
         for plan in self.plans:
             done = done_units.get(plan.name, 0)
-            if done == 0:
+            # Until a cell that is no number has come, the complete file's column may turn out
+            # all numbers, which VLMEvalKit reads otherwise: no decision on that benchmark yet.
+            if done == 0 or not all(self.text_seen[plan.name].values()):
                 continue
             results = {variant: self.score(plan.name, variant) for variant in VARIANTS}
             samples.update(self.structures[plan.name].samples(results, done))
@@ -334,7 +350,11 @@ class Looker:
         """The benchmark scored with the predictions seen so far (placeholders elsewhere)."""
         frame = self.frames[benchmark][variant].copy()
         cells = self.cells[benchmark][variant]
-        frame["prediction"] = [cells.get(k, np.nan) for k in frame["index"].astype(str)]
+        keys = frame["index"].astype(str)
+        if benchmark in self.originals:  # the files' cells, in their column's own type
+            frame["prediction"] = self.originals[benchmark][variant].astype(object).where(keys.isin(cells).to_numpy())
+        else:
+            frame["prediction"] = pd.Series([cells.get(k, np.nan) for k in keys], index=frame.index, dtype=object)
         plan = next(p for p in self.plans if p.name == benchmark)
         return plan.bench.score(frame, meta=self.metas[benchmark])
 

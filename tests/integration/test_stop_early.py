@@ -119,6 +119,9 @@ def test_the_pytest_gate_fails_the_certain_case_and_skips_the_others(gate, tmp_p
     assert reports[0]["stopped"] and reports[0]["rows_used"] < 170
     assert reports[0]["rows_used"] == reports[1]["rows_used"]
     assert reports[0]["failures"] == reports[1]["failures"]
+    # Cases selected that the stop left unjudged: the session fails all the same.
+    some = gate("--stop-early", "--reference", str(broken_reference(tmp_path)), "-k", "test_base")
+    assert "failed" not in some.parseoutcomes() and some.ret == 1
 
 
 # ------------------------------------------------------------------ full-size VLMEvalKit folders

@@ -88,6 +88,29 @@ def test_scores_seen_during_the_rounds_are_the_complete_runs(mini):
                     np.testing.assert_array_equal(a.denominator, b.denominator)
 
 
+def test_a_benchmark_is_not_decided_before_a_prediction_that_is_no_number(mini):
+    """A column of numbers and blanks alone comes back as floats ("12" -> 12.0, which ANLS does
+    not match with "12"); the complete file has text elsewhere, so until text has come in
+    both variants the benchmark's cases are not judged, and then every cell is the file's."""
+    reference = load_reference(TINY_REFERENCE)
+    bench, data = mini["DocVQA_VAL"]
+    plan = BenchmarkRounds.of(bench, data, 7)
+    looker = Looker([plan], reference, gate_cases(reference, [plan.name], "reproduce"), 0.01, SETTINGS)
+    indices = plan.data_frame["index"].tolist()
+    numbers = {i: ("12" if k % 2 else "NA") for k, i in enumerate(indices)}
+    predictions = {**numbers, indices[-1]: "twelve"}
+    first = [i for i in indices if i != indices[-1]]
+    for variant in VARIANTS:
+        looker.add(plan.name, variant, {i: predictions[i] for i in first})
+    assert looker.text_seen[plan.name] == {"base": False, "lavender": False}
+    assert looker.decision({plan.name: len(plan.order)}).failures == []  # nothing judged yet
+    for variant in VARIANTS:
+        looker.add(plan.name, variant, {indices[-1]: predictions[indices[-1]]})
+    assert all(looker.text_seen[plan.name].values())
+    complete = bench.score(roundtrip(prediction_frame(plan.data_frame, predictions)), meta=plan.data_frame)
+    assert looker.score(plan.name, "base").metrics == complete.metrics
+
+
 def test_the_rounds_stop_after_the_look_that_finds_a_failure(mini):
     reference = load_reference(TINY_REFERENCE)
     plans = [BenchmarkRounds.of(bench, data, 7) for bench, data in mini.values()]
