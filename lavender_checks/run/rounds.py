@@ -52,7 +52,8 @@ from lavender_checks.gate.sequential import (
 )
 from lavender_checks.model import VARIANTS
 
-__all__ = ["BenchmarkRounds", "CaseStructure", "Looker", "RoundsRecord", "draw_labels", "gate_cases", "run_rounds"]
+__all__ = ["BenchmarkRounds", "CaseStructure", "Looker", "RoundsRecord", "draw_labels", "draw_rank", "gate_cases",
+           "run_rounds", "units_through"]
 
 # The engine's call of a round hands these benchmarks first: their answers are the longest
 # (ChartQA's step-by-step solutions, MMBench's sentences), so the short ones fill the batch
@@ -60,8 +61,15 @@ __all__ = ["BenchmarkRounds", "CaseStructure", "Looker", "RoundsRecord", "draw_l
 LONGEST_ANSWERS_FIRST = ("ChartQA_TEST", "MMBench_DEV_EN", "DocVQA_VAL", "MME")
 
 
-def _rank(seed: int, benchmark: str, unit: Any) -> bytes:
+def draw_rank(seed: int, benchmark: str, unit: Any) -> bytes:
+    """Where a draw unit comes in its benchmark's order: a hash, the same on every platform."""
     return hashlib.sha256(f"{seed}\x1fstop-early\x1f{benchmark}\x1f{unit}".encode()).digest()
+
+
+def units_through(fraction: float, units: int) -> int:
+    """Draw units done after a round that reaches ``fraction`` of ``units``: never more than
+    that share (at least one unit), every unit at 1.0."""
+    return min(units, max(1, math.floor(fraction * units + 1e-9)))
 
 
 def draw_labels(data: Any, bench: Benchmark, dump_suffix: str | None = None) -> np.ndarray:
@@ -107,7 +115,7 @@ class BenchmarkRounds:
         rows_of: dict = {}
         for index, label in zip(frame["index"].tolist(), labels):
             rows_of.setdefault(label, []).append(index)
-        order = sorted(rows_of, key=lambda unit: _rank(seed, bench.name, unit))
+        order = sorted(rows_of, key=lambda unit: draw_rank(seed, bench.name, unit))
         return cls(bench.name, bench, data, labels, order, rows_of)
 
     @property
@@ -127,9 +135,7 @@ class BenchmarkRounds:
         return BenchmarkRounds(self.name, self.bench, self.data, self.labels, order, rows_of)
 
     def units_through(self, fraction: float) -> int:
-        """Draw units done after a round that reaches ``fraction``: never more than that share
-        (at least one unit), every unit at 1.0."""
-        return min(len(self.order), max(1, math.floor(fraction * len(self.order) + 1e-9)))
+        return units_through(fraction, len(self.order))
 
     def indices(self, start: int, stop: int) -> list:
         """The rows of draw units ``start .. stop-1`` (drawn order), each unit's rows together."""

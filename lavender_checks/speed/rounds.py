@@ -1,7 +1,8 @@
 """``bench --paths fast,rounds``: what ``--stop-early``'s rounds cost a run that goes to the end.
 
 A ``--stop-early`` run hands the engine one call per round and variant, across the
-benchmarks (``run.rounds``: draw units of every benchmark in a seeded order, rounds at the
+benchmarks (``run.rounds``: draw units of every benchmark in a seeded order (here a workload
+row's unit is its image), rounds at the
 shares of ``gate/stop_early.toml``, the benchmarks with the longest answers first), where a
 run without it makes one call per benchmark and variant. Each call ends with a drain (the
 last rows decode alone), so the rounds add drains; vision and prefill work is the same
@@ -15,22 +16,17 @@ is not here: it is timed by the run itself (``report.json`` ``early_stop.looks``
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from typing import Any
 
 __all__ = ["measure_rounds"]
 
 
-def _rank(seed: int, benchmark: str, image: Any) -> bytes:
-    return hashlib.sha256(f"{seed}\x1fstop-early\x1f{benchmark}\x1f{image}".encode()).digest()
-
-
 def measure_rounds(engine: Any, workload: Any, scaled: dict, maker: Any, cap: int | None, chunk_rows: int,
                    fast_section: dict, seed: int = 0) -> dict:
     """The scaled rows in ``--stop-early``'s rounds; times against the fast path's."""
     from lavender_checks.gate.sequential import load_settings
-    from lavender_checks.run.rounds import LONGEST_ANSWERS_FIRST
+    from lavender_checks.run.rounds import LONGEST_ANSWERS_FIRST, draw_rank, units_through
     from lavender_checks.speed.measure import run_fast
 
     settings = load_settings()
@@ -41,14 +37,14 @@ def measure_rounds(engine: Any, workload: Any, scaled: dict, maker: Any, cap: in
     for name in names:
         for row in scaled[name]:
             groups[name].setdefault(row.image_id, []).append(row.key)
-    order = {name: sorted(groups[name], key=lambda image, name=name: _rank(seed, name, image)) for name in names}
+    order = {name: sorted(groups[name], key=lambda image, name=name: draw_rank(seed, name, image)) for name in names}
     done = dict.fromkeys(names, 0)
     section: dict[str, Any] = {"rounds": list(settings.rounds), "per_round": [], "seconds": 0.0, "calls": 0,
                                "drain_seconds": 0.0}
     for number, fraction in enumerate(settings.rounds, start=1):
         batch = []
         for name in names:
-            stop = min(len(order[name]), max(1, int(fraction * len(order[name]) + 1e-9)))
+            stop = units_through(fraction, len(order[name]))
             batch += [requests[key] for image in order[name][done[name]:stop] for key in groups[name][image]]
             done[name] = stop
         for variant in workload.variants:
