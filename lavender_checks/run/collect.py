@@ -340,13 +340,20 @@ def _generate_in_rounds(config: RunConfig, data: Mapping[str, _LoadedBenchmark],
         part = plan.rows_frame(indices)
         return part if count == 1 else subset(part, plan.bench, shard=(index, count))
 
+    # A process that generated a whole round has its predictions in hand; one that generated a
+    # shard reads the round back from the store the processes share.
+    produced: dict[str, dict[str, dict]] = {}
+
     def generate(rows: dict[str, list], index: int, count: int) -> None:
         for variant in VARIANTS:
             items = [(plan.bench, part) for plan in plans if rows[plan.name]
                      for part in [part_of(plan, rows[plan.name], index, count)] if len(part.frame)]
             if items:
-                predict_together(pair, engine, items, profile, variant, store, lmu_root=root, writer=writer,
-                                 progress=progress)
+                runs = predict_together(pair, engine, items, profile, variant, store, lmu_root=root,
+                                        writer=writer, progress=progress)
+                if count == 1:
+                    for name, run in runs.items():
+                        produced.setdefault(name, {})[variant] = run.predictions
 
     def work(rows: dict[str, list]):
         def of(index: int, count: int):
@@ -366,11 +373,13 @@ def _generate_in_rounds(config: RunConfig, data: Mapping[str, _LoadedBenchmark],
 
     def look(rows: dict[str, list], done: dict[str, int]):
         def here():
-            got = {plan.name: {variant: predict_run(pair, engine, plan.bench, plan.rows_frame(rows[plan.name]),
-                                                    profile, variant, store, lmu_root=root, writer=writer,
-                                                    progress=False).predictions
-                               for variant in VARIANTS}
-                   for plan in plans if rows[plan.name]}
+            got = dict(produced) if produced else {
+                plan.name: {variant: predict_run(pair, engine, plan.bench, plan.rows_frame(rows[plan.name]),
+                                                 profile, variant, store, lmu_root=root, writer=writer,
+                                                 progress=False).predictions
+                            for variant in VARIANTS}
+                for plan in plans if rows[plan.name]}
+            produced.clear()
             return looker.look(got, done)
 
         if isinstance(barrier, TorchrunShards):  # rank 0 holds every row: it decides for all
