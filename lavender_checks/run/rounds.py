@@ -280,7 +280,6 @@ class Looker:
         through VLMEvalKit's xlsx round trip as the complete run's do."""
         from lavender_checks.vlmeval_io import prediction_frame, roundtrip
 
-        self.read_back = files is None
         self.plans = list(plans)
         self.reference = reference
         self.cases = list(cases)
@@ -318,7 +317,7 @@ class Looker:
         new = {str(k): v for k, v in predictions.items() if str(k) not in known}
         if not new:
             return
-        if not self.read_back:
+        if benchmark in self.originals:  # the files' own cells
             known.update(new)
             return
         # A cell's type comes from its whole column (pandas reads a column of numbers and
@@ -328,8 +327,8 @@ class Looker:
         cells = back["prediction"].tolist()[:-1]
         known.update(zip(new, cells))
         if not self.text_seen[benchmark][variant]:
-            numbers = pd.to_numeric(pd.Series(cells, dtype=object), errors="coerce")
-            self.text_seen[benchmark][variant] = bool((pd.Series(cells, dtype=object).notna() & numbers.isna()).any())
+            column = pd.Series(cells, dtype=object)
+            self.text_seen[benchmark][variant] = bool((column.notna() & pd.to_numeric(column, errors="coerce").isna()).any())
 
     def look(self, predictions: Mapping[str, Mapping[str, Mapping[Any, Any]]],
              done_units: Mapping[str, int]) -> Decision:
