@@ -69,8 +69,10 @@ def _run(args) -> int:
     distributed.check_options(args.store_sharing, args.dist_timeout)
     if args.force and args.write_reference is None:
         raise RunInputError("--force only applies to --write-reference")
-    if args.write_reference is not None:
+    if args.write_reference is not None:  # a reference records a complete run of one adapter
         refuse_subset(config)
+        if config.stop_early:
+            raise RunInputError("--write-reference records a complete run's numbers: drop --stop-early")
     shards = torchrun_shards(config, args.store_sharing, args.dist_timeout)
     # Under torchrun only rank 0 writes reports, or the reference.
     scores = shards is None or shards.scores
@@ -87,9 +89,7 @@ def _run(args) -> int:
     else:
         _quiet_library_progress()
     if args.write_reference is not None:
-        if config.stop_early:
-            raise RunInputError("--write-reference records a complete run's numbers: drop --stop-early")
-        series.refuse_write_reference(config)
+        series.refuse_write_reference(config)  # after the checks: they name a missing --lora first
         return _record_reference(config, args, shards)
     run = _collect(config, shards, progress=not args.quiet)
     if run is None:
