@@ -358,4 +358,4 @@ def stop_headline(early: Mapping) -> str:
     decided = early["decided_by"]
     return (f"STOPPED EARLY after round {early['rounds_done']}: {used} of {total} rows used ({share:.1%}; "
             f"{parts}). Decided by {decided['message']}. The other cases were not judged (only a complete "
-            f"run judges them); alpha = {early['alpha']:g} for the whole run.")
+            f"run judges them); alpha = {early['alpha']:g} for {early.get('alpha_scope', 'the whole run')}.")

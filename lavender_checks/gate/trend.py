@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lavender_checks.gate.sequential import stop_headline
 from lavender_checks.gate.verdicts import STATUSES, Reference, Verdict
 
 _COLOURS = {"pass": "tab:green", "fail": "tab:red", "missing": "tab:gray"}
@@ -42,6 +43,7 @@ def entries(series: Mapping[str, Any]) -> list[dict[str, Any]]:
     """report.json's ``checkpoints``."""
     return [{"name": c["name"], "path": c["path"], "step": c["step"],
              "adapter_fingerprint": c["adapter_fingerprint"], "gated": c["gated"], "refused": c["refused"],
+             "early_stop": c.get("early_stop"),
              "summary": summary(c["verdicts"]), "verdicts": [v.to_dict() for v in c["verdicts"]]}
             for c in series["checkpoints"]]
 
@@ -66,8 +68,13 @@ def _band(verdict: Verdict | None) -> str:
 
 
 def _cell(verdict: Verdict | None) -> str:
+    stopped = verdict is not None and verdict.early is not None
+    if stopped and not verdict.early.get("judged"):
+        return "not judged"  # its checkpoint stopped early on another case
     if verdict is None or verdict.status == "missing":
         return "missing"
+    if stopped and verdict.measured is None:
+        return "**FAIL** (certain, stopped early)"
     mark = "pass" if verdict.status == "pass" else "**FAIL**"
     return f"{_fmt(verdict.measured, verdict.quantity == 'gain')} {mark}"
 
@@ -88,7 +95,9 @@ def markdown(series: Mapping[str, Any]) -> list[str]:
     for c in checkpoints:
         if c["refused"]:
             out += [f"- **{c['name']}: adapter refused**, every verdict missing: {c['refused']}"]
-    if any(c["refused"] for c in checkpoints):
+        elif c.get("early_stop"):  # --stop-early: each checkpoint stops on its own
+            out += [f"- **{c['name']}**: {stop_headline(c['early_stop'])}"]
+    if any(c["refused"] or c.get("early_stop") for c in checkpoints):
         out.append("")
     counts = ", ".join(f"{c['name']} {summary(c['verdicts'])['pass']}/{len(c['verdicts'])}"
                        for c in checkpoints)

@@ -14,6 +14,7 @@ files VLMEvalKit wrote for both models are scored with no model and no GPU.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import importlib.metadata
 import os
@@ -27,7 +28,7 @@ from typing import Any
 
 from lavender_checks import __version__
 from lavender_checks.benchmarks import Benchmark, ScoreResult
-from lavender_checks.model import VARIANTS, AdapterRefused
+from lavender_checks.model import BASE_VARIANT, LAVENDER_VARIANT, VARIANTS, AdapterRefused
 from lavender_checks.run.config import RunConfig, RunInputError
 from lavender_checks.run.distributed import TorchrunShards
 from lavender_checks.run.pair import LazyPair, load_model_pair, pair_identity
@@ -46,6 +47,9 @@ class RunResults:
     early_stop: with ``--stop-early``, what its rounds did (``run.rounds.RoundsRecord``); a
         run that stopped has no results (its benchmarks are not scored: the verdicts of the
         cases that failed come from the rounds).
+    early_stops: with ``--stop-early``, the ``RoundsRecord`` of every adapter variant (a
+        series' checkpoints each stop on their own: a stopped one has no predictions and no
+        scores; ``run.series.checkpoint_run`` gives each checkpoint its own ``early_stop``).
     """
 
     config: RunConfig
@@ -54,6 +58,7 @@ class RunResults:
     predictions: dict[str, dict[str, dict[Any, str]]]
     metadata: dict[str, Any]
     early_stop: Any = None
+    early_stops: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def stopped_early(self) -> bool:
@@ -64,7 +69,7 @@ def collect_results(config: RunConfig, *, pair: Any = None, load_pair: Callable[
                     shard: tuple[int, int] | None = None,
                     wait_for_shards: Barrier | TorchrunShards | None = None,
                     writer: str = "main", progress: Any = True,
-                    variants: Sequence[str] = VARIANTS) -> RunResults | None:
+                    variants: Sequence[str] = VARIANTS, stop_early_split: int = 1) -> RunResults | None:
     """Predictions (generated or read from VLMEvalKit files) and scores of both variants.
 
     pair / load_pair: the ModelPair (a loaded one, or a ``LazyPair``), or a function that
@@ -82,9 +87,11 @@ def collect_results(config: RunConfig, *, pair: Any = None, load_pair: Callable[
     variants: what is generated and scored (a series: ``base`` and each checkpoint's name,
         run.series); a variant whose adapter the pair refuses (``model.AdapterRefused``) has
         no predictions and no scores, and ``metadata["refused"]`` says why.
+    stop_early_split: with ``--stop-early``, how many adapters share the reference's
+        ``stop_early_alpha`` (a series gated as a whole: ``--gate-series all``); each gets its share.
     """
     if config.from_vlmeval is not None:
-        return _collect_from_vlmeval(config)
+        return _collect_from_vlmeval(config, stop_early_split)
     shard = shard if shard is not None else config.shard
     if wait_for_shards is not None:
         if shard is None:
@@ -93,7 +100,8 @@ def collect_results(config: RunConfig, *, pair: Any = None, load_pair: Callable[
             raise ValueError(f"the barrier waits for {wait_for_shards.count} shards, not {shard[1]}")
     if pair is None:
         pair = LazyPair(pair_identity(config), load_pair or (lambda: load_model_pair(config)))
-    return _collect_generated(config, pair, shard, wait_for_shards, writer, progress, tuple(variants))
+    return _collect_generated(config, pair, shard, wait_for_shards, writer, progress, tuple(variants),
+                              stop_early_split)
 
 
 @dataclass
@@ -165,7 +173,8 @@ def _refuse_noncomparable(config: RunConfig, benchmark: str, record: Any) -> Non
 
 def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | None,
                        barrier: Barrier | TorchrunShards | None, writer: str,
-                       progress: Any, variants: tuple[str, ...] = VARIANTS) -> RunResults | None:
+                       progress: Any, variants: tuple[str, ...] = VARIANTS, stop_early_split: int = 1
+                       ) -> RunResults | None:
     from lavender_checks.data import subset
     from lavender_checks.engines import make_engine
     from lavender_checks.profiles import load_profile
@@ -234,27 +243,31 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
     predictions: dict[str, dict[str, dict[Any, str]]] = {name: {} for name in data}
     counts: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in data}
     generation_started = time.time()
-    early = None
+    stops: dict[str, Any] = {}  # --stop-early: adapter variant -> RoundsRecord
+    in_rounds: dict[str, dict[str, dict[str, int]]] = {}  # what this process's rounds generated and reused
+    scored = variants
     # The tiny model gains nothing from intra-op threads and, on a busy machine, loses to
     # their synchronisation (figures in docs/speed.md).
     with (_torch_threads(1) if config.base_model is None else contextlib.nullcontext()), store:
         if config.stop_early:
-            early = _generate_in_rounds(config, data, pair, engine, profile, store, root, writer, progress,
-                                        shard, barrier)
+            stops = _generate_in_rounds(config, data, pair, engine, profile, store, root, writer, progress,
+                                        shard, barrier, variants, stop_early_split, refused, in_rounds)
             if isinstance(barrier, TorchrunShards) and not barrier.scores:
                 return None  # rank 0 scores the union
+            # A stopped adapter is not scored: its verdicts come from the rounds. Once every
+            # adapter stopped (or was refused), neither is the base.
+            going_on = [v for v in variants[1:] if not stops.get(v) or not stops[v].stopped]
+            all_stopped = any(r.stopped for r in stops.values()) and all(v in refused for v in going_on)
+            scored = () if all_stopped else (variants[0], *going_on)
         elif isinstance(barrier, TorchrunShards):
             barrier.share(generate_shard, shard_work, store)
             if not barrier.scores:
                 return None  # rank 0 scores the union
         elif shard is not None and barrier is not None:
             generate_shards(shard, barrier, generate_shard)
-        # With a barrier every shard is stored by now: this pass only reads the store. A run
-        # that stopped early scores nothing: its verdicts come from the rounds.
+        # With a barrier every shard is stored by now: this pass only reads the store.
         for name, item in data.items():
-            if early is not None and early.stopped:
-                break
-            for variant in variants:
+            for variant in scored:
                 t0 = time.time()
                 run = predict(item, item.selected, variant)
                 if run is None:
@@ -263,12 +276,13 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
                 counts[name][variant] = {"rows": len(run.predictions), "reused": run.reused,
                                          "generated": run.generated, "recomputed": run.recomputed,
                                          "seconds": round(time.time() - t0, 3)}
+        _count_rounds(counts, in_rounds)
     generation_seconds = time.time() - generation_started
 
-    if early is not None and early.stopped:
-        results, scoring_seconds = _not_scored(config), 0.0
-    else:
+    if scored:
         results, scoring_seconds = _score_all(config, data, predictions, missing, variants)
+    else:
+        results, scoring_seconds = _not_scored(config, variants), 0.0
     metadata = {
         "mode": "generated",
         **_common_metadata(config, started),
@@ -290,22 +304,43 @@ def _collect_generated(config: RunConfig, pair: Any, shard: tuple[int, int] | No
         "timing": {"generation_s": round(generation_seconds, 3), "scoring_s": round(scoring_seconds, 3),
                    "total_s": round(time.time() - started, 3)},
     }
+    early = stops.get(LAVENDER_VARIANT)  # a one-adapter run's (a series has one per checkpoint)
     if early is not None:
         metadata["early_stop"] = early.describe()
+    elif stops:
+        metadata["early_stops"] = {name: record.describe() for name, record in stops.items()}
     return RunResults(config=config, results=results, missing=missing, predictions=predictions,
-                      metadata=metadata, early_stop=early)
+                      metadata=metadata, early_stop=early, early_stops=stops)
 
 
-def _not_scored(config: RunConfig) -> dict[str, dict[str, ScoreResult | None]]:
-    return {name: {variant: None for variant in VARIANTS} for name in config.benchmarks}
+def _not_scored(config: RunConfig, variants: Sequence[str] = VARIANTS) -> dict[str, dict[str, ScoreResult | None]]:
+    return {name: {variant: None for variant in variants} for name in config.benchmarks}
+
+
+def _count_rounds(counts: dict[str, dict[str, dict[str, Any]]],
+                  in_rounds: Mapping[str, Mapping[str, Mapping[str, int]]]) -> None:
+    """Add what this process's ``--stop-early`` rounds generated to the counts of the pass
+    that read the rows back (which found them stored); a variant that stopped has only its
+    rounds' counts."""
+    for name, per_variant in in_rounds.items():
+        for variant, tally in per_variant.items():
+            entry = counts[name].get(variant)
+            if entry is None:
+                counts[name][variant] = {"rows": tally["generated"] + tally["reused"], **tally,
+                                         "recomputed": 0, "seconds": None}
+                continue
+            entry["generated"] += tally["generated"]
+            entry["reused"] = max(0, entry["reused"] - tally["generated"])
 
 
 def _stop_early_plans(config: RunConfig, frames: Mapping[str, tuple[Benchmark, Any]],
                       dump_suffix: str | None, files: Mapping[str, Any] | None = None,
-                      rows: Mapping[str, list] | None = None):
+                      rows: Mapping[str, list] | None = None, judged: Sequence[str] = (LAVENDER_VARIANT,),
+                      split: int = 1):
     """The rounds of every benchmark (``frames``: name -> (benchmark, whole data); ``rows``:
-    name -> the rows to take, when fewer than the data's), longest answers first, and the
-    looker that decides after each (``run.rounds``)."""
+    name -> the rows to take, when fewer than the data's), longest answers first, and for
+    each adapter variant of ``judged`` the looker that decides after each round
+    (``run.rounds``), with the reference's alpha shared by ``split`` adapters."""
     from lavender_checks.gate.sequential import load_settings
     from lavender_checks.gate.verdicts import load_reference
     from lavender_checks.run.rounds import LONGEST_ANSWERS_FIRST, BenchmarkRounds, Looker, gate_cases
@@ -319,22 +354,38 @@ def _stop_early_plans(config: RunConfig, frames: Mapping[str, tuple[Benchmark, A
     if rows is not None:
         plans = [plan.restricted_to(rows[plan.name]) for plan in plans]
     cases = gate_cases(reference, names, config.gate_mode)
-    looker = Looker(plans, reference, cases, reference.gate.stop_early_alpha, settings, files)
-    return plans, settings, looker
+    alpha = reference.gate.stop_early_alpha / split
+    lookers = {variant: Looker(plans, reference, cases, alpha, settings, files) for variant in judged}
+    return plans, settings, lookers
+
+
+def alpha_scope(checkpoint: str, split: int, alpha: float) -> str:
+    """What a series checkpoint's stop-early alpha bounds (``RoundsRecord.alpha_scope``)."""
+    if split > 1:
+        return (f"{checkpoint}, its share of {alpha * split:g} over the {split} checkpoints "
+                "--gate-series all gates")
+    return f"{checkpoint} (each checkpoint of the series stops on its own)"
 
 
 def _generate_in_rounds(config: RunConfig, data: Mapping[str, _LoadedBenchmark], pair: Any, engine: Any,
                         profile: Any, store: Any, root: Path, writer: str, progress: bool,
-                        shard: tuple[int, int] | None, barrier: Barrier | TorchrunShards | None):
-    """``--stop-early``: the run's rows in rounds (``run.rounds``); under -n N each process
-    generates its share of every round and they meet after it, under torchrun rank 0 decides
-    for all. Returns the ``RoundsRecord``."""
+                        shard: tuple[int, int] | None, barrier: Barrier | TorchrunShards | None,
+                        variants: tuple[str, ...], split: int, refused: dict[str, str],
+                        in_rounds: dict[str, dict[str, dict[str, int]]]) -> dict[str, Any]:
+    """``--stop-early``: the run's rows in rounds (``run.rounds``), the base and every adapter
+    variant not stopped yet (a series' checkpoints each stop on their own); under -n N each
+    process generates its share of every round and they meet after it, under torchrun rank 0
+    decides for all. ``refused`` gets the adapters the pair refuses, ``in_rounds`` what this
+    process generated and reused (benchmark -> variant -> counts). Returns each adapter
+    variant's ``RoundsRecord``."""
     from lavender_checks.data import subset
     from lavender_checks.run.predict import predict_run, predict_together, store_key
-    from lavender_checks.run.rounds import run_rounds
+    from lavender_checks.run.rounds import run_rounds_each
 
-    plans, settings, looker = _stop_early_plans(
-        config, {name: (item.bench, item.full) for name, item in data.items()}, profile.image_dump_suffix)
+    base, adapters = variants[0], variants[1:]
+    plans, settings, lookers = _stop_early_plans(
+        config, {name: (item.bench, item.full) for name, item in data.items()}, profile.image_dump_suffix,
+        judged=adapters, split=split)
 
     def part_of(plan, indices: list, index: int, count: int):
         part = plan.rows_frame(indices)
@@ -344,58 +395,84 @@ def _generate_in_rounds(config: RunConfig, data: Mapping[str, _LoadedBenchmark],
     # shard reads the round back from the store the processes share.
     produced: dict[str, dict[str, dict]] = {}
 
-    def generate(rows: dict[str, list], index: int, count: int) -> None:
-        for variant in VARIANTS:
+    def generate(rows: dict[str, list], judged: tuple[str, ...], index: int, count: int) -> None:
+        for variant in (base, *judged):
             items = [(plan.bench, part) for plan in plans if rows[plan.name]
                      for part in [part_of(plan, rows[plan.name], index, count)] if len(part.frame)]
-            if items:
+            if not items or variant in refused:
+                continue
+            try:
                 runs = predict_together(pair, engine, items, profile, variant, store, lmu_root=root,
                                         writer=writer, progress=progress)
+            except AdapterRefused as exc:  # a checkpoint of a series: the others go on
+                refused[variant] = str(exc)
+                continue
+            for name, run in runs.items():
+                tally = in_rounds.setdefault(name, {}).setdefault(variant, {"generated": 0, "reused": 0})
+                tally["generated"] += run.generated
+                tally["reused"] += run.reused
                 if count == 1:
-                    for name, run in runs.items():
-                        produced.setdefault(name, {})[variant] = run.predictions
+                    produced.setdefault(name, {})[variant] = run.predictions
 
-    def work(rows: dict[str, list]):
+    def work(rows: dict[str, list], judged: tuple[str, ...]):
         def of(index: int, count: int):
             return [(store_key(pair, plan.bench, data[plan.name].full, profile, variant, root,
                                batch_invariant=engine.batch_invariant),
                      part_of(plan, rows[plan.name], index, count).frame["index"].tolist())
-                    for plan in plans for variant in VARIANTS]
+                    for plan in plans for variant in (base, *judged) if variant not in refused]
         return of
 
-    def do_round(number: int, rows: dict[str, list]) -> None:
+    def do_round(number: int, rows: dict[str, list], judged: tuple[str, ...]) -> None:
         if isinstance(barrier, TorchrunShards):
-            barrier.share(lambda i, n: generate(rows, i, n), work(rows), store)
+            barrier.share(lambda i, n: generate(rows, judged, i, n), work(rows, judged), store)
         elif shard is not None and barrier is not None:
-            generate_shards(shard, barrier.round(number), lambda i, n: generate(rows, i, n))
+            generate_shards(shard, barrier.round(number), lambda i, n: generate(rows, judged, i, n))
         else:
-            generate(rows, 0, 1)
+            generate(rows, judged, 0, 1)
 
-    def look(rows: dict[str, list], done: dict[str, int]):
+    def read_back(rows: dict[str, list], judged: tuple[str, ...]) -> dict[str, dict[str, dict]]:
+        got: dict[str, dict[str, dict]] = {}
+        for variant in (base, *judged):
+            if variant in refused:
+                continue
+            try:
+                for plan in plans:
+                    if rows[plan.name]:
+                        got.setdefault(plan.name, {})[variant] = predict_run(
+                            pair, engine, plan.bench, plan.rows_frame(rows[plan.name]), profile, variant, store,
+                            lmu_root=root, writer=writer, progress=False).predictions
+            except AdapterRefused as exc:  # another process's share met the refusal
+                refused[variant] = str(exc)
+        return got
+
+    def look(rows: dict[str, list], done: dict[str, int], judged: tuple[str, ...]):
         def here():
-            got = dict(produced) if produced else {
-                plan.name: {variant: predict_run(pair, engine, plan.bench, plan.rows_frame(rows[plan.name]),
-                                                 profile, variant, store, lmu_root=root, writer=writer,
-                                                 progress=False).predictions
-                            for variant in VARIANTS}
-                for plan in plans if rows[plan.name]}
+            got = dict(produced) if produced else read_back(rows, judged)
             produced.clear()
-            return looker.look(got, done)
+            return {variant: lookers[variant].look(
+                        {name: {BASE_VARIANT: per[base], LAVENDER_VARIANT: per[variant]} for name, per in got.items()},
+                        done)
+                    for variant in judged if variant not in refused}
 
         if isinstance(barrier, TorchrunShards):  # rank 0 holds every row: it decides for all
-            decision, error = None, None
+            decisions, error = None, None
             if barrier.scores:
                 try:
-                    decision = here()
+                    decisions = here()
                 except Exception as exc:  # noqa: BLE001 - reported to every rank, then raised here
                     error = exc
             barrier.group.agree("stop-early decision taken", error)  # no rank waits on a failed one
             if error is not None:
                 raise error
-            return barrier.group.broadcast(decision, "stop-early decision")
+            return barrier.group.broadcast(decisions, "stop-early decision")
         return here()
 
-    return run_rounds(plans, settings, looker.alpha, do_round, look)
+    alphas = {variant: looker.alpha for variant, looker in lookers.items()}
+    records = run_rounds_each(plans, settings, alphas, do_round, look)
+    if adapters != (LAVENDER_VARIANT,):
+        for variant, record in records.items():
+            record.alpha_scope = alpha_scope(variant, split, record.alpha)
+    return records
 
 
 def _describe_engine(config: RunConfig, engine: Any) -> dict[str, Any]:
@@ -508,7 +585,7 @@ def versions() -> dict[str, str | None]:
 # ------------------------------------------------------------------------ from VLMEvalKit
 
 
-def _collect_from_vlmeval(config: RunConfig) -> RunResults:
+def _collect_from_vlmeval(config: RunConfig, stop_early_split: int = 1) -> RunResults:
     """Both models' prediction files of every benchmark, read as VLMEvalKit's evaluate() reads
     them and scored; a benchmark whose files are absent is missing, saying where it looked.
     The benchmark TSV, when LMUData has it, checks the indices (and gives MMBench its answers,
@@ -592,7 +669,7 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
         raise RunInputError(f"--from-vlmeval {work_dir}: no prediction files of "
                             f"{config.base_name} and {config.lavender_name}; "
                             + "; ".join(f"{b}: {r}" for b, r in missing.items()))
-    early = _read_in_rounds(config, read) if config.stop_early else None
+    early = _read_in_rounds(config, read, stop_early_split) if config.stop_early else None
     if early is not None and not early.stopped:
         for benchmark, (bench, frames, meta) in read.items():
             results[benchmark] = {v: bench.score(frames[v], meta=meta.frame if meta is not None else None)
@@ -614,21 +691,24 @@ def _collect_from_vlmeval(config: RunConfig) -> RunResults:
     if early is not None:
         metadata["early_stop"] = early.describe()
     return RunResults(config=config, results=results, missing=missing, predictions=predictions,
-                      metadata=metadata, early_stop=early)
+                      metadata=metadata, early_stop=early,
+                      early_stops={LAVENDER_VARIANT: early} if early is not None else {})
 
 
-def _read_in_rounds(config: RunConfig, read: Mapping[str, tuple[Benchmark, dict[str, Any], Any]]):
+def _read_in_rounds(config: RunConfig, read: Mapping[str, tuple[Benchmark, dict[str, Any], Any]], split: int = 1):
     """``--stop-early --from-vlmeval``: the files' rows taken in the rounds a generated run
     takes (the TSV's images and units give the order when ``--lmu-data`` has the TSV; without
     it every row sharing a scoring unit is one draw unit), as if they were being generated."""
     from lavender_checks.run.rounds import run_rounds
 
-    plans, settings, looker = _stop_early_plans(
+    plans, settings, lookers = _stop_early_plans(
         config, {name: (bench, meta if meta is not None else frames["base"])
                  for name, (bench, frames, meta) in read.items()},
         None, files={name: (frames, meta.frame if meta is not None else None)
                      for name, (bench, frames, meta) in read.items()},
-        rows={name: frames["base"]["index"].tolist() for name, (bench, frames, meta) in read.items()})
+        rows={name: frames["base"]["index"].tolist() for name, (bench, frames, meta) in read.items()},
+        split=split)
+    looker = lookers[LAVENDER_VARIANT]
     cells = {name: {v: dict(zip(frames[v]["index"].astype(str), frames[v]["prediction"].tolist())) for v in VARIANTS}
              for name, (bench, frames, meta) in read.items()}
 

@@ -113,8 +113,6 @@ class RunConfig:
             raise RunInputError(f"--limit must be at least 1, got {self.limit}")
         if self.fraction is not None and not (0 < self.fraction <= 1):
             raise RunInputError(f"--fraction must be in (0, 1], got {self.fraction}")
-        if self.stop_early and len(self.lavender_names) > 1:
-            raise RunInputError("--stop-early gates one adapter at a time: give one --lavender-name")
         if self.stop_early and (self.limit is not None or self.fraction is not None):
             raise RunInputError("--stop-early draws its own random sample of every benchmark, round by "
                                 "round, and is judged against the whole benchmark: give it without "
@@ -361,9 +359,7 @@ def check_inputs(config: RunConfig) -> None:
                 raise RunInputError(f"{flag} {path}: {not_a_folder(path)}")
         from lavender_checks.run.checkpoints import check_series
 
-        if check_series(config.base_model, config.lora) and config.stop_early:
-            raise RunInputError("--stop-early gates one adapter at a time: give --lora one checkpoint "
-                                "(a series' base predictions are stored and reused by each such run)")
+        check_series(config.base_model, config.lora)
     if config.from_vlmeval is not None:
         from lavender_checks.run.checkpoints import names_series
 

@@ -508,9 +508,9 @@ class TorchrunShards:
               store: PredictionStore) -> None:
         """Generate this rank's shard (the pair loads on its first generation), and have rank
         0's ``store`` hold every shard's rows afterwards. ``work(i, n)``: the store keys of the
-        run with the indices of shard i of n."""
+        run with the indices of shard i of n. Called once a run, or once a round of
+        ``--stop-early``: the counts (``rows``, ``generated_by_rank``) add up over the calls."""
         g = self.group
-        self.rows = dict.fromkeys(self.rows, 0)
         self.decide_sharing()
         error: BaseException | None = None
         try:
@@ -529,9 +529,10 @@ class TorchrunShards:
             g.agree("shard generated", exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
             raise
         total = self._count(mine, store)
-        self.rows["generated_here"] = total - before
-        outcomes = g.agree("shard generated", payload=(self.rows["generated_here"], total))
-        self.generated_by_rank = [generated for generated, _ in outcomes]
+        self.rows["generated_here"] += total - before
+        outcomes = g.agree("shard generated", payload=(total - before, total))
+        earlier = self.generated_by_rank or [0] * len(outcomes)
+        self.generated_by_rank = [before_here + generated for before_here, (generated, _) in zip(earlier, outcomes)]
         if known is not None:
             self._gather_new(mine, store, known)
         elif g.rank == 0:

@@ -105,7 +105,7 @@ def _run(args) -> int:
     if unchecked(run.metadata):
         print(unchecked_notice(unchecked(run.metadata)))
     print(f"report: {path}")
-    early = getattr(run, "early_stop", None)  # a checkpoint series has none (one adapter at a time)
+    early = outcome.early_stop  # a series: each checkpoint's line
     if early is not None:
         print(early.headline())
     problems = outcome.noncomparable

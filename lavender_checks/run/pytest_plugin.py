@@ -440,9 +440,9 @@ def gate_outcome(run_results, worker_barrier, pytestconfig) -> GateOutcome:
                    "missing": dict(run_results.missing), "noncomparable": dict(outcome.noncomparable),
                    "unchecked": _unchecked(run_results.metadata), "selection": note,
                    "allow_noncomparable": run_results.config.allow_noncomparable,
-                   # a checkpoint series has none: --stop-early gates one adapter at a time
-                   "early_stop": early.headline() if (early := getattr(outcome, "early_stop", None)) else None,
-                   "stopped_early": bool(getattr(outcome, "stopped_early", False)),
+                   # a checkpoint series: a line per checkpoint, stopped if a gated one stopped
+                   "early_stop": early.headline() if (early := outcome.early_stop) else None,
+                   "stopped_early": outcome.stopped_early,
                    "passed": outcome.passed, "markdown_table": verdict_table(outcome.verdicts)}
         pytestconfig.stash[_GATE_SUMMARY] = summary
         if hasattr(pytestconfig, "workeroutput"):

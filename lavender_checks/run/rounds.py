@@ -50,10 +50,10 @@ from lavender_checks.gate.sequential import (
     decide,
     stop_headline,
 )
-from lavender_checks.model import VARIANTS
+from lavender_checks.model import LAVENDER_VARIANT, VARIANTS
 
 __all__ = ["BenchmarkRounds", "CaseStructure", "Looker", "RoundsRecord", "draw_labels", "draw_rank", "gate_cases",
-           "run_rounds", "units_through"]
+           "run_rounds", "run_rounds_each", "units_through"]
 
 # The engine's call of a round hands these benchmarks first: their answers are the longest
 # (ChartQA's step-by-step solutions, MMBench's sentences), so the short ones fill the batch
@@ -379,6 +379,7 @@ class RoundsRecord:
     failures: list = field(default_factory=list)  # gate.sequential.EarlyFailure of the stop
     undecidable: list[str] = field(default_factory=list)
     alpha: float = 0.0
+    alpha_scope: str = "the whole run"  # what alpha bounds: a series' checkpoint has its own
     looks: list[dict[str, Any]] = field(default_factory=list)  # per round: rows, seconds spent looking
 
     @property
@@ -389,7 +390,7 @@ class RoundsRecord:
         return {
             "stopped": self.stopped, "rows_used": self.rows_used, "rows_total": self.rows_total,
             "benchmarks": {name: dict(counts) for name, counts in self.benchmarks.items()},
-            "rounds_done": self.rounds_done, "alpha": self.alpha,
+            "rounds_done": self.rounds_done, "alpha": self.alpha, "alpha_scope": self.alpha_scope,
             "decided_by": ({"row": self.deciding.row_id, "quantity": self.deciding.quantity,
                             "message": self.deciding.describe()} if self.deciding else None),
             "failures": [{"row": f.row_id, "quantity": f.quantity, "reported": f.reported,
@@ -407,31 +408,57 @@ class RoundsRecord:
 def run_rounds(plans: Sequence[BenchmarkRounds], settings: StopEarlySettings, alpha: float,
                do_round: Callable[[int, dict[str, list]], None],
                look: Callable[[dict[str, list], dict[str, int]], Decision]) -> RoundsRecord:
-    """The rounds: ``do_round(r, rows)`` has the round's rows (benchmark -> indices) produced
-    in both variants (generated, or this process's share generated and the others waited
-    for); ``look(rows, done)`` decides from everything done so far (``done``: benchmark ->
-    draw units done), e.g. ``Looker.look``. Stops after the round whose look finds a failure
-    certain; a complete run's verdicts come from the complete run."""
-    record = RoundsRecord(alpha=alpha, rows_total=sum(p.rows for p in plans))
+    """The rounds of one adapter: ``do_round(r, rows)`` has the round's rows (benchmark ->
+    indices) produced in both variants (generated, or this process's share generated and the
+    others waited for); ``look(rows, done)`` decides from everything done so far (``done``:
+    benchmark -> draw units done), e.g. ``Looker.look``. Stops after the round whose look
+    finds a failure certain; a complete run's verdicts come from the complete run."""
+    return run_rounds_each(plans, settings, {LAVENDER_VARIANT: alpha},
+                           lambda number, rows, judged: do_round(number, rows),
+                           lambda rows, done, judged: {LAVENDER_VARIANT: look(rows, done)})[LAVENDER_VARIANT]
+
+
+def run_rounds_each(plans: Sequence[BenchmarkRounds], settings: StopEarlySettings, alphas: Mapping[str, float],
+                    do_round: Callable[[int, dict[str, list], tuple[str, ...]], None],
+                    look: Callable[[dict[str, list], dict[str, int], tuple[str, ...]], Mapping[str, Decision]]
+                    ) -> dict[str, RoundsRecord]:
+    """The rounds of several adapters judged against one base (a checkpoint series), each of
+    which stops on its own: ``alphas`` names them (each with its own alpha). ``do_round(r,
+    rows, judged)`` produces the round's rows in the base and in each adapter of ``judged``
+    (those not stopped yet); ``look(rows, done, judged)`` returns a ``Decision`` per adapter
+    of ``judged``; one it leaves out (its adapter was refused) is dropped from later rounds
+    and has no record (its rounds say nothing of it). The rounds end when every adapter
+    stopped or was dropped, or at the last."""
+    total = sum(p.rows for p in plans)
+    records = {name: RoundsRecord(alpha=alpha, rows_total=total) for name, alpha in alphas.items()}
+    judged = tuple(alphas)
+    dropped: set[str] = set()
     done = {p.name: 0 for p in plans}
     for number, fraction in enumerate(settings.rounds, start=1):
+        if not judged:
+            break
         rows = {}
         for plan in plans:
             stop = plan.units_through(fraction)
             rows[plan.name] = plan.indices(done[plan.name], stop)
             done[plan.name] = stop
-        do_round(number, rows)
+        do_round(number, rows, judged)
         t0 = time.time()
-        decision = look(rows, dict(done))
-        record.rounds_done = number
-        record.benchmarks = {p.name: {"rows_used": len(p.indices(0, done[p.name])), "rows_total": p.rows}
-                             for p in plans}
-        record.rows_used = sum(c["rows_used"] for c in record.benchmarks.values())
-        record.undecidable = list(decision.undecidable)
-        record.looks.append({"round": number, "fraction": fraction, "rows_used": record.rows_used,
-                             "seconds": round(time.time() - t0, 3)})
-        if decision.stop and record.rows_used < record.rows_total:
-            record.stopped = True
-            record.failures = list(decision.failures)
-            break
-    return record
+        decisions = look(rows, dict(done), judged)
+        seconds = round(time.time() - t0, 3)
+        used = {p.name: {"rows_used": len(p.indices(0, done[p.name])), "rows_total": p.rows} for p in plans}
+        rows_used = sum(c["rows_used"] for c in used.values())
+        for name in judged:
+            decision = decisions.get(name)
+            if decision is None:
+                continue
+            record = records[name]
+            record.rounds_done, record.benchmarks, record.rows_used = number, used, rows_used
+            record.undecidable = list(decision.undecidable)
+            record.looks.append({"round": number, "fraction": fraction, "rows_used": rows_used, "seconds": seconds})
+            if decision.stop and rows_used < total:
+                record.stopped = True
+                record.failures = list(decision.failures)
+        judged = tuple(name for name in judged if name in decisions and not records[name].stopped)
+        dropped.update(name for name in records if name not in decisions and not records[name].stopped)
+    return {name: record for name, record in records.items() if name not in dropped}

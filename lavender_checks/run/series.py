@@ -147,7 +147,8 @@ def collect_series(config: RunConfig, checkpoints: tuple[Checkpoint, ...] | None
         return _series_from_vlmeval(config, checkpoints)
     names = tuple(c.name for c in checkpoints)
     pair = LazyPair(series_identity(config, checkpoints), load_pair or (lambda: load_series(config, checkpoints)))
-    combined = collect_results(config, pair=pair, variants=(BASE_VARIANT, *names), **options)
+    combined = collect_results(config, pair=pair, variants=(BASE_VARIANT, *names),
+                               stop_early_split=stop_early_split(config, checkpoints), **options)
     if combined is None:
         return None
     fingerprints = pair.identity.adapter_fingerprints
@@ -156,6 +157,13 @@ def collect_series(config: RunConfig, checkpoints: tuple[Checkpoint, ...] | None
     predictions = {benchmark: {variant: _counts(per_variant.get(variant)) for variant in (BASE_VARIANT, *names)}
                    for benchmark, per_variant in combined.metadata["predictions"].items()}
     return SeriesResults(config, checkpoints, runs, predictions, _series_metadata(config, checkpoints, combined))
+
+
+def stop_early_split(config: RunConfig, checkpoints: tuple[Checkpoint, ...]) -> int:
+    """How many checkpoints share ``--stop-early``'s alpha: every one the exit status counts
+    (``--gate-series all``); with ``last`` each checkpoint's verdicts hold at the whole alpha,
+    and the exit status hangs on the last one's alone."""
+    return len(checkpoints) if config.gate_series == "all" else 1
 
 
 def checkpoint_run(combined: RunResults, config: RunConfig, checkpoint: Checkpoint,
@@ -173,13 +181,18 @@ def checkpoint_run(combined: RunResults, config: RunConfig, checkpoint: Checkpoi
     predictions = {b: {BASE_VARIANT: p.get(BASE_VARIANT, {}), LAVENDER_VARIANT: p.get(name, {})}
                    for b, p in combined.predictions.items()}
     metadata = dict(combined.metadata)
+    early = combined.early_stops.get(name)  # --stop-early: each checkpoint stops on its own
+    metadata.pop("early_stops", None)
+    if early is not None:
+        metadata["early_stop"] = early.describe()
     metadata.update(
         label=own.label(), config=own.describe(), missing=dict(missing),
         fingerprints={"base": combined.metadata["fingerprints"]["base"], "adapter": fingerprint},
         predictions={b: {BASE_VARIANT: c.get(BASE_VARIANT), LAVENDER_VARIANT: c.get(name)}
                      for b, c in combined.metadata["predictions"].items()},
         checkpoint={**checkpoint.describe(), "refused": refused})
-    return RunResults(config=own, results=results, missing=missing, predictions=predictions, metadata=metadata)
+    return RunResults(config=own, results=results, missing=missing, predictions=predictions, metadata=metadata,
+                      early_stop=early)
 
 
 def _counts(count: dict[str, Any] | None) -> dict[str, Any]:
@@ -199,7 +212,14 @@ def _series_metadata(config: RunConfig, checkpoints: tuple[Checkpoint, ...], com
 def _series_from_vlmeval(config: RunConfig, checkpoints: tuple[Checkpoint, ...]) -> SeriesResults:
     """--from-vlmeval with several --lavender-name: each checkpoint's files read and scored as a
     one-model run reads them (the base's files are read for each; no model, no GPU)."""
-    runs = {c.name: collect_results(checkpoint_config(config, c)) for c in checkpoints}
+    from lavender_checks.run.collect import alpha_scope
+
+    split = stop_early_split(config, checkpoints)
+    runs = {c.name: collect_results(checkpoint_config(config, c), stop_early_split=split) for c in checkpoints}
+    for name, run in runs.items():
+        if run.early_stop is not None:
+            run.early_stop.alpha_scope = alpha_scope(name, split, run.early_stop.alpha)
+            run.metadata["early_stop"] = run.early_stop.describe()
     predictions: dict[str, dict[str, dict[str, Any]]] = {}
     for name, run in runs.items():
         for benchmark, per_variant in run.predictions.items():
@@ -247,10 +267,38 @@ def gate_checkpoint(run: RunResults, checkpoint: Checkpoint, *, gated: bool, ref
 
 
 @dataclasses.dataclass
+class SeriesStops:
+    """``--stop-early`` in a series: each checkpoint's ``run.rounds.RoundsRecord``, in order
+    (a refused checkpoint has none); ``gated``: the checkpoints the exit status counts."""
+
+    records: dict[str, Any]
+    gated: tuple[str, ...]
+
+    @property
+    def stopped(self) -> bool:
+        """A checkpoint the exit status counts stopped: the run fails."""
+        return any(record.stopped for name, record in self.records.items() if name in self.gated)
+
+    def headline(self) -> str:
+        return "\n".join(f"{name}: {record.headline()}" for name, record in self.records.items())
+
+
+@dataclasses.dataclass
 class SeriesOutcome:
     checkpoints: list[CheckpointOutcome]
     gate_series: str
     report: Path | None = None
+
+    @property
+    def early_stop(self) -> SeriesStops | None:
+        records = {c.name: c.outcome.early_stop for c in self.checkpoints if c.outcome.early_stop is not None}
+        if not records:
+            return None
+        return SeriesStops(records, tuple(c.name for c in self.checkpoints if c.gated))
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.early_stop is not None and self.early_stop.stopped
 
     @property
     def candidate(self) -> CheckpointOutcome:
@@ -335,6 +383,7 @@ def write_series_report(series: SeriesResults, outcome: SeriesOutcome, *, report
              "checkpoints": [{"name": c.name, "path": str(c.checkpoint.path) if c.checkpoint.path else None,
                               "step": c.checkpoint.step, "gated": c.gated, "refused": c.refused,
                               "adapter_fingerprint": c.run.metadata.get("fingerprints", {}).get("adapter"),
+                              "early_stop": c.run.metadata.get("early_stop"),
                               "verdicts": c.outcome.verdicts} for c in outcome.checkpoints]}
     outcome.report = Path(write_report(reports_root, None, candidate.outcome.reference, candidate.outcome.verdicts,
                                        candidate.run.results, metadata, series=trend))

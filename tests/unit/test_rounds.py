@@ -13,7 +13,7 @@ from lavender_checks.gate.sequential import Decision, EarlyFailure, load_setting
 from lavender_checks.gate.verdicts import load_reference
 from lavender_checks.model import VARIANTS
 from lavender_checks.run.config import MINI_LMUDATA, TINY_REFERENCE
-from lavender_checks.run.rounds import BenchmarkRounds, Looker, draw_labels, gate_cases, run_rounds
+from lavender_checks.run.rounds import BenchmarkRounds, Looker, draw_labels, gate_cases, run_rounds, run_rounds_each
 from lavender_checks.vlmeval_io import prediction_frame, roundtrip
 
 SETTINGS = load_settings()
@@ -127,3 +127,39 @@ def test_the_rounds_stop_after_the_look_that_finds_a_failure(mini):
     assert described["rows_total"] == record.rows_total and described["decided_by"]["row"] == "ChartQA_TEST-Overall"
     assert record.headline().startswith("STOPPED EARLY after round 3")
     assert reference.gate.stop_early_alpha == 0.01
+
+
+def test_each_adapter_of_a_series_stops_on_its_own(mini):
+    """checkpoint-a is certain to fail after round 2 and is generated no more; checkpoint-b is
+    refused in round 1 (no decision) and dropped; checkpoint-c goes on to the last round."""
+    plans = [BenchmarkRounds.of(bench, data, 7) for bench, data in mini.values()]
+    failure = EarlyFailure("ChartQA_TEST-Overall", "gain", 4.17, (-1.0, 0.5), 2.0, "below", 0.001, 3, 24)
+    generated = []
+
+    def look(rows, done, judged):
+        decisions = {name: Decision([failure]) if name == "a" and len(generated) == 2 else Decision()
+                     for name in judged if name != "b"}
+        return decisions
+
+    records = run_rounds_each(plans, SETTINGS, {"a": 0.005, "b": 0.005, "c": 0.005},
+                              lambda number, rows, judged: generated.append(judged), look)
+    assert generated[:3] == [("a", "b", "c"), ("a", "c"), ("c",)]
+    assert len(generated) == len(SETTINGS.rounds)
+    assert set(records) == {"a", "c"}  # b's rounds say nothing of it
+    a, c = records["a"], records["c"]
+    assert a.stopped and a.rounds_done == 2 and 0 < a.rows_used < a.rows_total and a.alpha == 0.005
+    assert a.deciding is failure and a.headline().startswith("STOPPED EARLY after round 2")
+    assert not c.stopped and c.rounds_done == len(SETTINGS.rounds) and c.rows_used == c.rows_total
+    # the one-adapter form is the same rounds for the variant "lavender"
+    one = run_rounds(plans, SETTINGS, 0.01, lambda number, rows: None, lambda rows, done: Decision())
+    assert one.rows_used == one.rows_total and one.rounds_done == len(SETTINGS.rounds)
+
+
+def test_the_rounds_end_once_every_adapter_stopped(mini):
+    plans = [BenchmarkRounds.of(bench, data, 7) for bench, data in mini.values()]
+    failure = EarlyFailure("ChartQA_TEST-Overall", "gain", 4.17, (-1.0, 0.5), 2.0, "below", 0.001, 3, 24)
+    generated = []
+    records = run_rounds_each(plans, SETTINGS, {"a": 0.01, "b": 0.01},
+                              lambda number, rows, judged: generated.append(judged),
+                              lambda rows, done, judged: {name: Decision([failure]) for name in judged})
+    assert generated == [("a", "b")] and all(r.stopped and r.rounds_done == 1 for r in records.values())
