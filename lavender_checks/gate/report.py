@@ -343,7 +343,7 @@ def _bullets(data: Any, indent: int = 0) -> list[str]:
 
 def _markdown(run_id: str, created: str, reference: Reference, verdicts: list[Verdict],
               metadata: Mapping[str, Any], all_metrics: dict[str, dict[str, Any]],
-              flip_counts: dict[str, dict[str, Any]], lead: list[str] = ()) -> str:
+              flip_counts: dict[str, dict[str, Any]], lead: list[str] = (), stop_line: str | None = None) -> str:
     by_row = _row_verdicts(verdicts)
     counts = {s: sum(v.status == s for v in verdicts) for s in STATUSES}
     modes = ", ".join(sorted({v.mode for v in verdicts})) or "-"
@@ -354,8 +354,8 @@ def _markdown(run_id: str, created: str, reference: Reference, verdicts: list[Ve
         allowed = bool((metadata.get("config") or {}).get("allow_noncomparable"))
         head, *reasons = noncomparable_notice(problems, allowed).splitlines()
         out += [f"> **{head}**", ">"] + [f"> - {line.strip()}" for line in reasons] + [""]
-    if metadata.get("early_stop"):
-        out += [f"> **{stop_headline(metadata['early_stop'])}**", ""]
+    if stop_line:
+        out += [f"> **{stop_line}**", ""]
     notes = unchecked(metadata)
     if notes:  # what the run could not check of its data
         head, *reasons = unchecked_notice(notes).splitlines()
@@ -617,7 +617,9 @@ def _write_run_dir(root: Path, run_id: str, partial: Path, reference: Reference,
 
     (partial / "report.md").write_text(
         _markdown(run_id, created, reference, verdicts, metadata, all_metrics, flip_counts,
-                  lead=trend.markdown(series) if series is not None else ()),
+                  lead=trend.markdown(series) if series is not None else (),
+                  stop_line=(trend.stop_notice(series) if series is not None
+                             else stop_headline(metadata["early_stop"]) if metadata.get("early_stop") else None)),
         encoding="utf-8")
     report = {
         "run_id": run_id,
@@ -655,6 +657,8 @@ def _write_run_dir(root: Path, run_id: str, partial: Path, reference: Reference,
         report["checkpoints"] = trend.entries(series)
         report["series"] = {"gate_series": series["gate_series"], "candidate": series["candidate"],
                             "first_passing": series["first_passing"]}
+        if any(c.get("early_stop") for c in series["checkpoints"]):
+            report["series"]["early_stop"] = trend.stops(series)
     (partial / "report.json").write_text(
         json.dumps(_plain(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
     with (partial / "flips.jsonl").open("w", encoding="utf-8") as fh:

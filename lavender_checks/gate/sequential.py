@@ -350,6 +350,10 @@ def stop_headline(early: Mapping) -> str:
     """What a ``--stop-early`` run says first (console's last lines, top of report.md), from
     ``report.json``'s ``early_stop``."""
     used, total = early["rows_used"], early["rows_total"]
+    if early.get("ended_by"):  # a series' checkpoint, cut short once the exit status was certain
+        return (f"not judged: the rounds ended after round {early['rounds_done']} ({used} of {total} rows "
+                f"used), when {early['ended_by']}, which the exit status counts, had stopped early; "
+                "no failure of this one was certain by then.")
     if not early["stopped"]:
         return (f"--stop-early: no failure was certain before the end: every row was used ({used} of "
                 f"{total}); the verdicts are the complete run's.")

@@ -48,6 +48,30 @@ def entries(series: Mapping[str, Any]) -> list[dict[str, Any]]:
             for c in series["checkpoints"]]
 
 
+def stops(series: Mapping[str, Any]) -> dict[str, Any]:
+    """report.json's ``series.early_stop``: which checkpoints --stop-early stopped, which it cut
+    short, and whether a stop fails the run (a checkpoint the exit status counts stopped)."""
+    entries = [c for c in series["checkpoints"] if c.get("early_stop")]
+    return {"stopped": [c["name"] for c in entries if c["early_stop"]["stopped"]],
+            "cut_short": [c["name"] for c in entries if c["early_stop"].get("ended_by")],
+            "fails_the_run": any(c["gated"] and c["early_stop"]["stopped"] for c in entries)}
+
+
+def stop_notice(series: Mapping[str, Any]) -> str | None:
+    """The line report.md leads with when --stop-early ran a series (None without it)."""
+    if not any(c.get("early_stop") for c in series["checkpoints"]):
+        return None
+    said = stops(series)
+    counted = {c["name"] for c in series["checkpoints"] if c["gated"]}
+    if not said["stopped"]:
+        return ("--stop-early: no checkpoint's failure was certain before the end: every row was used; "
+                "the verdicts are the complete run's.")
+    names = ", ".join(f"{name} ({'counted: the run fails' if name in counted else 'not counted'})"
+                      for name in said["stopped"])
+    cut = (f"; cut short, not judged: {', '.join(said['cut_short'])}" if said["cut_short"] else "")
+    return f"--stop-early: STOPPED EARLY: {names}{cut}. Each checkpoint's line is in the series section."
+
+
 def passed(series: Mapping[str, Any]) -> bool:
     """Every verdict of every checkpoint the exit status counts passes."""
     return all(v.status == "pass" for c in series["checkpoints"] if c["gated"] for v in c["verdicts"])

@@ -66,10 +66,14 @@ def judge_run(run: RunResults, reference: Any = None) -> GateOutcome:
     from lavender_checks.gate.verdicts import judge, noncomparable, stopped_verdicts
 
     reference = run_reference(run.config, reference)
-    if run.stopped_early:
-        early = run.early_stop
-        reason = (f"the run stopped early after {early.rows_used} of {early.rows_total} rows, when "
-                  f"{early.deciding.row_id} {early.deciding.quantity} was certain to fail")
+    early = run.early_stop
+    if early is not None and not early.complete:
+        if early.stopped:
+            reason = (f"the run stopped early after {early.rows_used} of {early.rows_total} rows, when "
+                      f"{early.deciding.row_id} {early.deciding.quantity} was certain to fail")
+        else:  # a series' checkpoint whose rounds ended with those of the checkpoints that count
+            reason = (f"the rounds ended after {early.rows_used} of {early.rows_total} rows, when "
+                      f"{early.ended_by}, which the exit status counts, had stopped early")
         verdicts = stopped_verdicts(reference, early.failures, reason, run.config.gate_mode)
     else:
         verdicts = judge(reference, run.results, mode=run.config.gate_mode, missing_reasons=run.missing)

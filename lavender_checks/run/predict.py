@@ -51,15 +51,19 @@ class PredictionRun:
 
 def predict_run(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: Any,
                 profile: Profile, variant: str, store: PredictionStore, *, lmu_root: str | Path,
-                writer: str = "main", progress: Any = True) -> PredictionRun:
+                writer: str = "main", progress: Any = True, run_started_ns: int | None = None) -> PredictionRun:
     """Predictions for every row of ``frame``, reusing the store (module docstring).
 
     pair: the loaded model (its processor builds the prompts, its fingerprints key the
     store); engine: what generates the rows not stored yet; frame: the rows, a
     ``data.BenchmarkData`` (its record gives the TSV's md5 and which rows share an image) or
     a bare frame (the md5 of the TSV in ``lmu_root``, every row its own image).
+    run_started_ns: when the run this call is part of started (``time.time_ns()``): a row
+    stored since then counts as generated, not reused, whichever call or process of the run
+    stored it (a run that reads back what its shards or rounds generated).
     """
-    work = _prepare(pair, engine, benchmark, frame, profile, variant, store, Path(lmu_root), writer)
+    work = _prepare(pair, engine, benchmark, frame, profile, variant, store, Path(lmu_root), writer,
+                    run_started_ns)
     _generate(pair, engine, [work], variant, progress, keyed=lambda work, index: index)
     return work.outcome()
 
@@ -98,15 +102,17 @@ class _Work:
     max_new_tokens: int
     clean_up_spaces: bool
     generated: int = 0
+    stored_by_this_run: int = 0  # found stored, but stored since the run started
 
     def outcome(self) -> PredictionRun:
         return PredictionRun(predictions={index: self.predictions[index] for index in self.indices},
-                             reused=self.reused, recomputed=self.recomputed, generated=self.generated,
-                             store_dir=self.log.directory)
+                             reused=self.reused - self.stored_by_this_run, recomputed=self.recomputed,
+                             generated=self.generated + self.stored_by_this_run, store_dir=self.log.directory)
 
 
 def _prepare(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: Any, profile: Profile,
-             variant: str, store: PredictionStore, lmu_root: Path, writer: str) -> _Work:
+             variant: str, store: PredictionStore, lmu_root: Path, writer: str,
+             run_started_ns: int | None = None) -> _Work:
     from lavender_checks.data import BenchmarkData, image_key, load_image
 
     data = frame if isinstance(frame, BenchmarkData) else BenchmarkData(frame)
@@ -146,6 +152,8 @@ def _prepare(pair: Any, engine: Engine, benchmark: Benchmark | str, frame: Any, 
     return _Work(
         bench=bench, data=data, indices=indices, texts=texts, wanted=wanted, log=prediction_log,
         predictions=predictions, reused=len(reusable.keys() & set(indices)), recomputed=recomputed,
+        stored_by_this_run=0 if run_started_ns is None else sum(
+            1 for index in indices if index in reusable and reusable[index].time_ns >= run_started_ns),
         # Each row's image identity, worked out once (the fast engine groups rows by it).
         image_key_of=functools.cache(lambda index: image_key(data, index, dump)),
         # The engine opens each image when it needs it, from a loader bound to its row (a full

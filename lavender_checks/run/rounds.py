@@ -12,10 +12,12 @@ come in a uniformly random order of their own, which is what each case's confide
 sequence of every pooled metric a union over its strata, several times wider.)
 
 **Rounds.** After round r the first ``floor(f_r · G)`` draw units (at least one) of every
-benchmark (G its draw units, ``f_r`` from ``gate/stop_early.toml``) are done in both variants: base, then
-Lavender, each in one engine call across the benchmarks (``run.predict.predict_together``;
-the benchmarks with the longest answers first, so that short rows fill the batch while long
-ones end). Every row is stored as it finishes, so a later run, complete or not, reuses it.
+benchmark (G its draw units, ``f_r`` from ``gate/stop_early.toml``) are done in the base and
+in each adapter still going (one, or a series' checkpoints not stopped yet), each variant in
+one engine call across the benchmarks (``run.predict.predict_together``; the benchmarks with
+the longest answers first, so that short rows fill the batch while long ones end). Every row
+is stored as it finishes, so a later run, complete or not, reuses it. Each adapter is judged
+against the base by its own ``Looker`` and stops on its own (``run_rounds_each``).
 
 **Looking.** After each round every benchmark is scored as a whole (the rows not done yet
 have a placeholder prediction; their units are left out), which gives each unit's share of
@@ -380,17 +382,24 @@ class RoundsRecord:
     undecidable: list[str] = field(default_factory=list)
     alpha: float = 0.0
     alpha_scope: str = "the whole run"  # what alpha bounds: a series' checkpoint has its own
+    ended_by: str | None = None  # a series' checkpoint cut short: the gated checkpoint(s) that stopped
     looks: list[dict[str, Any]] = field(default_factory=list)  # per round: rows, seconds spent looking
 
     @property
     def deciding(self):
         return self.failures[0] if self.failures else None
 
+    @property
+    def complete(self) -> bool:
+        """Every row was used: the verdicts are the complete run's."""
+        return not self.stopped and self.ended_by is None
+
     def describe(self) -> dict[str, Any]:
         return {
             "stopped": self.stopped, "rows_used": self.rows_used, "rows_total": self.rows_total,
             "benchmarks": {name: dict(counts) for name, counts in self.benchmarks.items()},
             "rounds_done": self.rounds_done, "alpha": self.alpha, "alpha_scope": self.alpha_scope,
+            "ended_by": self.ended_by,
             "decided_by": ({"row": self.deciding.row_id, "quantity": self.deciding.quantity,
                             "message": self.deciding.describe()} if self.deciding else None),
             "failures": [{"row": f.row_id, "quantity": f.quantity, "reported": f.reported,
@@ -420,23 +429,26 @@ def run_rounds(plans: Sequence[BenchmarkRounds], settings: StopEarlySettings, al
 
 def run_rounds_each(plans: Sequence[BenchmarkRounds], settings: StopEarlySettings, alphas: Mapping[str, float],
                     do_round: Callable[[int, dict[str, list], tuple[str, ...]], None],
-                    look: Callable[[dict[str, list], dict[str, int], tuple[str, ...]], Mapping[str, Decision]]
-                    ) -> dict[str, RoundsRecord]:
+                    look: Callable[[dict[str, list], dict[str, int], tuple[str, ...]], Mapping[str, Decision]],
+                    gated: Sequence[str] | None = None) -> dict[str, RoundsRecord]:
     """The rounds of several adapters judged against one base (a checkpoint series), each of
     which stops on its own: ``alphas`` names them (each with its own alpha). ``do_round(r,
     rows, judged)`` produces the round's rows in the base and in each adapter of ``judged``
-    (those not stopped yet); ``look(rows, done, judged)`` returns a ``Decision`` per adapter
-    of ``judged``; one it leaves out (its adapter was refused) is dropped from later rounds
-    and has no record (its rounds say nothing of it). The rounds end when every adapter
-    stopped or was dropped, or at the last."""
+    (those still going); ``look(rows, done, judged)`` returns a ``Decision`` per adapter of
+    ``judged``; one it leaves out (its adapter was refused) is dropped from later rounds and
+    has no record (its rounds say nothing of it).
+
+    The rounds end at the last, or once the exit status is certain: every adapter of
+    ``gated`` (default: all) stopped or was dropped, and one stopped. The adapters still going
+    then are cut short: their record says ``ended_by`` (which stopped) and their cases are
+    not judged. With every adapter dropped and none stopped the rounds go on for the base."""
     total = sum(p.rows for p in plans)
     records = {name: RoundsRecord(alpha=alpha, rows_total=total) for name, alpha in alphas.items()}
+    gated = tuple(alphas) if gated is None else tuple(gated)
     judged = tuple(alphas)
     dropped: set[str] = set()
     done = {p.name: 0 for p in plans}
     for number, fraction in enumerate(settings.rounds, start=1):
-        if not judged:
-            break
         rows = {}
         for plan in plans:
             stop = plan.units_through(fraction)
@@ -444,7 +456,7 @@ def run_rounds_each(plans: Sequence[BenchmarkRounds], settings: StopEarlySetting
             done[plan.name] = stop
         do_round(number, rows, judged)
         t0 = time.time()
-        decisions = look(rows, dict(done), judged)
+        decisions = look(rows, dict(done), judged) if judged else {}
         seconds = round(time.time() - t0, 3)
         used = {p.name: {"rows_used": len(p.indices(0, done[p.name])), "rows_total": p.rows} for p in plans}
         rows_used = sum(c["rows_used"] for c in used.values())
@@ -459,6 +471,11 @@ def run_rounds_each(plans: Sequence[BenchmarkRounds], settings: StopEarlySetting
             if decision.stop and rows_used < total:
                 record.stopped = True
                 record.failures = list(decision.failures)
+        dropped.update(name for name in judged if name not in decisions)
         judged = tuple(name for name in judged if name in decisions and not records[name].stopped)
-        dropped.update(name for name in records if name not in decisions and not records[name].stopped)
+        stopped = [name for name in gated if records[name].stopped]
+        if stopped and all(name in dropped or records[name].stopped for name in gated):
+            for name in judged:  # the exit status no longer depends on them
+                records[name].ended_by = ", ".join(stopped)
+            break
     return {name: record for name, record in records.items() if name not in dropped}

@@ -17,8 +17,10 @@ under none, so a rerun with one more checkpoint generates that checkpoint only. 
 whose adapter fails the fixed-input check (``model.AdapterRefused``: it changes nothing, as
 at step 0) gets missing verdicts saying so; the others are gated.
 
-``gate_checkpoint`` is the per-checkpoint flow in one function: a collector that works in
-rounds can call it for each checkpoint on the results it has so far.
+With ``--stop-early`` each checkpoint stops on its own: the rounds (``run.rounds.run_rounds_each``)
+generate the base and every checkpoint still going; a stopped checkpoint's ``RunResults``
+carries its own ``early_stop`` record and is judged as a stopped one-adapter run; the rounds
+end once every checkpoint the exit status counts has stopped (``SeriesStops``).
 """
 
 from __future__ import annotations
@@ -183,6 +185,7 @@ def checkpoint_run(combined: RunResults, config: RunConfig, checkpoint: Checkpoi
     metadata = dict(combined.metadata)
     early = combined.early_stops.get(name)  # --stop-early: each checkpoint stops on its own
     metadata.pop("early_stops", None)
+    metadata.pop("early_stop", None)
     if early is not None:
         metadata["early_stop"] = early.describe()
     metadata.update(
@@ -378,6 +381,7 @@ def write_series_report(series: SeriesResults, outcome: SeriesOutcome, *, report
 
     candidate = outcome.candidate
     metadata = {**candidate.run.metadata, "series": series.metadata, "predictions": series.predictions}
+    metadata.pop("early_stop", None)  # each checkpoint's is in its entry; the report leads with all of them
     trend = {"gate_series": outcome.gate_series, "candidate": candidate.name, "passed": outcome.passed,
              "first_passing": outcome.first_passing(),
              "checkpoints": [{"name": c.name, "path": str(c.checkpoint.path) if c.checkpoint.path else None,

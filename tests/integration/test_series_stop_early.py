@@ -13,7 +13,6 @@ report goes to the end.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -28,27 +27,31 @@ from .test_stop_early import broken_reference
 FAILURE = EarlyFailure("ChartQA_TEST-Overall", "gain", 4.17, (-50.0, -10.0), 2.0, "below", 0.01, 3, 24)
 
 
-@pytest.fixture
-def checkpoint_200_fails_in_round_2(monkeypatch):
-    """In each run, checkpoint-200's second look finds ChartQA's gain certain to fail; every
-    other look is the real one."""
+def certain_failure(monkeypatch, checkpoint: str, look: int = 2) -> None:
+    """In each run, ``checkpoint``'s ``look``-th look finds ChartQA's gain certain to fail;
+    every other look is the real one."""
     real = collect._stop_early_plans
 
     def plans(*args, **kwargs):
         plans, settings, lookers = real(*args, **kwargs)
-        looker = lookers.get("checkpoint-200")
+        looker = lookers.get(checkpoint)
         if looker is not None:
             real_look, looks = looker.look, []  # counted per run
 
-            def look(predictions, done):
+            def looked(predictions, done):
                 decision = real_look(predictions, done)
                 looks.append(1)
-                return Decision([FAILURE]) if len(looks) == 2 else decision
+                return Decision([FAILURE]) if len(looks) == look else decision
 
-            looker.look = look
+            looker.look = looked
         return plans, settings, lookers
 
     monkeypatch.setattr(collect, "_stop_early_plans", plans)
+
+
+@pytest.fixture
+def checkpoint_200_fails_in_round_2(monkeypatch):
+    certain_failure(monkeypatch, "checkpoint-200")
 
 
 @pytest.mark.slow
@@ -79,6 +82,9 @@ def test_a_checkpoint_certain_to_fail_stops_while_the_others_go_on(tiny_checkpoi
     assert "checkpoint-200: STOPPED EARLY after round 2" in printed
     assert "checkpoint-300: --stop-early: no failure was certain before the end" in printed
     text = (reports / "latest" / "report.md").read_text()
+    # not counted by --gate-series last: report.md does not lead with a pass, nor with a fail
+    assert "> **--stop-early: STOPPED EARLY: checkpoint-200 (not counted)." in "\n".join(text.splitlines()[:6])
+    assert report["series"]["early_stop"] == {"stopped": ["checkpoint-200"], "cut_short": [], "fails_the_run": False}
     assert "- **checkpoint-200**: STOPPED EARLY after round 2" in text
     assert "**FAIL** (certain, stopped early)" in text and "not judged" in text
 
@@ -98,9 +104,40 @@ def test_a_checkpoint_certain_to_fail_stops_while_the_others_go_on(tiny_checkpoi
     assert cli.main([*args, "--stop-early", "--gate-series", "all"]) == 1
     capsys.readouterr()
     every = latest_report(reports)
-    assert every["checkpoints"][1]["early_stop"]["stopped"]
+    assert every["checkpoints"][1]["early_stop"]["stopped"] and every["series"]["early_stop"]["fails_the_run"]
+    assert "(counted: the run fails)" in (reports / "latest" / "report.md").read_text()
     assert every["checkpoints"][2]["early_stop"]["alpha"] == pytest.approx(0.01 / 3)
     assert "its share of 0.01 over the 3 checkpoints" in every["checkpoints"][2]["early_stop"]["alpha_scope"]
+
+
+@pytest.mark.slow
+def test_once_the_last_checkpoint_stops_the_rounds_end(tiny_checkpoints, tmp_path, capsys, monkeypatch):
+    """--gate-series last: the run's failure is certain once checkpoint-300 stops, so the
+    rounds end there; checkpoint-200, still going, is cut short and not judged."""
+    from lavender_checks.synthetic.tiny import write_checkpoint_series
+
+    certain_failure(monkeypatch, "checkpoint-300")
+    out = tmp_path / "output_dir"
+    write_checkpoint_series(tiny_checkpoints.adapter, out)
+    args = run_args(tiny_checkpoints.base, out, store=tmp_path / "store", reports=tmp_path / "reports",
+                    extra=("--stop-early", "--quiet"))
+    assert cli.main(["run", *args]) == 1
+    printed = capsys.readouterr().out
+    report = latest_report(tmp_path / "reports")
+    _, half, full = report["checkpoints"]
+    assert full["early_stop"]["stopped"] and full["early_stop"]["rounds_done"] == 2
+    assert not half["early_stop"]["stopped"] and half["early_stop"]["ended_by"] == "checkpoint-300"
+    assert half["early_stop"]["rows_used"] == full["early_stop"]["rows_used"] < sum(ROWS.values())
+    assert half["summary"] == {"pass": 0, "fail": 0, "missing": len(half["verdicts"])}
+    assert all("when checkpoint-300, which the exit status counts, had stopped early" in v["reason"]
+               for v in half["verdicts"])
+    assert "checkpoint-200: not judged: the rounds ended after round 2" in printed
+    assert report["series"]["early_stop"] == {"stopped": ["checkpoint-300"], "cut_short": ["checkpoint-200"],
+                                              "fails_the_run": True}
+    for benchmark in BENCHMARKS:
+        used = full["early_stop"]["benchmarks"][benchmark]["rows_used"]
+        generated = {variant: counts["generated"] for variant, counts in report["predictions"][benchmark].items()}
+        assert generated == {"base": used, "checkpoint-100": 0, "checkpoint-200": used, "checkpoint-300": used}
 
 
 @pytest.mark.slow
@@ -163,7 +200,9 @@ def test_vlmeval_checkpoints_stop_on_their_own(tmp_path, capsys):
     assert "gated checkpoints that did not pass: lavender_checkpoint-100" in capsys.readouterr().out
     every = latest_report(tmp_path / "r")
     assert [c["early_stop"]["alpha"] for c in every["checkpoints"]] == [0.005, 0.005]
-    assert json.dumps(every["checkpoints"][0]["early_stop"]["decided_by"])  # said, and serialisable
+    assert every["checkpoints"][0]["early_stop"]["decided_by"]["row"].startswith("ChartQA_TEST")
+    assert every["series"]["early_stop"] == {"stopped": ["lavender_checkpoint-100"], "cut_short": [],
+                                             "fails_the_run": True}
 
 
 @pytest.mark.slow
@@ -184,7 +223,7 @@ def test_the_pytest_gate_stops_each_checkpoint_alike_in_one_process_and_under_n_
     write_checkpoint_series(tiny_checkpoints.adapter, out)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env.update(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
-    stops = []
+    stops, counts = [], []
     for workers in (["-n", "2"], []):
         reports = tmp_path / f"reports{len(workers)}"
         args = run_args(tiny_checkpoints.base, out, store=tmp_path / f"store{len(workers)}", reports=reports,
@@ -195,11 +234,14 @@ def test_the_pytest_gate_stops_each_checkpoint_alike_in_one_process_and_under_n_
         assert "FAILED" in done.stdout and "test_lavender[checkpoint-300-ChartQA_TEST-Overall]" in done.stdout
         assert "XFAIL" in done.stdout and "checkpoint-200 is not gated" in done.stdout
         assert "checkpoint-300: STOPPED EARLY after round" in done.stdout
-        stops.append([c["early_stop"] for c in latest_report(reports)["checkpoints"]])
+        report = latest_report(reports)
+        stops.append([c["early_stop"] for c in report["checkpoints"]])
+        counts.append(report["predictions"])
     def without_timing(records):  # "looks" holds the seconds each look took
         return [{k: v for k, v in r.items() if k != "looks"} if r else r for r in records]
 
     assert without_timing(stops[0]) == without_timing(stops[1])
+    assert counts[0] == counts[1]  # whichever worker wrote the report: rows generated by the run, not by it
     assert stops[0][2]["stopped"] and stops[0][2]["rows_used"] < sum(ROWS.values())
 
 
@@ -230,3 +272,4 @@ def test_torchrun_ranks_stop_each_checkpoint_where_one_process_does(tiny_checkpo
     # the base and the two good checkpoints, each on the rows of its rounds, once over the ranks
     used = shared["checkpoints"][2]["early_stop"]["rows_used"]
     assert sum(shared["metadata"]["torchrun"]["generated_by_rank"]) == 3 * used
+    assert shared["predictions"] == single["predictions"]  # the rows the launch generated, not rank 0's share

@@ -163,3 +163,30 @@ def test_the_rounds_end_once_every_adapter_stopped(mini):
                               lambda number, rows, judged: generated.append(judged),
                               lambda rows, done, judged: {name: Decision([failure]) for name in judged})
     assert generated == [("a", "b")] and all(r.stopped and r.rounds_done == 1 for r in records.values())
+
+
+def test_the_rounds_end_once_every_counted_adapter_stopped_cutting_the_others_short(mini):
+    plans = [BenchmarkRounds.of(bench, data, 7) for bench, data in mini.values()]
+    failure = EarlyFailure("ChartQA_TEST-Overall", "gain", 4.17, (-1.0, 0.5), 2.0, "below", 0.001, 3, 24)
+    generated = []
+    records = run_rounds_each(plans, SETTINGS, {"a": 0.01, "last": 0.01},
+                              lambda number, rows, judged: generated.append(judged),
+                              lambda rows, done, judged: {name: Decision([failure]) if name == "last" and
+                                                          len(generated) == 3 else Decision() for name in judged},
+                              gated=("last",))
+    assert generated == [("a", "last")] * 3
+    assert records["last"].stopped and not records["last"].complete
+    cut = records["a"]
+    assert not cut.stopped and cut.ended_by == "last" and not cut.complete and cut.rounds_done == 3
+    assert cut.describe()["ended_by"] == "last" and cut.headline().startswith("not judged: the rounds ended after round 3")
+
+
+def test_with_every_adapter_refused_the_rounds_go_on_for_the_base(mini):
+    plans = [BenchmarkRounds.of(bench, data, 7) for bench, data in mini.values()]
+    generated, looked = [], []
+    records = run_rounds_each(plans, SETTINGS, {"a": 0.01},
+                              lambda number, rows, judged: generated.append((judged, sum(map(len, rows.values())))),
+                              lambda rows, done, judged: looked.append(judged) or {})
+    assert records == {} and looked == [("a",)]
+    assert [judged for judged, _ in generated] == [("a",)] + [()] * (len(SETTINGS.rounds) - 1)
+    assert sum(rows for _, rows in generated) == sum(p.rows for p in plans)  # every base row, in the rounds

@@ -9,9 +9,16 @@ kernel; it only makes calls whose shapes depend on the row alone or on nothing:
 
 * **vision**: one image per tower call. The tower always runs its four tile slots, so every
   call has the same shape, whatever else the run holds.
-* **prefill**: one row per call, unpadded: every shape is the row's own prompt length.
+* **prefill**: calls of exactly ``prefill_rows`` rows, each row padded at its end to its own
+  length rounded up to ``prefill_bucket`` and called only with rows of that padded length; a
+  call short of rows is filled with copies of its first row, which compute but write nothing
+  (``runner.ModelRunner.prefill_invariant``). Every shape is then a function of the row's own length;
+  the causal mask keeps a row's padding after its last real token out of its results.
+  ``prefill_rows=1`` is one unpadded row per call.
 * **decode**: every step runs ``decode_rows`` rows (idle slots ride along) over the whole
-  self-attention cache (no key-length buckets), whose length is a whole number of
+  self-attention cache (no key-length buckets; with ``decode_key_block`` set, over whole key
+  blocks, each combined in key order so that trailing masked blocks add exact zeros:
+  ``mllama.attend_keys_blocked``), whose length is a whole number of
   ``min_cache_len`` units (``cache_length``): the same shapes for any slot count, row order,
   chunk or shard. The length is the row's own: a row needing more than ``min_cache_len``
   positions is decoded in a pass of the call with the rows of its own cache length
