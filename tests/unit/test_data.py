@@ -17,6 +17,8 @@ from PIL import Image
 
 from lavender_checks import FIXTURES, data
 from lavender_checks.benchmarks import get_benchmark
+from lavender_checks.data import md5 as data_md5
+from lavender_checks.data import tsv as data_tsv
 
 MINI = FIXTURES / "lmudata-mini"
 NAMES = ["DocVQA_VAL", "ChartQA_TEST", "MMBench_DEV_EN", "MME"]
@@ -243,7 +245,7 @@ def test_mini_data_is_known_synthetic_quietly_but_refused_by_strict():
 
 
 def test_md5_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "MD5_CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(data_md5, "MD5_CACHE_MIN_BYTES", 0)  # file_md5 reads it there
     path = tmp_path / "f.tsv"
     path.write_bytes(b"abc")
     assert data.file_md5(path) == hashlib.md5(b"abc").hexdigest()
@@ -376,7 +378,7 @@ def test_mme_second_question_shares_the_first_ones_image():
 
 
 def test_big_tsv_without_local_file_gets_the_localized_jpeg(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "LOCALIZE_THRESHOLD_BYTES", 10)
+    monkeypatch.setattr(data_tsv, "LOCALIZE_THRESHOLD_BYTES", 10)  # load_benchmark reads it there
     source = picture("RGBA")
     write_tsv(tmp_path, "DocVQA_VAL.tsv", vqa_frame([b64(source), "3"], indices=[3, 4]))
     frame = load_quietly("DocVQA_VAL", tmp_path)
@@ -390,7 +392,7 @@ def test_big_tsv_without_local_file_gets_the_localized_jpeg(tmp_path, monkeypatc
 
 
 def test_big_tsv_with_local_file_reads_it_and_opens_its_images(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "LOCALIZE_THRESHOLD_BYTES", 10)
+    monkeypatch.setattr(data_tsv, "LOCALIZE_THRESHOLD_BYTES", 10)  # load_benchmark reads it there
     write_tsv(tmp_path, "DocVQA_VAL.tsv", vqa_frame([b64(picture())], indices=[3]))
     folder = tmp_path / "images" / "DocVQA_VAL"
     folder.mkdir(parents=True)
