@@ -42,8 +42,9 @@ class MME(Benchmark):
     def dataset_prompt(self, row: Mapping[str, Any]) -> str:
         """The ``question`` cell verbatim (it already ends with "Please answer yes or no.")."""
         question = row["question"]
-        if not isinstance(question, str):
-            raise ValueError(f"{self.name}: question cell {question!r} is not text")
+        if not isinstance(question, str):  # an empty cell: bad data, not a crash (exit 2)
+            raise ScoringInputError(f"{self.name}: row with index {row.get('index')}, column "
+                                    f"'question': {question!r} is not text (an empty cell?)")
         return question
 
     def score(self, predictions: pd.DataFrame, meta: pd.DataFrame | None = None) -> ScoreResult:

@@ -68,8 +68,11 @@ def _read_tsv(path: Path, spec: BenchmarkSpec, required: list[str]) -> pd.DataFr
     try:
         # VLMEvalKit's load(): read_csv(sep='\t') with every pandas default, NA parsing included.
         frame = pd.read_csv(path, sep="\t")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError,
-            OSError) as exc:
+    except UnicodeDecodeError as exc:
+        # pandas reports the position within one of its read buffers: name the line instead.
+        raise DataError(f"{path}: cannot read it as VLMEvalKit does (pandas.read_csv(sep='\\t')): "
+                        f"{_undecodable(path) or exc}") from exc
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, OSError) as exc:
         raise DataError(
             f"{path}: cannot read it as VLMEvalKit does (pandas.read_csv(sep='\\t')): {exc}"
         ) from exc
@@ -86,7 +89,56 @@ def _read_tsv(path: Path, spec: BenchmarkSpec, required: list[str]) -> pd.DataFr
             f"{path}: column(s) {', '.join(repr(c) for c in missing)} missing; {spec.name} needs "
             f"{', '.join(required)}; the file has {', '.join(map(str, frame.columns))}"
         )
+    _check_last_row_complete(path, frame)
     return frame
+
+
+def _undecodable(path: Path) -> str | None:
+    """Where the first byte that is not UTF-8 is: line, data row and column of the line."""
+    try:
+        with open(path, "rb") as fh:
+            for number, line in enumerate(fh, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    row = "the header" if number == 1 else f"data row {number - 1}"
+                    fields = line[:exc.start].count(b"\t")
+                    return (f"line {number} ({row}, field {fields + 1}) holds byte "
+                            f"0x{line[exc.start]:02x} (byte {exc.start + 1} of the line), which is "
+                            "not UTF-8 (VLMEvalKit reads its TSVs as UTF-8)")
+    except OSError:
+        return None
+    return None
+
+
+def _check_last_row_complete(path: Path, frame: pd.DataFrame) -> None:
+    """A file cut short (a download or copy that stopped) ends inside its last row: pandas
+    reads the missing fields as empty cells, so the row would reach the model (or the scorer)
+    with no question, or half an image. Found from the last line: no line end, and fewer
+    fields than the header, the rest empty."""
+    if frame.empty:
+        return
+    with open(path, "rb") as fh:
+        end = fh.seek(0, os.SEEK_END)
+        if end == 0:
+            return
+        fh.seek(end - 1)
+        if fh.read(1) in (b"\n", b"\r"):
+            return
+        tail, position = b"", end
+        while position > 0 and b"\n" not in tail:  # the last line, however long its image
+            step = min(1 << 20, position)
+            position -= step
+            fh.seek(position)
+            tail = fh.read(step) + tail
+    last = tail.rsplit(b"\n", 1)[-1]
+    fields = last.count(b"\t") + 1
+    columns = len(frame.columns)
+    if fields < columns and frame.iloc[-1, fields:].isna().all():
+        raise DataError(
+            f"{path}: the file ends inside data row {len(frame)}, which has {fields} of the header's "
+            f"{columns} fields and no line end: the file was cut short (an interrupted download or "
+            "copy?); fetch it again")
 
 
 def _data_row_numbers(positions) -> str:

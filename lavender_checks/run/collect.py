@@ -125,7 +125,7 @@ def _load_data(config: RunConfig, root: Path, shard: tuple[int, int] | None
     for bench in config.selected:
         tsv = root / bench.spec.tsv
         if not tsv.is_file():
-            missing[bench.name] = f"{tsv} does not exist"
+            missing[bench.name] = f"{tsv} is a folder, not a TSV file" if tsv.exists() else f"{tsv} does not exist"
             continue
         loaded = load_benchmark(bench, root)
         if config.strict_data:

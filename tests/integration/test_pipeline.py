@@ -253,6 +253,16 @@ def test_a_benchmark_without_its_tsv_is_missing_and_the_others_run(tmp_path):
     assert {v.status for v in outcome.verdicts if v.benchmark != "MME"} <= {"pass", "fail"}
 
 
+def test_a_tsv_that_is_a_folder_is_said_to_be_one(tmp_path):
+    lmu = tmp_path / "LMUData"
+    shutil.copytree(MINI, lmu)
+    (lmu / "MME.tsv").unlink()
+    (lmu / "MME.tsv").mkdir()
+    run = collect_results(stand_in_config(tmp_path, lmu_data=lmu, reference=SEED_REFERENCE),
+                          pair=StandInPair(), progress=False)
+    assert run.missing == {"MME": f"{lmu / 'MME.tsv'} is a folder, not a TSV file"}
+
+
 def test_no_tsv_at_all_is_bad_input(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RunInputError, match="none of the benchmark TSVs is in"):

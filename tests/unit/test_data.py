@@ -146,6 +146,29 @@ def test_unreadable_tsv_is_a_data_error(tmp_path, content, expected):
     assert str(path) in str(err.value) and expected in str(err.value)
 
 
+def test_bytes_that_are_not_utf8_are_placed_by_line_and_field(tmp_path):
+    path = tmp_path / "DocVQA_VAL.tsv"
+    path.write_bytes(b"index\timage\tquestion\tanswer\n0\tx\tq\ta\n1\tx\tcaf\xe9\ta\n")
+    with pytest.raises(data.DataError) as err:
+        load_quietly("DocVQA_VAL", tmp_path)
+    assert "line 3 (data row 2, field 3) holds byte 0xe9 (byte 8 of the line)" in str(err.value)
+
+
+def test_a_file_cut_short_inside_its_last_row_is_refused(tmp_path):
+    """pandas reads the missing fields as empty cells: the row would reach the model with
+    half an image and no question."""
+    path = write_tsv(tmp_path, "DocVQA_VAL.tsv", vqa_frame([b64(picture()), b64(picture())]))
+    whole = path.read_bytes()
+    path.write_bytes(whole[:whole.rindex(b"\t", 0, len(whole) - 1) - 40])  # inside row 2's image
+    with pytest.raises(data.DataError) as err:
+        load_quietly("DocVQA_VAL", tmp_path)
+    assert str(err.value).startswith(f"{path}: the file ends inside data row 2, which has 2 of the "
+                                     "header's 4 fields and no line end")
+    # A complete last row without a line end is a whole file.
+    path.write_bytes(whole.rstrip(b"\n"))
+    assert len(load_quietly("DocVQA_VAL", tmp_path)) == 2
+
+
 def test_a_header_only_tsv_is_a_data_error_naming_the_file(tmp_path):
     path = tmp_path / "DocVQA_VAL.tsv"
     path.write_bytes(b"index\timage\tquestion\tanswer\n")

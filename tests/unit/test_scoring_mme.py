@@ -168,3 +168,9 @@ def test_other_bad_input():
 def test_dataset_prompt_is_the_question_verbatim():
     question = "Is there a dog in this image? Please answer yes or no."
     assert MME.dataset_prompt({"question": question}) == question
+
+
+def test_an_empty_question_cell_is_bad_input_naming_the_row():
+    """An input error (exit status 2 with one line), not a crash of the run."""
+    with pytest.raises(ScoringInputError, match=r"MME: row with index 7, column 'question': nan is not text"):
+        MME.dataset_prompt({"index": 7, "question": float("nan")})
