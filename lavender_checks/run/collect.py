@@ -594,6 +594,7 @@ def _collect_from_vlmeval(config: RunConfig, stop_early_split: int = 1) -> RunRe
     The benchmark TSV, when LMUData has it, checks the indices (and gives MMBench its answers,
     as in VLMEvalKit)."""
     from lavender_checks.benchmarks.signature import check_questions, check_signature
+    from lavender_checks.benchmarks.vlmeval_common import integer_indices
     from lavender_checks.data import subset
     from lavender_checks.vlmeval_io import find_prediction_file, read_prediction_file
 
@@ -627,6 +628,8 @@ def _collect_from_vlmeval(config: RunConfig, stop_early_split: int = 1) -> RunRe
         frames = {v: read_prediction_file(path) for v, path in paths.items()}
         for v in frames:  # a file of another benchmark is refused, naming what it looks like
             check_signature(frames[v], benchmark, str(paths[v]))
+            with _naming_file(paths[v]):  # before --stop-early's rounds score parts of the file
+                integer_indices(frames[v], benchmark)
         meta = _optional_meta(bench, meta_root)
         if meta is not None:
             for v in frames:  # as score --meta: a file of an edited TSV is refused
@@ -652,7 +655,7 @@ def _collect_from_vlmeval(config: RunConfig, stop_early_split: int = 1) -> RunRe
             read[benchmark] = (bench, frames, meta)
             results[benchmark] = {v: None for v in VARIANTS}
         else:
-            results[benchmark] = {v: bench.score(frames[v], meta=meta.frame if meta is not None else None)
+            results[benchmark] = {v: _score_file(bench, frames[v], meta, paths[v])
                                   if v in frames else None for v in VARIANTS}
         if meta is None and whole is not frames:  # the files are the whole: a subset's bands widen
             for v in frames:
@@ -675,7 +678,7 @@ def _collect_from_vlmeval(config: RunConfig, stop_early_split: int = 1) -> RunRe
     early = _read_in_rounds(config, read, stop_early_split) if config.stop_early else None
     if early is not None and not early.stopped:
         for benchmark, (bench, frames, meta) in read.items():
-            results[benchmark] = {v: bench.score(frames[v], meta=meta.frame if meta is not None else None)
+            results[benchmark] = {v: _score_file(bench, frames[v], meta, files[benchmark][v])
                                   for v in VARIANTS}
             data_info[benchmark] = _with_score_caveats(data_info[benchmark], results[benchmark])
     metadata = {
@@ -696,6 +699,25 @@ def _collect_from_vlmeval(config: RunConfig, stop_early_split: int = 1) -> RunRe
     return RunResults(config=config, results=results, missing=missing, predictions=predictions,
                       metadata=metadata, early_stop=early,
                       early_stops={LAVENDER_VARIANT: early} if early is not None else {})
+
+
+@contextlib.contextmanager
+def _naming_file(path) -> Iterator[None]:
+    """A file the scorers refuse is named in the error: they name the benchmark, row and
+    column only, and a run reads two files (or more) of each benchmark."""
+    from lavender_checks.benchmarks.vlmeval_common import ScoringInputError
+
+    try:
+        yield
+    except ScoringInputError as exc:
+        if str(path) in str(exc):
+            raise
+        raise ScoringInputError(f"{path}: {exc}") from exc
+
+
+def _score_file(bench: Benchmark, frame, meta, path) -> ScoreResult:
+    with _naming_file(path):
+        return bench.score(frame, meta=meta.frame if meta is not None else None)
 
 
 def _read_in_rounds(config: RunConfig, read: Mapping[str, tuple[Benchmark, dict[str, Any], Any]], split: int = 1):

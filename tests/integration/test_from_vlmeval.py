@@ -18,6 +18,7 @@ import pytest
 
 from lavender_checks import REPO_ROOT, cli
 from lavender_checks.benchmarks.signature import SignatureMismatch
+from lavender_checks.benchmarks.vlmeval_common import ScoringInputError
 from lavender_checks.gate.report import RUN_ID_PATTERN
 from lavender_checks.gate.verdicts import load_reference
 from lavender_checks.run.collect import RunResults, collect_results
@@ -215,6 +216,20 @@ def test_base_and_lavender_on_different_rows_are_refused(tmp_path, chartqa_only)
     assert "ChartQA_TEST: base and Lavender predictions cover different rows (2500 vs 1000)" in text
     assert "1500 row(s) only in" in text and f"{BASE}_ChartQA_TEST.tsv" in text
     assert "index 1000, 1001" in text
+
+
+@pytest.mark.parametrize("stop_early", [False, True])
+def test_a_file_that_repeats_an_index_is_named(tmp_path, chartqa_only, stop_early):
+    """The scorer names the benchmark and the rows; the run reads two files of it, so the error
+    says which one (before --stop-early's rounds score parts of it)."""
+    lavender = chartqa_only["ChartQA_TEST"]["lavender"].copy()
+    lavender.loc[7, "index"] = lavender.loc[6, "index"]
+    frames = {"ChartQA_TEST": {"base": chartqa_only["ChartQA_TEST"]["base"], "lavender": lavender}}
+    work = write_run(tmp_path / "outputs", frames)
+    with pytest.raises(ScoringInputError) as caught:
+        gate(work, benchmarks=("ChartQA_TEST",), stop_early=stop_early)
+    assert str(caught.value).startswith(f"{work / LAVENDER / 'T20260820-101500' / LAVENDER}_ChartQA_TEST.tsv: "
+                                        "ChartQA_TEST: column 'index' repeats 1 value(s)")
 
 
 def test_limit_takes_the_same_rows_of_both_files(seed_run):
