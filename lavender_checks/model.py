@@ -904,6 +904,30 @@ def load_series_pair(
     return pair
 
 
+def _check_adapter_matches_config(adapter_path: Path, header: dict) -> None:
+    """The adapter's tensors are those its adapter_config.json describes: its rank ``r``
+    (unless a ``rank_pattern`` sets ranks per module) and, when ``target_modules`` is a list,
+    a targeted module for every tensor. Otherwise peft would build other layers than the file
+    holds and the load fails only after the base model's weights are read."""
+    config_path, config = _folder_config(adapter_path, "adapter", "a peft adapter folder", "adapter_config.json")
+    rank = config.get("r") if not config.get("rank_pattern") else None
+    targets = config.get("target_modules")
+    for key, info in header.items():
+        if ".lora_A." not in key and ".lora_B." not in key:
+            continue
+        shape = info.get("shape", [])
+        if isinstance(rank, int) and len(shape) == 2 and shape[0 if ".lora_A." in key else 1] != rank:
+            have = shape[0 if ".lora_A." in key else 1]
+            raise ModelLoadError(f"{config_path}: r is {rank}, but {key} has rank {have}: the config "
+                                 "does not describe these adapter weights")
+        module = _module_of(key)
+        if isinstance(targets, list) and targets and not any(
+                module == target or module.endswith(f".{target}") for target in targets):
+            raise ModelLoadError(f"{config_path}: target_modules {targets} do not include {module}, "
+                                 f"which the adapter weights hold ({key}): the config does not "
+                                 "describe these adapter weights")
+
+
 def adapter_fingerprint(folder: str | Path, allow_pickle: bool = False) -> str:
     """The fingerprint ``load_pair`` gives the adapter of ``folder``, read without loading it."""
     folder = Path(folder)
@@ -921,13 +945,14 @@ def check_adapter_fits(base_path: str | Path, adapter_path: str | Path) -> None:
     weights = _find_weight_files(base_path, allow_pickle=True)
     if adapter_file.suffix != ".safetensors" or not weights.safetensors:
         return
+    adapter_header = json.loads(read_safetensors_header(adapter_file))
+    _check_adapter_matches_config(adapter_path, adapter_header)
     shapes: dict[str, list[int]] = {}
     for path in weights.files:
         for key, info in json.loads(read_safetensors_header(path)).items():
             if key != "__metadata__":
                 shapes[_apply_mapping(key, OLD_TO_CURRENT_LAYOUT)] = info["shape"]
     misfits = []
-    adapter_header = json.loads(read_safetensors_header(adapter_file))
     lora_keys = [k for k in adapter_header if ".lora_A." in k or ".lora_B." in k]
     for key in lora_keys:
         shape = adapter_header[key]["shape"]

@@ -385,6 +385,14 @@ def check_inputs(config: RunConfig) -> None:
         profile = load_profile(config.profile)
         for name in config.benchmarks:
             profile.for_benchmark(name)  # a benchmark the profile lacks
+    if config.base_model is not None and not isinstance(config.lora, tuple):
+        from lavender_checks.model import check_adapter_fits
+        from lavender_checks.run.checkpoints import adapter_series
+
+        if adapter_series(config.lora) is None:
+            # One adapter, checked from the files' headers as a series' checkpoints are (above):
+            # peft would find a misfit only after the base model's weights were read.
+            check_adapter_fits(config.base_model, config.lora)
 
 
 def not_a_folder(path: Path) -> str:

@@ -307,3 +307,39 @@ def test_missing_tokenizer_json_names_the_folder(tiny_checkpoints, tmp_path):
     with pytest.raises(ModelLoadError, match="has no tokenizer.json") as err:
         load_pair(base)
     assert str(base) in str(err.value) and "sentencepiece" not in str(err.value)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("another base model", "made for another base model than"),
+    ("another rank", "adapter_config.json: r is 16, but "),
+    ("other target modules", "adapter_config.json: target_modules ['k_proj', 'v_proj'] do not include "),
+])
+def test_an_adapter_that_does_not_fit_stops_the_run_before_the_base_loads(
+        case, expected, tiny_checkpoints, tmp_path, capsys, monkeypatch):
+    """One --lora is checked from the files' headers as a series' checkpoints are: peft would
+    find the misfit only after the base model's weights were read."""
+    import lavender_checks.model as model
+    from lavender_checks import FIXTURES, cli
+    from lavender_checks.model import check_adapter_fits
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(model, "_load_base_model", refuse)
+    if case == "another base model":
+        adapter = tiny_checkpoints.adapter_other_base
+    else:
+        adapter = _copy(tiny_checkpoints.adapter, tmp_path / "adapter")
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        _edit_json(adapter / "adapter_config.json", **(
+            {"r": 16} if case == "another rank"
+            else {"target_modules": ["k_proj" if m == "q_proj" else m for m in config["target_modules"]]}))
+    with pytest.raises(ModelLoadError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+        check_adapter_fits(tiny_checkpoints.base, adapter)
+    code = cli.main(["run", "--quiet", "--base-model", str(tiny_checkpoints.base), "--lora", str(adapter),
+                     "--lmu-data", str(FIXTURES / "lmudata-mini"), "--benchmark", "MME",
+                     "--reference", str(FIXTURES / "reported" / "tiny-mini.toml"),
+                     "--store", str(tmp_path / "store"), "--reports", str(tmp_path / "reports")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("lavender-checks run: error: ") and expected in err[0], err
