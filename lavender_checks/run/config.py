@@ -380,7 +380,13 @@ def check_inputs(config: RunConfig) -> None:
     from lavender_checks.gate.verdicts import load_reference
     from lavender_checks.profiles import load_profile
 
-    load_reference(config.reference_path())
+    reference = load_reference(config.reference_path())
+    if not set(config.benchmarks) & set(reference.benchmarks):
+        # Nothing of the run would be gated: no verdict at all, which must not read as a pass
+        # (nor cost a generation first), --allow-noncomparable or not.
+        raise RunInputError(
+            f"--reference {config.reference_path()} has no rows for {', '.join(config.benchmarks)}: "
+            f"nothing of this run would be gated (its rows are of {', '.join(reference.benchmarks)})")
     if config.from_vlmeval is None:
         profile = load_profile(config.profile)
         for name in config.benchmarks:

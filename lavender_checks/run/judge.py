@@ -36,7 +36,8 @@ class GateOutcome:
 
     @property
     def passed(self) -> bool:
-        return all(v.status == "pass" for v in self.verdicts)
+        # No verdict at all tested nothing: never a pass.
+        return bool(self.verdicts) and all(v.status == "pass" for v in self.verdicts)
 
     def verdict(self, row_id: str, quantity: str):
         """The verdict of one reference row's quantity ("base", "lavender" or "gain")."""

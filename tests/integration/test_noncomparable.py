@@ -114,6 +114,33 @@ def test_pytest_cases_do_not_pass_silently(tmp_path, edited_lmudata, allow):
     assert after_report.startswith("NOT COMPARABLE with the reference: ")  # the gate summary's last lines
 
 
+@pytest.mark.parametrize("allow", [False, True])
+def test_a_run_the_reference_has_no_rows_for_at_all_is_refused_before_any_work(
+        tmp_path, capsys, chartqa_reference, monkeypatch, allow):
+    """Nothing of it would be gated: no verdict at all is no pass, even with
+    --allow-noncomparable, and it is known before anything is generated."""
+    import lavender_checks.model as model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(model, "_load_base_model", refuse)
+    code = cli.main(["run", "--quiet", "--benchmark", "MME", "--reference", str(chartqa_reference),
+                     "--store", str(tmp_path / "store"), "--reports", str(tmp_path / "reports"),
+                     *(["--allow-noncomparable"] if allow else [])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [f"lavender-checks run: error: --reference {chartqa_reference} has no rows for MME: "
+                   "nothing of this run would be gated (its rows are of ChartQA_TEST)"]
+    assert not (tmp_path / "reports").exists() or not any((tmp_path / "reports").iterdir())
+
+
+def test_an_outcome_without_verdicts_is_no_pass():
+    from lavender_checks.run.judge import GateOutcome
+
+    assert GateOutcome(reference=None, verdicts=[]).passed is False
+
+
 def test_a_run_with_another_profile_than_the_references_fails_saying_so(capsys, _run):
     """tiny-mini.toml was recorded with the seed-report profile (name and fingerprint)."""
     assert _run(MINI, "--profile", "vlmevalkit") == 1
