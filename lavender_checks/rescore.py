@@ -40,17 +40,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(MMBench then takes the ground truth from it, as VLMEvalKit does)")
 
 
+class MetaFileError(ValueError):
+    """A ``--meta`` TSV that cannot be read; the message names the option and the file."""
+
+
 def _read_meta(path: Path):
     """The benchmark TSV as VLMEvalKit reads it (tab-separated, default NA handling),
     without the large ``image`` column."""
     import pandas as pd
 
+    if path.is_dir():
+        raise MetaFileError(f"--meta {path}: a folder, not the benchmark TSV")
     if not path.is_file():
-        raise FileNotFoundError(f"benchmark TSV not found: {path}")
+        raise MetaFileError(f"--meta {path}: benchmark TSV not found")
     try:
         return pd.read_csv(path, sep="\t", usecols=lambda column: column != "image")
     except Exception as err:
-        raise ValueError(f"{path}: cannot read it as a TSV: {type(err).__name__}: {err}") from err
+        raise MetaFileError(f"--meta {path}: cannot read it as a TSV: {type(err).__name__}: {err}") from err
 
 
 def _plain(value):
@@ -111,7 +117,7 @@ def main(args: argparse.Namespace) -> int:
         result = benchmark.score(frame, meta)
         if meta is not None:
             check_questions(frame, meta, str(source), f"--meta {args.meta}")
-    except (SignatureMismatch, OutputFileError) as err:
+    except (SignatureMismatch, OutputFileError, MetaFileError) as err:
         print(error_line("score", err), file=sys.stderr)
         return EXIT_ERROR
     except (FileNotFoundError, PredictionFileError) as err:

@@ -143,6 +143,9 @@ def read_prediction_file(path: str | os.PathLike) -> pd.DataFrame:
     unreadable one or one without ``index`` and ``prediction`` columns.
     """
     path = Path(path)
+    if path.is_dir():  # "not found" would send the user looking for a path that is there
+        raise PredictionFileError(f"{path}: a folder, not a prediction file (give the "
+                                  "<model>_<dataset>.xlsx file in it)")
     if not path.is_file():
         raise FileNotFoundError(f"prediction file not found: {path}")
     suffix = path.suffix.lower()

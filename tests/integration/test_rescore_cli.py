@@ -237,6 +237,26 @@ def test_a_question_that_is_not_the_tsvs_is_refused(tmp_path, capsys):
     assert "index 3: 'How many pears were sold?' in the file" in err
 
 
+def test_a_folder_given_as_the_prediction_file_is_said_to_be_a_folder(tmp_path, capsys):
+    assert _run(["MME", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lavender-checks score: error: {tmp_path}: a folder, not a prediction file "
+                   "(give the <model>_<dataset>.xlsx file in it)"]
+
+
+@pytest.mark.parametrize("case", ["missing", "folder", "not utf-8"])
+def test_a_meta_tsv_that_cannot_be_read_is_named_by_its_option(tmp_path, capsys, case):
+    """The error names --meta and its file, not the predictions file (which is fine)."""
+    path = _mini_predictions(tmp_path, "ChartQA_TEST")
+    meta = {"missing": tmp_path / "nowhere.tsv", "folder": tmp_path, "not utf-8": tmp_path / "bad.tsv"}[case]
+    if case == "not utf-8":
+        meta.write_bytes(b"index\tquestion\n0\tcaf\xe9\n")
+    assert _run(["ChartQA_TEST", str(path), "--meta", str(meta)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"lavender-checks score: error: --meta {meta}: "), err
+    assert str(path) not in err[0]
+
+
 def test_an_unknown_split_is_refused(tmp_path, capsys):
     path = _mini_predictions(tmp_path, "ChartQA_TEST", split=(0, "val"))
     assert _run(["ChartQA_TEST", str(path)]) == 2
