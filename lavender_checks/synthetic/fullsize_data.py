@@ -46,6 +46,7 @@ import hashlib
 import io
 import itertools
 import math
+import sys
 import time
 import tomllib
 from collections.abc import Mapping
@@ -749,15 +750,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from lavender_checks.errors import EXIT_INPUT, error_line
     from lavender_checks.gate.verdicts import ReferenceFileError
+    from lavender_checks.run.config import RunInputError, check_writable_folder
 
+    # Error lines go to stderr, as every command's do (stdout keeps the files written).
     if args.reference is not None and not args.reference.is_file():
-        print(error_line("make-vlmeval-folder", f"--reference {args.reference}: no such file"))
+        print(error_line("make-vlmeval-folder", f"--reference {args.reference}: no such file"), file=sys.stderr)
         return EXIT_INPUT
     try:
+        check_writable_folder("OUT", args.out)  # before seconds of building frames
         folder = write_vlmeval_folder(args.out, args.scenario, args.reference, seed=args.seed,
                                       lmu_data=args.lmu_data)
-    except (FullsizeDataError, ReferenceFileError) as exc:
-        print(error_line("make-vlmeval-folder", exc))
+    except (FullsizeDataError, ReferenceFileError, RunInputError) as exc:
+        print(error_line("make-vlmeval-folder", exc), file=sys.stderr)
         return EXIT_INPUT
     for benchmark, by_variant in folder.prediction_files.items():
         for path in by_variant.values():

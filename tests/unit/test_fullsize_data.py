@@ -266,8 +266,23 @@ def test_the_command_refuses_a_missing_reference(tmp_path, capsys):
     fd.add_arguments(parser)
     args = parser.parse_args(["--reference", str(tmp_path / "nope.toml"), str(tmp_path / "out")])
     assert fd.main(args) == 2
-    assert capsys.readouterr().out.startswith("lavender-checks make-vlmeval-folder: error: --reference ")
+    assert capsys.readouterr().err.startswith("lavender-checks make-vlmeval-folder: error: --reference ")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_command_refuses_an_out_that_cannot_be_a_folder_before_any_work(tmp_path, capsys, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the folder was built")
+
+    monkeypatch.setattr(fd, "write_vlmeval_folder", refuse)
+    parser = argparse.ArgumentParser()
+    fd.add_arguments(parser)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out, why in ((a_file, "exists and is not a folder"), (a_file / "out", "cannot write there")):
+        assert fd.main(parser.parse_args([str(out)])) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"lavender-checks make-vlmeval-folder: error: OUT {out}: {why}")
 
 
 def test_a_scenario_is_a_table_of_edits():
