@@ -223,6 +223,33 @@ def _resolve_references(frame: pd.DataFrame, index_text: list[str], path: Path) 
     return owners
 
 
+def _check_image_pairs(frame: pd.DataFrame, path: Path) -> None:
+    """MME's rating takes the first two questions of every image (acc+) and each image belongs
+    to one subtask: a file that breaks either fails VLMEvalKit's scorer, so it is refused here,
+    before any model loads, rather than after both variants have generated."""
+    images = frame["image_path"].map(lambda v: v if isinstance(v, str) else str(v))
+    positions = pd.Series(np.arange(len(frame)), index=frame.index)
+    counts = images.map(images.value_counts())
+    single = positions[(counts < 2).to_numpy()].tolist()
+    if single:
+        first = single[0]
+        raise DataError(
+            f"{path}: column 'image_path' holds {images.iloc[first]!r} in data row "
+            f"{_data_row_numbers(single[:1])} (index {frame['index'].iloc[first]}) only once "
+            f"({len(single)} such image(s)); MME scores two questions per image (acc+)")
+    if "category" in frame.columns:
+        categories = frame["category"].map(lambda v: v if isinstance(v, str) else str(v))
+        owners = pd.DataFrame({"image": images, "category": categories}).drop_duplicates()
+        shared = owners[owners["image"].duplicated(keep=False)]
+        if not shared.empty:
+            image = shared["image"].iloc[0]
+            rows = positions[(images == image).to_numpy()].tolist()
+            raise DataError(
+                f"{path}: column 'image_path' holds {image!r} in data rows {_data_row_numbers(rows)} "
+                f"under categories {', '.join(repr(c) for c in shared[shared['image'] == image]['category'])}; "
+                "each MME image belongs to one subtask")
+
+
 def load_benchmark_frame(
     benchmark: str | Benchmark | BenchmarkSpec,
     root: str | os.PathLike | None = None,
@@ -311,6 +338,8 @@ def load_benchmark(
             f"{_data_row_numbers(bad[:1])}, not an integer ({len(bad)} such row(s)); "
             f"VLMEvalKit's {spec.name} file indexes rows by integers")
     owners = _resolve_references(frame, index_text, read_from) if "image" in frame.columns else {}
+    if spec.unit == "image_pair" and "image_path" in frame.columns:
+        _check_image_pairs(frame, read_from)
     if localized == "emulated":
         folder = root_path / "images" / Path(spec.tsv).stem
         frame["image_path"] = [str(folder / f"{owners.get(i, i)}.jpg") for i in frame["index"]]

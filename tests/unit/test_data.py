@@ -166,7 +166,7 @@ def test_a_file_cut_short_inside_its_last_row_is_refused(tmp_path):
                                      "header's 4 fields and no line end")
     # A complete last row without a line end is a whole file.
     path.write_bytes(whole.rstrip(b"\n"))
-    assert len(load_quietly("DocVQA_VAL", tmp_path)) == 2
+    assert len(load_quietly("DocVQA_VAL", tmp_path).frame) == 2
 
 
 def test_a_header_only_tsv_is_a_data_error_naming_the_file(tmp_path):
@@ -598,3 +598,35 @@ def test_dump_suffix_of_older_revisions_feeds_the_jpeg_re_encode():
     assert list(jpg.getdata()) == list(expected.getdata())
     assert list(jpg.getdata()) != list(png.convert("RGB").getdata())
     assert image_key(frame, index, ".jpg").endswith(".jpg")
+
+
+def _mini_mme(tmp_path) -> pd.DataFrame:
+    import shutil
+
+    shutil.copy(Path(__file__).parents[2] / "fixtures" / "lmudata-mini" / "MME.tsv", tmp_path / "MME.tsv")
+    return pd.read_csv(tmp_path / "MME.tsv", sep="\t", dtype=str, keep_default_na=False)
+
+
+def test_an_mme_image_with_one_question_is_refused_at_load(tmp_path):
+    """MME's acc+ takes two questions per image; VLMEvalKit's rating crashes on one. Found
+    when the TSV is read, not by the scorer after both variants have generated."""
+    frame = _mini_mme(tmp_path)
+    assert len(load_quietly("MME", tmp_path).frame) == len(frame)  # the whole file loads
+    lone = frame["image_path"].iloc[2]
+    dropped = frame[~((frame["image_path"] == lone) & (frame.index > 2))]
+    dropped.to_csv(tmp_path / "MME.tsv", sep="\t", index=False)
+    with pytest.raises(data.DataError) as err:
+        load_quietly("MME", tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'MME.tsv'}: column 'image_path' holds {lone!r} "
+                                     f"in data row 3 (index {frame['index'].iloc[2]}) only once")
+
+
+def test_an_mme_image_under_two_subtasks_is_refused_at_load(tmp_path):
+    frame = _mini_mme(tmp_path)
+    other = frame["category"].iloc[-1]
+    assert other != frame["category"].iloc[0]
+    frame.loc[1, "category"] = other  # the second question of the first image
+    frame.to_csv(tmp_path / "MME.tsv", sep="\t", index=False)
+    with pytest.raises(data.DataError) as err:
+        load_quietly("MME", tmp_path)
+    assert f"in data rows 1, 2 under categories {frame['category'].iloc[0]!r}, {other!r}" in str(err.value)
