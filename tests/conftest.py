@@ -3,7 +3,17 @@ a temporary folder) and the tiny pairs loaded from them on CPU."""
 
 from __future__ import annotations
 
+import signal
+
 import pytest
+
+
+def pytest_configure(config):
+    # A shell starts a background job with SIGINT ignored, and children inherit that: the
+    # tests of Ctrl-C (the run's own and its child processes') would see no interrupt at all.
+    # A Python-level handler is reset to the default in every child at exec.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _single_threaded_torch() -> None:
