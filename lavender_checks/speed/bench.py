@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from lavender_checks import REPORTS
+from lavender_checks.errors import error_line
 from lavender_checks.speed.measure import (
     equivalence_section,
     measure_card,
@@ -185,48 +186,48 @@ def main(args: argparse.Namespace) -> int:
         from lavender_checks.run import distributed
 
         if not distributed.launched():
-            print("lavender-checks bench: error: --torchrun needs torchrun's environment "
-                  f"({', '.join(distributed.TORCHRUN_ENV)})", file=sys.stderr)
+            print(error_line("bench", "--torchrun needs torchrun's environment "
+                                      f"({', '.join(distributed.TORCHRUN_ENV)})"), file=sys.stderr)
             return 2
         if args.shard is not None or args.barrier:
-            print("lavender-checks bench: error: --torchrun takes its shard from torchrun (no --shard, no --barrier)",
+            print(error_line("bench", "--torchrun takes its shard from torchrun (no --shard, no --barrier)"),
                   file=sys.stderr)
             return 2
         if not args.tiny_cpu:
             distributed.pin_local_gpu(distributed.visible_gpus())  # before CUDA starts
     if args.barrier and args.shard is None:
-        print("lavender-checks bench: error: --barrier needs --shard i/n", file=sys.stderr)
+        print(error_line("bench", "--barrier needs --shard i/n"), file=sys.stderr)
         return 2
     import torch
 
     if not args.tiny_cpu and args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("lavender-checks bench: error: CUDA is required (this torch sees no CUDA device); "
-              "use --tiny-cpu to run the harness on the tiny model on CPU", file=sys.stderr)
+        print(error_line("bench", "CUDA is required (this torch sees no CUDA device); "
+                                  "use --tiny-cpu to run the harness on the tiny model on CPU"), file=sys.stderr)
         return 2
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     unknown = sorted(set(paths) - {"a", "fast", "plain", "repro", "rounds"})
     if unknown or not paths:
-        print(f"lavender-checks bench: error: unknown path(s) {unknown or paths}; choose from a, fast, plain, repro, rounds",
+        print(error_line("bench", f"unknown path(s) {unknown or paths}; choose from a, fast, plain, repro, rounds"),
               file=sys.stderr)
         return 2
     if not 0 < args.scale <= 1:
-        print(f"lavender-checks bench: error: --scale must be in (0, 1], got {args.scale}", file=sys.stderr)
+        print(error_line("bench", f"--scale must be in (0, 1], got {args.scale}"), file=sys.stderr)
         return 2
     if (args.shard is not None or torchrun) and paths != ["fast"]:
-        print("lavender-checks bench: error: --shard and --torchrun run the fast path only (add --paths fast)", file=sys.stderr)
+        print(error_line("bench", "--shard and --torchrun run the fast path only (add --paths fast)"), file=sys.stderr)
         return 2
     if args.memory_share is not None and not 0 < args.memory_share <= 1:
-        print(f"lavender-checks bench: error: --memory-share must be in (0, 1], got {args.memory_share}", file=sys.stderr)
+        print(error_line("bench", f"--memory-share must be in (0, 1], got {args.memory_share}"), file=sys.stderr)
         return 2
     from lavender_checks.engines.fast.config import FastGenConfig
 
     cache_len = FastGenConfig.min_cache_len
     if args.decode_key_block is not None and (args.decode_key_block < 1 or cache_len % args.decode_key_block):
-        print(f"lavender-checks bench: error: --decode-key-block must divide the decode cache's {cache_len} positions "
-              f"(min_cache_len), got {args.decode_key_block}", file=sys.stderr)
+        print(error_line("bench", f"--decode-key-block must divide the decode cache's {cache_len} positions "
+                                  f"(min_cache_len), got {args.decode_key_block}"), file=sys.stderr)
         return 2
     if args.chunk_rows is not None and args.chunk_rows < 1:
-        print(f"lavender-checks bench: error: --chunk-rows must be at least 1, got {args.chunk_rows}", file=sys.stderr)
+        print(error_line("bench", f"--chunk-rows must be at least 1, got {args.chunk_rows}"), file=sys.stderr)
         return 2
     # The ranks (or shard processes) meet before any work, as the gate's do.
     meet = None
@@ -244,8 +245,8 @@ def main(args: argparse.Namespace) -> int:
 
         barrier = ShardBarrier(args.barrier, args.shard[1], owner=f"bench pid {os.getpid()}")
         if not barrier.claim(args.shard[0]):
-            print(f"lavender-checks bench: error: shard {args.shard[0]} of the barrier {args.barrier} is taken "
-                  f"by {barrier.owner_of(args.shard[0])}", file=sys.stderr)
+            print(error_line("bench", f"shard {args.shard[0]} of the barrier {args.barrier} is taken "
+                                      f"by {barrier.owner_of(args.shard[0])}"), file=sys.stderr)
             return 2
         # Working on the shard (a heartbeat, as a gate worker) until its timed pass ends.
         working.enter_context(barrier.working(args.shard[0]))
@@ -263,7 +264,7 @@ def main(args: argparse.Namespace) -> int:
         with contextlib.suppress(BaseException):  # the barrier records the failure, then re-raises it
             working.__exit__(type(exc), exc, exc.__traceback__)
         if isinstance(exc, WorkloadError):
-            print(f"lavender-checks bench: error: {exc}", file=sys.stderr)
+            print(error_line("bench", exc), file=sys.stderr)
             return 2
         raise
     finally:

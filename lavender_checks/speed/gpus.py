@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from lavender_checks import REPORTS
+from lavender_checks.errors import error_line
 
 LAUNCHERS = ("xdist", "torchrun")
 TARGETS_FILE = Path(__file__).with_name("gpus.toml")
@@ -67,23 +68,23 @@ def main(args: argparse.Namespace) -> int:
     launchers = [name.strip() for name in args.launchers.split(",") if name.strip()]
     unknown = sorted(set(launchers) - set(LAUNCHERS))
     if unknown or not launchers:
-        print(f"lavender-checks bench-gpus: error: --launchers {args.launchers!r}: choose from {', '.join(LAUNCHERS)}",
+        print(error_line("bench-gpus", f"--launchers {args.launchers!r}: choose from {', '.join(LAUNCHERS)}"),
               file=sys.stderr)
         return 2
     if args.gpus < 2:
-        print("lavender-checks bench-gpus: error: --gpus must be at least 2", file=sys.stderr)
+        print(error_line("bench-gpus", "--gpus must be at least 2"), file=sys.stderr)
         return 2
     try:
         targets = load_targets()
     except BenchProcessError as exc:
-        print(f"lavender-checks bench-gpus: error: {exc}", file=sys.stderr)
+        print(error_line("bench-gpus", exc), file=sys.stderr)
         return 2
     if not args.tiny_cpu:
         import torch
 
         if not torch.cuda.is_available() or torch.cuda.device_count() < args.gpus:
             seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            print(f"lavender-checks bench-gpus: error: needs {args.gpus} CUDA devices, this machine shows {seen}",
+            print(error_line("bench-gpus", f"needs {args.gpus} CUDA devices, this machine shows {seen}"),
                   file=sys.stderr)
             return 2
     started = time.strftime("%Y%m%dT%H%M%S")
@@ -106,7 +107,7 @@ def main(args: argparse.Namespace) -> int:
                                   for report, process in ((_read_report(Path(p["report"])), p) for p in processes)]
         report = summarise(baseline, one, launches, args, targets, one_tokens)
     except BenchProcessError as exc:
-        print(f"lavender-checks bench-gpus: error: {exc}", file=sys.stderr)
+        print(error_line("bench-gpus", exc), file=sys.stderr)
         return 1
     report["started"] = started
     out.write_text(json.dumps(report, indent=1) + "\n")

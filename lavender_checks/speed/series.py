@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lavender_checks import REPORTS
+from lavender_checks.errors import error_line
 from lavender_checks.speed.measure import run_fast
 from lavender_checks.speed.subject import peak_gib, reset_peak, sync
 from lavender_checks.speed.workload import RequestMaker, WorkloadError, load_workload, sample_rows
@@ -60,14 +61,14 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     if args.adapters < 1:
-        print(f"lavender-checks bench-series: error: --adapters must be at least 1, got {args.adapters}", file=sys.stderr)
+        print(error_line("bench-series", f"--adapters must be at least 1, got {args.adapters}"), file=sys.stderr)
         return 2
     if not 0 < args.scale <= 1:
-        print(f"lavender-checks bench-series: error: --scale must be in (0, 1], got {args.scale}", file=sys.stderr)
+        print(error_line("bench-series", f"--scale must be in (0, 1], got {args.scale}"), file=sys.stderr)
         return 2
     if not args.tiny_cpu and args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("lavender-checks bench-series: error: CUDA is required (this torch sees no CUDA device); "
-              "use --tiny-cpu to run the harness on the tiny model on CPU", file=sys.stderr)
+        print(error_line("bench-series", "CUDA is required (this torch sees no CUDA device); "
+                                         "use --tiny-cpu to run the harness on the tiny model on CPU"), file=sys.stderr)
         return 2
     threads = torch.get_num_threads()
     if args.tiny_cpu:
@@ -75,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         report = run_series_bench(args)
     except WorkloadError as exc:
-        print(f"lavender-checks bench-series: error: {exc}", file=sys.stderr)
+        print(error_line("bench-series", exc), file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(threads)
