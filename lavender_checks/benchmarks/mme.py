@@ -23,6 +23,22 @@ from lavender_checks.benchmarks.vlmeval_common import (
 from lavender_checks.text import yes_no_extraction
 
 
+def group_by_image(categories, image_paths) -> tuple[dict[str, dict[str, list[int]]], tuple[str, str, str] | None]:
+    """Row positions per subtask and image, both in order of first appearance (an image under
+    the subtask of its first row), and the first image found under a second subtask as
+    (image, its first subtask, the other), or None: MME's rating holds each image in one
+    subtask and takes its first two questions (acc+)."""
+    stats: dict[str, dict[str, list[int]]] = {}
+    category_of_image: dict[str, str] = {}
+    shared = None
+    for position, (category, image) in enumerate(zip(categories, image_paths)):
+        owner = category_of_image.setdefault(image, category)
+        if owner != category and shared is None:
+            shared = (image, owner, category)
+        stats.setdefault(owner, {}).setdefault(image, []).append(position)
+    return stats, shared
+
+
 class MME(Benchmark):
     """MME as VLMEvalKit's ``ImageYORNDataset.evaluate`` + ``MME_rating`` with exact matching.
 
@@ -63,16 +79,12 @@ class MME(Benchmark):
         scores = np.array([1.0 if isinstance(a, str) and a == e else 0.0
                            for a, e in zip(answers, extracted)])
 
-        # stats[category][image_path] -> row positions, both in order of first appearance.
-        stats: dict[str, dict[str, list[int]]] = {}
-        category_of_image: dict[str, str] = {}
-        for position, (category, image) in enumerate(zip(categories, image_paths)):
-            owner = category_of_image.setdefault(image, category)
-            if owner != category:
-                raise ScoringInputError(
-                    f"{name}: image_path {image!r} appears in categories {owner!r} and "
-                    f"{category!r}; each image must belong to one subtask")
-            stats.setdefault(category, {}).setdefault(image, []).append(position)
+        stats, shared = group_by_image(categories, image_paths)
+        if shared is not None:
+            image, owner, category = shared
+            raise ScoringInputError(
+                f"{name}: image_path {image!r} appears in categories {owner!r} and "
+                f"{category!r}; each image must belong to one subtask")
         self._check_complete(stats, indices)
 
         metrics, forms, units = self._rate(stats, scores)

@@ -227,27 +227,26 @@ def _check_image_pairs(frame: pd.DataFrame, path: Path) -> None:
     """MME's rating takes the first two questions of every image (acc+) and each image belongs
     to one subtask: a file that breaks either fails VLMEvalKit's scorer, so it is refused here,
     before any model loads, rather than after both variants have generated."""
-    images = frame["image_path"].map(lambda v: v if isinstance(v, str) else str(v))
-    positions = pd.Series(np.arange(len(frame)), index=frame.index)
-    counts = images.map(images.value_counts())
-    single = positions[(counts < 2).to_numpy()].tolist()
+    from lavender_checks.benchmarks.mme import group_by_image
+
+    def text(column: str) -> list[str]:
+        return [v if isinstance(v, str) else str(v) for v in frame[column]]
+
+    images = text("image_path")
+    categories = text("category") if "category" in frame.columns else ["all"] * len(images)
+    stats, shared = group_by_image(categories, images)
+    if shared is not None:
+        image, owner, other = shared
+        raise DataError(
+            f"{path}: column 'image_path' holds {image!r} in data rows {_data_row_numbers(stats[owner][image])} "
+            f"under categories {owner!r}, {other!r}; each MME image belongs to one subtask")
+    single = sorted(rows[0] for by_image in stats.values() for rows in by_image.values() if len(rows) < 2)
     if single:
         first = single[0]
         raise DataError(
-            f"{path}: column 'image_path' holds {images.iloc[first]!r} in data row "
+            f"{path}: column 'image_path' holds {images[first]!r} in data row "
             f"{_data_row_numbers(single[:1])} (index {frame['index'].iloc[first]}) only once "
             f"({len(single)} such image(s)); MME scores two questions per image (acc+)")
-    if "category" in frame.columns:
-        categories = frame["category"].map(lambda v: v if isinstance(v, str) else str(v))
-        owners = pd.DataFrame({"image": images, "category": categories}).drop_duplicates()
-        shared = owners[owners["image"].duplicated(keep=False)]
-        if not shared.empty:
-            image = shared["image"].iloc[0]
-            rows = positions[(images == image).to_numpy()].tolist()
-            raise DataError(
-                f"{path}: column 'image_path' holds {image!r} in data rows {_data_row_numbers(rows)} "
-                f"under categories {', '.join(repr(c) for c in shared[shared['image'] == image]['category'])}; "
-                "each MME image belongs to one subtask")
 
 
 def load_benchmark_frame(
