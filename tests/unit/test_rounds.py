@@ -25,6 +25,14 @@ def mini():
             for name in benchmark_names()}
 
 
+# A gain certain to fail, as a Looker reports it.
+FAILURE = EarlyFailure("ChartQA_TEST-Overall", "gain", 4.17, (-1.0, 0.5), 2.0, "below", 0.001, 3, 24)
+
+
+def _plans(mini) -> list[BenchmarkRounds]:
+    return [BenchmarkRounds.of(bench, data, 7) for bench, data in mini.values()]
+
+
 @pytest.mark.parametrize("name", benchmark_names())
 def test_rows_that_share_an_image_or_a_scoring_unit_are_drawn_together(mini, name):
     bench, data = mini[name]
@@ -64,7 +72,7 @@ def test_scores_seen_during_the_rounds_are_the_complete_runs(mini):
     """Each unit's value from the rows arriving round by round equals its value in the complete
     run's scoring (one xlsx round trip of the whole file)."""
     reference = load_reference(TINY_REFERENCE)
-    plans = [BenchmarkRounds.of(bench, data, 7) for bench, data in mini.values()]
+    plans = _plans(mini)
     looker = Looker(plans, reference, gate_cases(reference, [p.name for p in plans], "reproduce"), 0.01,
                     SETTINGS)
     predictions = {p.name: {v: _tricky(p.data_frame["index"].tolist(), v) for v in VARIANTS} for p in plans}
@@ -113,14 +121,13 @@ def test_a_benchmark_is_not_decided_before_a_prediction_that_is_no_number(mini):
 
 def test_the_rounds_stop_after_the_look_that_finds_a_failure(mini):
     reference = load_reference(TINY_REFERENCE)
-    plans = [BenchmarkRounds.of(bench, data, 7) for bench, data in mini.values()]
+    plans = _plans(mini)
     produced = []
     looks = iter([False, False, True])
 
-    failure = EarlyFailure("ChartQA_TEST-Overall", "gain", 4.17, (-1.0, 0.5), 2.0, "below", 0.001, 3, 24)
 
     record = run_rounds(plans, SETTINGS, 0.01, lambda n, rows: produced.append(n),
-                        lambda rows, done: Decision([failure]) if next(looks) else Decision())
+                        lambda rows, done: Decision([FAILURE]) if next(looks) else Decision())
     assert produced == [1, 2, 3] and record.stopped and record.rounds_done == 3
     assert 0 < record.rows_used < record.rows_total == sum(p.rows for p in plans)
     described = record.describe()
@@ -132,12 +139,11 @@ def test_the_rounds_stop_after_the_look_that_finds_a_failure(mini):
 def test_each_adapter_of_a_series_stops_on_its_own(mini):
     """checkpoint-a is certain to fail after round 2 and is generated no more; checkpoint-b is
     refused in round 1 (no decision) and dropped; checkpoint-c goes on to the last round."""
-    plans = [BenchmarkRounds.of(bench, data, 7) for bench, data in mini.values()]
-    failure = EarlyFailure("ChartQA_TEST-Overall", "gain", 4.17, (-1.0, 0.5), 2.0, "below", 0.001, 3, 24)
+    plans = _plans(mini)
     generated = []
 
     def look(rows, done, judged):
-        decisions = {name: Decision([failure]) if name == "a" and len(generated) == 2 else Decision()
+        decisions = {name: Decision([FAILURE]) if name == "a" and len(generated) == 2 else Decision()
                      for name in judged if name != "b"}
         return decisions
 
@@ -148,7 +154,7 @@ def test_each_adapter_of_a_series_stops_on_its_own(mini):
     assert set(records) == {"a", "c"}  # b's rounds say nothing of it
     a, c = records["a"], records["c"]
     assert a.stopped and a.rounds_done == 2 and 0 < a.rows_used < a.rows_total and a.alpha == 0.005
-    assert a.deciding is failure and a.headline().startswith("STOPPED EARLY after round 2")
+    assert a.deciding is FAILURE and a.headline().startswith("STOPPED EARLY after round 2")
     assert not c.stopped and c.rounds_done == len(SETTINGS.rounds) and c.rows_used == c.rows_total
     # the one-adapter form is the same rounds for the variant "lavender"
     one = run_rounds(plans, SETTINGS, 0.01, lambda number, rows: None, lambda rows, done: Decision())
@@ -156,22 +162,20 @@ def test_each_adapter_of_a_series_stops_on_its_own(mini):
 
 
 def test_the_rounds_end_once_every_adapter_stopped(mini):
-    plans = [BenchmarkRounds.of(bench, data, 7) for bench, data in mini.values()]
-    failure = EarlyFailure("ChartQA_TEST-Overall", "gain", 4.17, (-1.0, 0.5), 2.0, "below", 0.001, 3, 24)
+    plans = _plans(mini)
     generated = []
     records = run_rounds_each(plans, SETTINGS, {"a": 0.01, "b": 0.01},
                               lambda number, rows, judged: generated.append(judged),
-                              lambda rows, done, judged: {name: Decision([failure]) for name in judged})
+                              lambda rows, done, judged: {name: Decision([FAILURE]) for name in judged})
     assert generated == [("a", "b")] and all(r.stopped and r.rounds_done == 1 for r in records.values())
 
 
 def test_the_rounds_end_once_every_counted_adapter_stopped_cutting_the_others_short(mini):
-    plans = [BenchmarkRounds.of(bench, data, 7) for bench, data in mini.values()]
-    failure = EarlyFailure("ChartQA_TEST-Overall", "gain", 4.17, (-1.0, 0.5), 2.0, "below", 0.001, 3, 24)
+    plans = _plans(mini)
     generated = []
     records = run_rounds_each(plans, SETTINGS, {"a": 0.01, "last": 0.01},
                               lambda number, rows, judged: generated.append(judged),
-                              lambda rows, done, judged: {name: Decision([failure]) if name == "last" and
+                              lambda rows, done, judged: {name: Decision([FAILURE]) if name == "last" and
                                                           len(generated) == 3 else Decision() for name in judged},
                               gated=("last",))
     assert generated == [("a", "last")] * 3
@@ -182,7 +186,7 @@ def test_the_rounds_end_once_every_counted_adapter_stopped_cutting_the_others_sh
 
 
 def test_with_every_adapter_refused_the_rounds_go_on_for_the_base(mini):
-    plans = [BenchmarkRounds.of(bench, data, 7) for bench, data in mini.values()]
+    plans = _plans(mini)
     generated, looked = [], []
     records = run_rounds_each(plans, SETTINGS, {"a": 0.01},
                               lambda number, rows, judged: generated.append((judged, sum(map(len, rows.values())))),
